@@ -1,0 +1,115 @@
+"""The `relay` command: serve, check, sandbox (and, as they land, queue, suppression...).
+
+Every command takes -c FILE; the default is $RELAY_CONFIG, else conf/relay.toml if
+present, else the built-in defaults. Errors name what is wrong and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Sequence
+
+from relay import __version__, config as config_mod
+from relay.errors import ConfigError, DeliveryError
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay import log, service
+
+    cfg = _load(args)
+    log.setup(args.log_level)
+    asyncio.run(service.serve(cfg))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from relay.config import SANDBOX
+    from relay.ses import SesClient
+
+    cfg = _load(args)
+    print(f"config: {cfg.source}: ok")
+    if cfg.ses.endpoint_url == SANDBOX:
+        print("ses: embedded sandbox (no AWS account used)")
+        return 0
+
+    async def ask() -> int:
+        async with SesClient(cfg.ses) as ses:
+            acct = await ses.get_account()
+        print(f"ses: region {cfg.ses.region}, endpoint {cfg.ses.endpoint_url or 'AWS'}")
+        print(f"  sending enabled: {acct.sending_enabled}  enforcement: {acct.enforcement_status}"
+              f"  production access: {acct.production_access}")
+        print(f"  max send rate: {acct.max_send_rate}/s  24h quota: {acct.max_24hour_send:.0f}"
+              f"  sent last 24h: {acct.sent_last_24hours:.0f}")
+        rate = min(acct.max_send_rate, cfg.delivery.max_rate or acct.max_send_rate)
+        print(f"  the relay will send at most {rate}/s")
+        return 0 if acct.sending_enabled else 1
+
+    try:
+        return asyncio.run(ask())
+    except DeliveryError as exc:
+        print(f"ses: GetAccount failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Run only the SES sandbox (for pointing another relay or a test at it)."""
+    from pathlib import Path
+
+    from relay.sandbox import Sandbox, SandboxState
+
+    async def run() -> None:
+        state = SandboxState(outbox=Path(args.dir) if args.dir else None,
+                             max_send_rate=args.rate, latency=args.latency, keep_raw=False)
+        sb = Sandbox(state)
+        url = await sb.start(args.host, args.port)
+        print(json.dumps({"event": "sandbox", "url": url}), flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="SMTP relay for Amazon SES")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="configuration file (TOML)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the relay")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", parents=[common], help="validate the config and ask SES for the account")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("sandbox", parents=[common], help="run only the SES sandbox endpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--dir", default="", help="write accepted messages here as .eml files")
+    p.add_argument("--rate", type=float, default=14.0, help="MaxSendRate to enforce")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds to wait per call")
+    p.set_defaults(func=cmd_sandbox)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

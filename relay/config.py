@@ -1,0 +1,330 @@
+"""Configuration: one TOML file, overridden key by key by RELAY_<SECTION>__<KEY>.
+
+Every section is a frozen dataclass whose field types drive parsing, so a TOML value and
+an environment string go through the same checks. Any bad value raises ConfigError naming
+the key (`smtp.port`) and the reason, before anything starts. Called by the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+from relay.errors import ConfigError
+
+ENV_PREFIX = "RELAY_"
+DEFAULT_CONFIG = Path("conf/relay.toml")
+SANDBOX = "sandbox"
+
+
+def _duration(**kw: Any) -> Any:
+    return field(metadata={"duration": True}, **kw)
+
+
+def _size(**kw: Any) -> Any:
+    return field(metadata={"size": True}, **kw)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    hostname: str = ""
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_message_size: int = _size(default=10 * 1024 * 1024)
+    max_recipients: int = 1000
+    timeout: float = _duration(default=300.0)
+
+    def check(self) -> None:
+        _port("smtp.port", self.port)
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError("smtp.allowed_networks", f"not a network: {net!r}") from None
+        if not 1024 <= self.max_message_size <= 40 * 1024 * 1024:
+            raise ConfigError(
+                "smtp.max_message_size", "must be between 1 KB and 40 MB (the SES limit)"
+            )
+        if self.max_recipients < 1:
+            raise ConfigError("smtp.max_recipients", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: str = "spool"
+    min_free_bytes: int = _size(default=64 * 1024 * 1024)
+    fsync: bool = True
+
+    def check(self) -> None:
+        if not self.dir:
+            raise ConfigError("spool.dir", "must not be empty")
+
+
+@dataclass(frozen=True)
+class SesConfig:
+    region: str = "us-east-1"
+    endpoint_url: str = ""
+    configuration_set: str = ""
+    connect_timeout: float = _duration(default=5.0)
+    read_timeout: float = _duration(default=30.0)
+
+    def check(self) -> None:
+        if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", self.region):
+            raise ConfigError("ses.region", f"not an AWS region name: {self.region!r}")
+        url = self.endpoint_url
+        if url and url != SANDBOX and not re.match(r"https?://[^/]+", url):
+            raise ConfigError(
+                "ses.endpoint_url", f"must be an http(s) URL or {SANDBOX!r}, got {url!r}"
+            )
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    max_rate: float = 0.0
+    max_concurrency: int = 50
+    min_backoff: float = _duration(default=300.0)
+    max_backoff: float = _duration(default=4000.0)
+    max_lifetime: float = _duration(default=5 * 86400.0)
+    throttle_retry: float = _duration(default=1.0)
+    scan_interval: float = _duration(default=1.0)
+    account_refresh: float = _duration(default=300.0)
+    pause_probe_interval: float = _duration(default=30.0)
+    shutdown_timeout: float = _duration(default=30.0)
+    ready_queue: int = 1000
+
+    def check(self) -> None:
+        if self.max_rate < 0:
+            raise ConfigError("delivery.max_rate", "must be 0 (the account's rate) or more")
+        if not 1 <= self.max_concurrency <= 1000:
+            raise ConfigError("delivery.max_concurrency", "must be between 1 and 1000")
+        if self.min_backoff <= 0 or self.max_backoff < self.min_backoff:
+            raise ConfigError(
+                "delivery.max_backoff", "must be at least delivery.min_backoff, both above 0"
+            )
+        if self.max_lifetime <= 0:
+            raise ConfigError("delivery.max_lifetime", "must be above 0")
+        if self.ready_queue < 1:
+            raise ConfigError("delivery.ready_queue", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = ""
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    sqs_queue_url: str = ""
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8025
+
+    def check(self) -> None:
+        _port("admin.port", self.port)
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    enabled: bool = False
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """The embedded SES-compatible endpoint used when ses.endpoint_url = "sandbox"."""
+
+    dir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_send_rate: float = 14.0
+    max_24hour_send: float = 50000.0
+    latency: float = _duration(default=0.0)
+
+    def check(self) -> None:
+        _port("sandbox.port", self.port)
+        if self.max_send_rate <= 0:
+            raise ConfigError("sandbox.max_send_rate", "must be above 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    smtp: SmtpConfig = SmtpConfig()
+    spool: SpoolConfig = SpoolConfig()
+    ses: SesConfig = SesConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    admin: AdminConfig = AdminConfig()
+    dkim: DkimConfig = DkimConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+    source: str = "built-in defaults"
+
+    @property
+    def spool_path(self) -> Path:
+        return Path(self.spool.dir)
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return Path(self.sandbox.dir) if self.sandbox.dir else self.spool_path / "sandbox-mail"
+
+
+SECTIONS: dict[str, type] = {
+    name: typ for name, typ in get_type_hints(Config).items() if name != "source"
+}
+
+
+def _port(key: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(key, f"must be a port number 0-65535, got {value}")
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """Seconds from a number or a string such as "300", "30s", "5m", "5d", "250ms"."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a duration such as 30s, 5m or 5d, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(value))
+        if not m:
+            raise ConfigError(key, f"must be a duration such as 30s, 5m or 5d, got {value!r}")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    if seconds < 0:
+        raise ConfigError(key, "must not be negative")
+    return seconds
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Bytes from a number or a string such as "10MB", "512k"."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a size such as 10MB, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ConfigError(key, f"must be a size such as 10MB or 512KB, got {value!r}")
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if n < 0:
+        raise ConfigError(key, "must not be negative")
+    return n
+
+
+def _coerce(key: str, f: dataclasses.Field[Any], typ: Any, value: Any, from_env: bool) -> Any:
+    if f.metadata.get("duration"):
+        return parse_duration(key, value)
+    if f.metadata.get("size"):
+        return parse_size(key, value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_env and str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env and re.fullmatch(r"-?\d+", str(value).strip()):
+            return int(value)
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    if typ == tuple[str, ...]:
+        if from_env and isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(key, f"must be a list of strings, got {value!r}")
+    raise ConfigError(key, f"unsupported type {typ!r}")  # pragma: no cover
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", f"unknown key in [{name}]")
+        kwargs[key] = _coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=False)
+    prefix = f"{ENV_PREFIX}{name.upper()}__"
+    for var, value in env.items():
+        if not var.startswith(prefix):
+            continue
+        key = var[len(prefix):].lower()
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", f"unknown key (from environment variable {var})")
+        kwargs[key] = _coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=True)
+    section = cls(**kwargs)
+    section.check()
+    return section
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration.
+
+    path None means $RELAY_CONFIG, else conf/relay.toml if present, else the defaults.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get("RELAY_CONFIG") or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    data: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        source = str(path)
+    for name in data:
+        if name not in SECTIONS:
+            raise ConfigError(name, f"unknown section [{name}]; known: {', '.join(SECTIONS)}")
+        if not isinstance(data[name], dict):
+            raise ConfigError(name, "must be a [section] table")
+    for var in env:
+        if var.startswith(ENV_PREFIX) and "__" in var:
+            section = var[len(ENV_PREFIX):].split("__", 1)[0].lower()
+            if section not in SECTIONS:
+                raise ConfigError(section, f"unknown section (from environment variable {var})")
+    sections = {
+        name: _build_section(name, cls, data.get(name, {}), env) for name, cls in SECTIONS.items()
+    }
+    return Config(source=source, **sections)

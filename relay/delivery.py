@@ -1,0 +1,381 @@
+"""The delivery pool: takes ready messages from the spool and sends them through a Sender.
+
+Reads active/ and deferred/ (due ones move back to active/), sends each message's pending
+recipients in calls of at most 50 (and at most the limiter's per-call capacity), records
+each call's accepted recipients and SES MessageId in envelope.json before anything else,
+and moves the message to deferred/, hold/ or failed/, or deletes it when done. Imports no
+transport: the Sender and AccountSource ports are implemented by relay.ses. Built by
+relay.service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol, Sequence
+
+from relay.errors import (
+    AccountPausedError,
+    ConfigurationError,
+    DeliveryError,
+    PermanentError,
+    SpoolError,
+    ThrottledError,
+    TransientError,
+)
+from relay.log import event
+from relay.ratelimit import Quota, RateLimiter
+from relay.retry import RetryPolicy
+from relay.spool import FAILED, SENT, CorruptMessage, Record, Spool, State
+
+log = logging.getLogger("relay.delivery")
+
+#: SES accepts at most 50 destinations per SendEmail call.
+MAX_DESTINATIONS = 50
+
+
+@dataclass(frozen=True)
+class Account:
+    max_send_rate: float
+    max_24hour_send: float
+    sent_last_24hours: float
+    sending_enabled: bool
+    enforcement_status: str = ""
+    production_access: bool = True
+
+
+class Sender(Protocol):
+    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes) -> str:
+        """Send raw MIME to the recipients; returns the SES MessageId."""
+
+
+class AccountSource(Protocol):
+    async def get_account(self) -> Account: ...
+
+
+class DeliveryPool:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        sender: Sender,
+        accounts: AccountSource,
+        limiter: RateLimiter,
+        policy: RetryPolicy,
+        max_rate: float = 0.0,
+        max_concurrency: int = 50,
+        ready_queue: int = 1000,
+        scan_interval: float = 1.0,
+        throttle_retry: float = 1.0,
+        account_refresh: float = 300.0,
+        pause_probe_interval: float = 30.0,
+        on_failed: Callable[[Record, str], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.sender = sender
+        self.accounts = accounts
+        self.limiter = limiter
+        self.quota = Quota()
+        self.policy = policy
+        self.max_rate = max_rate
+        self.max_concurrency = max_concurrency
+        self.scan_interval = scan_interval
+        self.throttle_retry = throttle_retry
+        self.account_refresh = account_refresh
+        self.pause_probe_interval = pause_probe_interval
+        self.on_failed = on_failed
+        self.clock = clock
+        self.account: Account | None = None
+        self.paused_reason = ""
+        self._ready: asyncio.Queue[str] = asyncio.Queue(maxsize=ready_queue)
+        self._claimed: set[str] = set()
+        self._rescan = asyncio.Event()
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._stopping = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._account_changed = asyncio.Event()
+        self.sent_recipients = 0
+
+    # -- control --------------------------------------------------------------------
+
+    def notify(self, qid: str) -> None:
+        """A message was just queued in active/ (called by ingress)."""
+        if self._stopping or qid in self._claimed:
+            return
+        try:
+            self._ready.put_nowait(qid)
+            self._claimed.add(qid)
+        except asyncio.QueueFull:
+            self._rescan.set()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.paused_reason)
+
+    def pause(self, reason: str) -> None:
+        if not self.paused_reason:
+            event(log, "paused", level=logging.ERROR, reason=reason)
+        self.paused_reason = reason
+        self._unpaused.clear()
+        self._account_changed.set()
+
+    def resume(self) -> None:
+        if self.paused_reason:
+            event(log, "resumed", previous_reason=self.paused_reason)
+        self.paused_reason = ""
+        self._unpaused.set()
+        self._rescan.set()
+
+    async def start(self) -> None:
+        await self.refresh_account()
+        self._tasks = [
+            asyncio.create_task(self._scanner(), name="scanner"),
+            asyncio.create_task(self._account_monitor(), name="account"),
+            *(
+                asyncio.create_task(self._worker(), name=f"worker-{i}")
+                for i in range(self.max_concurrency)
+            ),
+        ]
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking messages; let in-flight ones finish within `timeout` seconds."""
+        self._stopping = True
+        for task in self._tasks:
+            if task.get_name() in ("scanner", "account"):
+                task.cancel()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._inflight:
+            event(log, "shutdown_abandoned", level=logging.WARNING, inflight=len(self._inflight))
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is ready, claimed or due (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._claimed and self._ready.empty() and not self.spool.count(State.ACTIVE):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    # -- account --------------------------------------------------------------------
+
+    async def refresh_account(self) -> None:
+        try:
+            account = await self.accounts.get_account()
+        except DeliveryError as exc:
+            if self.account is None:
+                fallback = self.max_rate or 1.0
+                self.limiter.set_rate(fallback)
+                event(log, "account_unknown", level=logging.WARNING, error=str(exc), rate=fallback)
+            return
+        self.account = account
+        rate = account.max_send_rate
+        if self.max_rate:
+            rate = min(rate, self.max_rate)
+        self.limiter.set_rate(max(rate, 0.01))
+        self.quota.update(account.max_24hour_send, account.sent_last_24hours)
+        if not account.sending_enabled:
+            self.pause("SES sending is disabled for the account (GetAccount SendingEnabled=false)")
+        elif self.paused_reason.startswith("SES"):
+            self.resume()
+
+    async def _account_monitor(self) -> None:
+        """Re-read the account every account_refresh; while paused, probe more often."""
+        while True:
+            if self.paused or self.account is None:
+                await asyncio.sleep(self.pause_probe_interval)
+            else:
+                try:
+                    await asyncio.wait_for(self._account_changed.wait(), self.account_refresh)
+                except asyncio.TimeoutError:
+                    pass
+                self._account_changed.clear()
+                if self.paused:
+                    continue  # just paused: wait one probe interval before asking
+            await self.refresh_account()
+
+    # -- scheduling -----------------------------------------------------------------
+
+    async def _scanner(self) -> None:
+        self._rescan.set()
+        while True:
+            try:
+                await asyncio.to_thread(self._scan_once)
+            except OSError as exc:
+                event(log, "scan_error", level=logging.ERROR, error=str(exc))
+            try:
+                await asyncio.wait_for(self._rescan.wait(), timeout=self.scan_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def _scan_once(self) -> None:
+        """Move due deferred mail to active/, then fill the ready queue from active/."""
+        now = self.clock()
+        for qid in self.spool.due(now):
+            try:
+                self.spool.move(qid, State.DEFERRED, State.ACTIVE)
+            except FileNotFoundError:
+                continue
+        self._rescan.clear()
+        if self.paused:
+            return
+        for qid in self.spool.scan(State.ACTIVE):
+            if self._ready.full():
+                self._rescan.set()
+                return
+            if qid not in self._claimed:
+                self._claimed.add(qid)
+                self._ready.put_nowait(qid)
+
+    async def _worker(self) -> None:
+        while True:
+            await self._unpaused.wait()
+            qid = await self._ready.get()
+            if self.paused or self._stopping:
+                self._claimed.discard(qid)
+                continue
+            task = asyncio.create_task(self._process_guarded(qid))
+            self._inflight.add(task)
+            try:
+                await asyncio.shield(task)
+            finally:
+                self._inflight.discard(task)
+                self._claimed.discard(qid)
+
+    async def _process_guarded(self, qid: str) -> None:
+        try:
+            await self.process(qid)
+        except CorruptMessage as exc:
+            event(log, "corrupt", level=logging.ERROR, queue_id=qid, error=str(exc))
+        except FileNotFoundError:
+            pass  # moved away by an operator (hold, delete) while waiting
+        except Exception as exc:  # noqa: BLE001 - one message must not stop the pool
+            log.exception("unexpected error delivering %s", qid)
+            try:
+                record = self.spool.load(State.ACTIVE, qid)
+                await asyncio.to_thread(self._defer, record, f"internal error: {exc}", True)
+            except Exception:  # noqa: BLE001
+                pass
+
+    # -- one message ----------------------------------------------------------------
+
+    async def process(self, qid: str) -> None:
+        spool = self.spool
+        record = await asyncio.to_thread(spool.load, State.ACTIVE, qid)
+        now = self.clock()
+        if self.policy.expired(record.envelope.received_at, now):
+            await self._fail_pending(record, "expired: " + (record.last_error or "no attempt succeeded"))
+            return
+        raw = await asyncio.to_thread(spool.read_message, State.ACTIVE, qid)
+        pending = record.pending()
+        while pending:
+            await self._unpaused.wait()
+            cap = min(MAX_DESTINATIONS, self.limiter.capacity(time.monotonic()))
+            chunk = pending[:cap]
+            if self.quota.take(len(chunk)) < len(chunk):
+                self.quota.give_back(len(chunk))
+                # the 24-hour quota frees on a rolling basis: look again later
+                await asyncio.to_thread(
+                    self._defer, record, "24-hour sending quota used up", False, self.account_refresh
+                )
+                return
+            await self.limiter.acquire(len(chunk))
+            try:
+                message_id = await self.sender.send_raw(
+                    sender=record.envelope.sender, recipients=chunk, raw=raw
+                )
+            except ThrottledError as exc:
+                self.quota.give_back(len(chunk))
+                self.limiter.throttled(time.monotonic())
+                event(log, "throttled", level=logging.WARNING, queue_id=qid, error=str(exc))
+                await asyncio.to_thread(self._defer, record, str(exc), False, self.throttle_retry)
+                return
+            except TransientError as exc:
+                self.quota.give_back(len(chunk))
+                await asyncio.to_thread(self._defer, record, str(exc), True)
+                return
+            except AccountPausedError as exc:
+                self.quota.give_back(len(chunk))
+                record.last_error = str(exc)
+                await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                self.pause(f"SES refused sending for the account: {exc}")
+                return
+            except ConfigurationError as exc:
+                self.quota.give_back(len(chunk))
+                record.last_error = str(exc)
+                await asyncio.to_thread(self._hold, record)
+                event(log, "held", level=logging.ERROR, queue_id=qid, error=str(exc),
+                      hint="fix the SES configuration, then: relay queue release " + qid)
+                return
+            except PermanentError as exc:
+                self.quota.give_back(len(chunk))
+                at = self.clock()
+                for rcpt in chunk:
+                    record.results[rcpt] = {"status": FAILED, "at": at, "reason": str(exc)}
+                record.last_error = str(exc)
+                await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                event(log, "rejected", level=logging.WARNING, queue_id=qid, error=str(exc),
+                      recipients=chunk)
+            else:
+                at = self.clock()
+                for rcpt in chunk:
+                    record.results[rcpt] = {"status": SENT, "at": at, "ses_message_id": message_id}
+                # durable before anything else: a retry or restart skips these recipients
+                await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                self.sent_recipients += len(chunk)
+                event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
+            pending = pending[len(chunk):]
+        await self._finish(record)
+
+    async def _finish(self, record: Record) -> None:
+        failed = [r for r, res in record.results.items() if res.get("status") == FAILED]
+        if failed:
+            await asyncio.to_thread(self.spool.move, record.id, State.ACTIVE, State.FAILED)
+            event(log, "failed", level=logging.WARNING, queue_id=record.id,
+                  error=record.last_error, recipients=failed)
+            if self.on_failed is not None:
+                await self.on_failed(record, record.last_error)
+        else:
+            await asyncio.to_thread(self.spool.discard, State.ACTIVE, record.id)
+
+    async def _fail_pending(self, record: Record, reason: str) -> None:
+        at = self.clock()
+        for rcpt in record.pending():
+            record.results[rcpt] = {"status": FAILED, "at": at, "reason": reason}
+        record.last_error = reason
+        await asyncio.to_thread(self.spool.save, State.ACTIVE, record)
+        await self._finish(record)
+
+    def _defer(self, record: Record, error: str, count: bool, wait: float | None = None) -> None:
+        """Save the error and move the message to deferred/ until its next attempt."""
+        now = self.clock()
+        if count:
+            record.attempts += 1
+        if wait is None:
+            nxt = self.policy.next_attempt(record.attempts, record.envelope.received_at, now)
+        else:
+            nxt = now + wait
+        if nxt is None:
+            # outlived max_lifetime: the next pass through process() fails it as expired
+            nxt = now
+        record.last_error = error
+        record.next_attempt = nxt
+        self.spool.save(State.ACTIVE, record)
+        self.spool.move(record.id, State.ACTIVE, State.DEFERRED, when=nxt)
+        event(log, "deferred", queue_id=record.id, error=error, attempts=record.attempts,
+              next_attempt=round(nxt, 3))
+
+    def _hold(self, record: Record) -> None:
+        self.spool.save(State.ACTIVE, record)
+        self.spool.move(record.id, State.ACTIVE, State.HOLD)
+
+
+__all__ = ["Account", "AccountSource", "DeliveryPool", "Sender", "SpoolError", "MAX_DESTINATIONS"]

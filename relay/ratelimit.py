@@ -1,0 +1,115 @@
+"""Send-rate limiting: SES counts every recipient against the per-second rate and quota.
+
+RateLimiter grants recipients at an even pace and, on top, never lets the grants in any
+window of `window` seconds (1 s plus a guard for network jitter) exceed the rate, so SES
+never sees a second above it. A throttle answer halves the rate; it recovers slowly.
+Quota tracks the remaining 24-hour allowance read from GetAccount. Pure: time is passed
+in; only acquire() sleeps. Used by the delivery pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from typing import Callable
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        rate: float,
+        *,
+        window: float = 1.0,
+        guard: float = 0.02,
+        recovery_per_second: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be above 0")
+        self.configured = rate
+        self.window = window + guard
+        self.recovery_per_second = recovery_per_second
+        self.clock = clock
+        self._factor = 1.0
+        self._factor_at = 0.0
+        self._next = 0.0
+        self._grants: deque[tuple[float, int]] = deque()
+        self._in_window = 0
+        self._lock = asyncio.Lock()
+
+    # -- rate -----------------------------------------------------------------------
+
+    def set_rate(self, rate: float) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be above 0")
+        self.configured = rate
+
+    def rate(self, now: float) -> float:
+        """The rate in force at `now`: the configured rate, lowered after throttling."""
+        if self._factor < 1.0:
+            elapsed = max(0.0, now - self._factor_at)
+            self._factor = min(1.0, self._factor + elapsed * self.recovery_per_second)
+            self._factor_at = now
+        return self.configured * self._factor
+
+    def capacity(self, now: float) -> int:
+        """The most recipients one grant (one SES call) may carry at `now`."""
+        return max(1, math.floor(self.rate(now) + 1e-9))
+
+    def throttled(self, now: float) -> None:
+        """SES said too fast: halve the rate (down to a tenth) and pause the pace."""
+        self.rate(now)
+        self._factor = max(0.1, self._factor * 0.5)
+        self._factor_at = now
+        self._next = max(self._next, now + 1.0 / self.rate(now))
+
+    # -- grants ---------------------------------------------------------------------
+
+    def reserve(self, n: int, now: float) -> float:
+        """Book n recipients; returns the time (>= now) at which they may be sent."""
+        cap = self.capacity(now)
+        if n > cap:
+            raise ValueError(f"{n} recipients exceed the per-call capacity {cap}")
+        t = max(now, self._next)
+        while True:
+            while self._grants and self._grants[0][0] <= t - self.window:
+                self._in_window -= self._grants.popleft()[1]
+            if self._in_window + n <= cap:
+                break
+            t = max(t, self._grants[0][0] + self.window)
+        self._grants.append((t, n))
+        self._in_window += n
+        self._next = t + n / self.rate(now)
+        return t
+
+    async def acquire(self, n: int) -> None:
+        """Wait until n recipients may be sent."""
+        async with self._lock:
+            at = self.reserve(n, self.clock())
+        delay = at - self.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class Quota:
+    """The 24-hour sending allowance: Max24HourSend minus SentLast24Hours, less our sends."""
+
+    def __init__(self) -> None:
+        self.max_24h: float = -1.0
+        self.remaining: float = math.inf
+
+    def update(self, max_24h: float, sent_24h: float) -> None:
+        self.max_24h = max_24h
+        self.remaining = math.inf if max_24h < 0 else max(0.0, max_24h - sent_24h)
+
+    def take(self, n: int) -> int:
+        """Take up to n recipients from the allowance; returns how many were granted."""
+        granted = int(min(n, self.remaining))
+        self.remaining -= granted
+        return granted
+
+    def give_back(self, n: int) -> None:
+        if self.remaining != math.inf:
+            self.remaining += n

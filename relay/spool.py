@@ -1,0 +1,322 @@
+"""The durable message spool: Postfix-style state directories under one root.
+
+A message is a directory <state>/<queue id>/ holding message.eml (the raw MIME exactly as
+received) and envelope.json (envelope and delivery state). It becomes visible only by an
+atomic rename out of incoming/, every state change is one rename, and envelope.json is
+replaced by write-temporary, fsync, rename. A deferred message's directory mtime is its
+next attempt time, so a scan needs no parsing. Used by ingress, delivery and the queue CLI.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from relay.errors import SpoolError, SpoolFullError
+
+MESSAGE = "message.eml"
+ENVELOPE = "envelope.json"
+
+
+class State(str, enum.Enum):
+    INCOMING = "incoming"  #: being written; anything here at start-up is garbage
+    ACTIVE = "active"  #: ready for delivery or in flight
+    DEFERRED = "deferred"  #: waiting for the next attempt (directory mtime)
+    HOLD = "hold"  #: held by an operator or a configuration error
+    FAILED = "failed"  #: permanent failure or expired; kept for inspection
+    CORRUPT = "corrupt"  #: unreadable; kept, never deleted
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Final per-recipient outcomes; a recipient with none of these is still pending.
+SENT, FAILED, SUPPRESSED = "sent", "failed", "suppressed"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sender: str
+    recipients: tuple[str, ...]
+    received_at: float
+    client: str = ""
+    helo: str = ""
+
+
+@dataclass
+class Record:
+    """A message's envelope and delivery state, as kept in envelope.json."""
+
+    id: str
+    envelope: Envelope
+    size: int
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    #: recipient -> {"status": sent|failed|suppressed, "at": time, "ses_message_id"|"reason"}
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def pending(self) -> list[str]:
+        """Recipients with no final result yet, in envelope order, each once."""
+        seen: set[str] = set()
+        out = []
+        for rcpt in self.envelope.recipients:
+            if rcpt not in self.results and rcpt not in seen:
+                seen.add(rcpt)
+                out.append(rcpt)
+        return out
+
+    def to_json(self) -> bytes:
+        env = self.envelope
+        doc = {
+            "id": self.id,
+            "sender": env.sender,
+            "recipients": list(env.recipients),
+            "received_at": env.received_at,
+            "client": env.client,
+            "helo": env.helo,
+            "size": self.size,
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "last_error": self.last_error,
+            "results": self.results,
+        }
+        return json.dumps(doc, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Record:
+        doc = json.loads(raw)
+        env = Envelope(
+            sender=doc["sender"],
+            recipients=tuple(doc["recipients"]),
+            received_at=float(doc["received_at"]),
+            client=doc.get("client", ""),
+            helo=doc.get("helo", ""),
+        )
+        return cls(
+            id=doc["id"],
+            envelope=env,
+            size=int(doc["size"]),
+            attempts=int(doc.get("attempts", 0)),
+            next_attempt=float(doc.get("next_attempt", 0.0)),
+            last_error=doc.get("last_error", ""),
+            results=dict(doc.get("results", {})),
+        )
+
+
+class CorruptMessage(SpoolError):
+    """A message whose files cannot be read; it has been moved to corrupt/."""
+
+
+_id_lock = threading.Lock()
+_id_last = 0
+
+
+def new_queue_id() -> str:
+    """A queue id sortable by arrival time and unique across processes.
+
+    13 hex digits of microseconds since the epoch, then 5 of the process id. Within one
+    process the microsecond part is made strictly increasing, so two ids never collide.
+    """
+    global _id_last
+    with _id_lock:
+        now = max(time.time_ns() // 1000, _id_last + 1)
+        _id_last = now
+    return f"{now:013X}{os.getpid() & 0xFFFFF:05X}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, min_free_bytes: int = 0):
+        self.root = Path(root)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+
+    # -- layout ---------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        for state in State:
+            (self.root / state.value).mkdir(parents=True, exist_ok=True)
+
+    def dir(self, state: State) -> Path:
+        return self.root / state.value
+
+    def path(self, state: State, qid: str) -> Path:
+        return self.root / state.value / qid
+
+    def locate(self, qid: str) -> State | None:
+        """The state a queue id is in, or None when it is not in the spool."""
+        for state in State:
+            if state is not State.INCOMING and self.path(state, qid).is_dir():
+                return state
+        return None
+
+    # -- acceptance -----------------------------------------------------------------
+
+    def accept(self, envelope: Envelope, data: bytes, *, qid: str | None = None) -> str:
+        """Make a message durable in active/ and return its queue id.
+
+        Returns only after both files, their directory and the new entry in active/ are
+        fsynced. On any failure nothing is left behind and SpoolError is raised.
+        """
+        qid = qid or new_queue_id()
+        tmp = self.path(State.INCOMING, qid)
+        record = Record(id=qid, envelope=envelope, size=len(data))
+        try:
+            self._check_room(len(data))
+            tmp.mkdir()
+            self._write(tmp / MESSAGE, data)
+            self._write(tmp / ENVELOPE, record.to_json())
+            if self.fsync:
+                _fsync_dir(tmp)
+            os.rename(tmp, self.path(State.ACTIVE, qid))
+            if self.fsync:
+                _fsync_dir(self.dir(State.ACTIVE))
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, SpoolError):
+                raise
+            if isinstance(exc, OSError):
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpoolFullError(f"spool full: {exc}") from exc
+                raise SpoolError(f"spool write failed: {exc}") from exc
+            raise
+        return qid
+
+    def _check_room(self, size: int) -> None:
+        if self.min_free_bytes <= 0:
+            return
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes + size:
+            raise SpoolFullError(
+                f"spool has {free} bytes free, below spool.min_free_bytes={self.min_free_bytes}"
+            )
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- reading --------------------------------------------------------------------
+
+    def load(self, state: State, qid: str) -> Record:
+        """The record of a message; an unreadable one is moved to corrupt/."""
+        path = self.path(state, qid)
+        try:
+            return Record.from_json((path / ENVELOPE).read_bytes())
+        except FileNotFoundError:
+            if not path.exists():
+                raise
+            self._to_corrupt(state, qid)
+            raise CorruptMessage(f"{qid}: {ENVELOPE} missing") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            self._to_corrupt(state, qid)
+            raise CorruptMessage(f"{qid}: {ENVELOPE} unreadable: {exc}") from exc
+
+    def read_message(self, state: State, qid: str) -> bytes:
+        return (self.path(state, qid) / MESSAGE).read_bytes()
+
+    def _to_corrupt(self, state: State, qid: str) -> None:
+        try:
+            self.move(qid, state, State.CORRUPT)
+        except OSError:
+            pass
+
+    # -- state changes --------------------------------------------------------------
+
+    def save(self, state: State, record: Record) -> None:
+        """Replace a message's envelope.json atomically and durably."""
+        path = self.path(state, record.id)
+        tmp = path / (ENVELOPE + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                os.write(fd, record.to_json())
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path / ENVELOPE)
+            if self.fsync:
+                _fsync_dir(path)
+        except OSError as exc:
+            raise SpoolError(f"{record.id}: could not save state: {exc}") from exc
+
+    def move(self, qid: str, src: State, dst: State, *, when: float | None = None) -> None:
+        """Rename a message from one state to another; `when` sets its mtime (deferred)."""
+        target = self.path(dst, qid)
+        os.rename(self.path(src, qid), target)
+        if when is not None:
+            os.utime(target, (when, when))
+        if self.fsync:
+            if when is not None:
+                _fsync_dir(target)
+            _fsync_dir(self.dir(dst))
+
+    def discard(self, state: State, qid: str) -> None:
+        """Remove a finished message: one rename into incoming/ (garbage), then delete."""
+        grave = self.path(State.INCOMING, f".done-{qid}")
+        os.rename(self.path(state, qid), grave)
+        if self.fsync:
+            _fsync_dir(self.dir(state))
+        shutil.rmtree(grave, ignore_errors=True)
+
+    # -- scanning -------------------------------------------------------------------
+
+    def scan(self, state: State) -> Iterator[str]:
+        """Queue ids in a state, in directory order, without loading them."""
+        with os.scandir(self.dir(state)) as it:
+            for entry in it:
+                if not entry.name.startswith("."):
+                    yield entry.name
+
+    def due(self, now: float, state: State = State.DEFERRED) -> Iterator[str]:
+        """Queue ids whose directory mtime (next attempt) is at or before now."""
+        with os.scandir(self.dir(state)) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.stat().st_mtime <= now:
+                        yield entry.name
+                except FileNotFoundError:
+                    continue
+
+    def count(self, state: State) -> int:
+        return sum(1 for _ in self.scan(state))
+
+    def recover(self) -> int:
+        """Start-up: delete everything in incoming/ (never acknowledged). Returns the count."""
+        self.ensure()
+        n = 0
+        with os.scandir(self.dir(State.INCOMING)) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+                n += 1
+        return n
