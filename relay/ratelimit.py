@@ -78,7 +78,10 @@ class RateLimiter:
                 self._in_window -= self._grants.popleft()[1]
             if self._in_window + n <= cap:
                 break
-            t = max(t, self._grants[0][0] + self.window)
+            # wait for the oldest grant to leave the window (pop it: float-safe)
+            oldest, k = self._grants.popleft()
+            self._in_window -= k
+            t = max(t, oldest + self.window)
         self._grants.append((t, n))
         self._in_window += n
         self._next = t + n / self.rate(now)

@@ -1,0 +1,183 @@
+"""Shared fixtures: the relay as a real child process, the SES sandbox, moto's server.
+
+Everything binds 127.0.0.1 on ephemeral ports; every process started here is stopped at
+teardown; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from relay.sandbox import SandboxState, SandboxThread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class RelayProcess:
+    """`relay serve` in a child process, with its JSON log lines collected."""
+
+    def __init__(self, workdir: Path, sections: dict[str, dict[str, Any]],
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.workdir = workdir
+        self.sections = sections
+        self.preexec = preexec
+        self.spool = Path(sections["spool"]["dir"])
+        self.config = write_config(workdir / "relay.toml", sections)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.raw_lines: list[str] = []
+        self.smtp_port = 0
+        self.admin_port = 0
+
+    def start(self, timeout: float = 30.0) -> RelayProcess:
+        self.lines.clear()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "-c", str(self.config)],
+            cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=self.preexec,
+        )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        listening = wait_for(lambda: self.find("listening") or self._dead(), timeout)
+        if not isinstance(listening, dict):
+            raise AssertionError("relay did not start:\n" + "\n".join(self.raw_lines[-30:]))
+        self.smtp_port = int(listening["smtp"].rsplit(":", 1)[1])
+        if listening.get("admin"):
+            self.admin_port = int(listening["admin"].rsplit(":", 1)[1])
+        return self
+
+    def _dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.raw_lines.append(line)
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                pass
+
+    def find(self, event: str, **match: Any) -> dict[str, Any] | None:
+        for line in list(self.lines):
+            if line.get("event") == event and all(line.get(k) == v for k, v in match.items()):
+                return line
+        return None
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in list(self.lines) if line.get("event") == event]
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def queued(self, state: str = "active") -> list[str]:
+        d = self.spool / state
+        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+
+
+def relay_sections(tmp: Path, endpoint: str, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {
+        "smtp": {"host": "127.0.0.1", "port": 0},
+        "spool": {"dir": str(tmp / "spool"), "min_free_bytes": 0},
+        "ses": {"endpoint_url": endpoint, "region": "us-east-1"},
+        "delivery": {"min_backoff": "0.5s", "max_backoff": "1s", "scan_interval": "0.1s",
+                     "pause_probe_interval": "0.3s", "shutdown_timeout": "5s"},
+        "admin": {"host": "127.0.0.1", "port": 0},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    return sections
+
+
+@pytest.fixture
+def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    started: list[RelayProcess] = []
+
+    def start(endpoint: str, preexec: Callable[[], None] | None = None,
+              **overrides: dict[str, Any]) -> RelayProcess:
+        relay = RelayProcess(tmp_path, relay_sections(tmp_path, endpoint, **overrides), preexec)
+        started.append(relay)
+        return relay.start()
+
+    yield start
+    for relay in started:
+        relay.kill()
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[SandboxThread]:
+    sb = SandboxThread(SandboxState(outbox=tmp_path / "sandbox-mail", max_send_rate=1000,
+                                    max_24hour_send=-1))
+    sb.start()
+    yield sb
+    sb.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

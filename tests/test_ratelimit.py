@@ -1,0 +1,78 @@
+"""Rate limiter and quota: never above the rate in any one-second window."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from relay.ratelimit import Quota, RateLimiter
+
+
+def max_in_window(grants: list[tuple[float, int]], width: float = 1.0) -> int:
+    best = 0
+    for i, (t, _) in enumerate(grants):
+        best = max(best, sum(n for u, n in grants[i:] if u < t + width))
+    return best
+
+
+@pytest.mark.parametrize("rate", [1, 7, 14, 50, 200])
+@pytest.mark.parametrize("sizes", ["ones", "mixed"])
+def test_no_one_second_window_above_the_rate(rate, sizes):
+    lim = RateLimiter(rate)
+    rng = random.Random(rate)
+    grants, now = [], 0.0
+    for _ in range(rate * 20):
+        cap = lim.capacity(now)
+        n = 1 if sizes == "ones" else rng.randint(1, cap)
+        t = lim.reserve(n, now)
+        assert t >= now
+        grants.append((t, n))
+        now = t if rng.random() < 0.7 else t + rng.random() * 0.3
+    assert max_in_window(grants) <= rate
+
+
+def test_busy_pacing_reaches_98_percent():
+    lim = RateLimiter(50)
+    now, grants = 0.0, []
+    for _ in range(5000):
+        now = lim.reserve(1, now)
+        grants.append(now)
+    achieved = (len(grants) - 1) / (grants[-1] - grants[0])
+    assert achieved >= 0.98 * 50
+    assert max_in_window([(t, 1) for t in grants]) <= 50
+
+
+def test_grants_are_paced_not_burst():
+    lim = RateLimiter(10)
+    times = [lim.reserve(1, 0.0) for _ in range(5)]
+    assert times == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_capacity_is_the_integer_rate_and_oversize_is_refused():
+    lim = RateLimiter(14.7)
+    assert lim.capacity(0.0) == 14
+    with pytest.raises(ValueError):
+        lim.reserve(15, 0.0)
+
+
+def test_throttle_halves_and_recovers_slowly():
+    lim = RateLimiter(40, recovery_per_second=0.05)
+    lim.throttled(100.0)
+    assert lim.rate(100.0) == pytest.approx(20)
+    lim.throttled(100.0)
+    assert lim.rate(100.0) == pytest.approx(10)
+    assert 10 < lim.rate(105.0) < 40
+    assert lim.rate(200.0) == pytest.approx(40)
+
+
+def test_quota_takes_and_gives_back():
+    q = Quota()
+    assert q.take(10) == 10  # unknown: unlimited
+    q.update(100, 95)
+    assert q.take(10) == 5
+    q.give_back(5)
+    assert q.take(5) == 5 and q.take(1) == 0
+    q.update(-1, 0)
+    assert q.remaining == math.inf
