@@ -28,7 +28,7 @@ from relay.errors import (
 from relay.log import event
 from relay.ratelimit import Quota, RateLimiter
 from relay.retry import RetryPolicy
-from relay.spool import FAILED, SENT, CorruptMessage, Record, Spool, State
+from relay.spool import FAILED, SENT, SUPPRESSED, CorruptMessage, Record, Spool, State
 
 log = logging.getLogger("relay.delivery")
 
@@ -55,6 +55,26 @@ class AccountSource(Protocol):
     async def get_account(self) -> Account: ...
 
 
+class Suppressions(Protocol):
+    async def suppressed(self, recipients: Sequence[str]) -> set[str]:
+        """The subset of recipients that must not be mailed (checked at delivery time)."""
+
+
+class Listener(Protocol):
+    """Told of every delivery outcome (message log, metrics). Must not raise."""
+
+    async def outcome(
+        self,
+        kind: str,
+        record: Record,
+        recipients: Sequence[str],
+        *,
+        ses_message_id: str = "",
+        error: str = "",
+    ) -> None:
+        """kind: sent, suppressed, rejected, deferred, throttled, held, failed, expired."""
+
+
 class DeliveryPool:
     def __init__(
         self,
@@ -72,6 +92,8 @@ class DeliveryPool:
         account_refresh: float = 300.0,
         pause_probe_interval: float = 30.0,
         on_failed: Callable[[Record, str], Awaitable[None]] | None = None,
+        suppressions: Suppressions | None = None,
+        listeners: Sequence[Listener] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
@@ -87,6 +109,8 @@ class DeliveryPool:
         self.account_refresh = account_refresh
         self.pause_probe_interval = pause_probe_interval
         self.on_failed = on_failed
+        self.suppressions = suppressions
+        self.listeners = list(listeners)
         self.clock = clock
         self.account: Account | None = None
         self.paused_reason = ""
@@ -261,11 +285,20 @@ class DeliveryPool:
             log.exception("unexpected error delivering %s", qid)
             try:
                 record = self.spool.load(State.ACTIVE, qid)
-                await asyncio.to_thread(self._defer, record, f"internal error: {exc}", True)
+                await self._postpone(record, f"internal error: {exc}", True)
             except Exception:  # noqa: BLE001
                 pass
 
     # -- one message ----------------------------------------------------------------
+
+    async def _tell(self, kind: str, record: Record, recipients: Sequence[str], *,
+                    ses_message_id: str = "", error: str = "") -> None:
+        for listener in self.listeners:
+            try:
+                await listener.outcome(kind, record, recipients,
+                                       ses_message_id=ses_message_id, error=error)
+            except Exception:  # noqa: BLE001 - a listener must never stop delivery
+                log.exception("listener %r failed on %s", listener, kind)
 
     async def process(self, qid: str) -> None:
         spool = self.spool
@@ -276,6 +309,17 @@ class DeliveryPool:
             return
         raw = await asyncio.to_thread(spool.read_message, State.ACTIVE, qid)
         pending = record.pending()
+        if self.suppressions is not None and pending:
+            # checked now, not at acceptance: the list may have changed while mail waited
+            dropped = await self.suppressions.suppressed(pending)
+            if dropped:
+                at = self.clock()
+                for rcpt in dropped:
+                    record.results[rcpt] = {"status": SUPPRESSED, "at": at}
+                await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                event(log, "suppressed", queue_id=qid, recipients=sorted(dropped))
+                await self._tell("suppressed", record, sorted(dropped))
+                pending = [r for r in pending if r not in dropped]
         while pending:
             await self._unpaused.wait()
             cap = min(MAX_DESTINATIONS, self.limiter.capacity(time.monotonic()))
@@ -283,9 +327,8 @@ class DeliveryPool:
             if self.quota.take(len(chunk)) < len(chunk):
                 self.quota.give_back(len(chunk))
                 # the 24-hour quota frees on a rolling basis: look again later
-                await asyncio.to_thread(
-                    self._defer, record, "24-hour sending quota used up", False, self.account_refresh
-                )
+                await self._postpone(record, "24-hour sending quota used up", False,
+                                     self.account_refresh)
                 return
             await self.limiter.acquire(len(chunk))
             try:
@@ -296,11 +339,12 @@ class DeliveryPool:
                 self.quota.give_back(len(chunk))
                 self.limiter.throttled(time.monotonic())
                 event(log, "throttled", level=logging.WARNING, queue_id=qid, error=str(exc))
-                await asyncio.to_thread(self._defer, record, str(exc), False, self.throttle_retry)
+                await self._tell("throttled", record, chunk, error=str(exc))
+                await self._postpone(record, str(exc), False, self.throttle_retry)
                 return
             except TransientError as exc:
                 self.quota.give_back(len(chunk))
-                await asyncio.to_thread(self._defer, record, str(exc), True)
+                await self._postpone(record, str(exc), True)
                 return
             except AccountPausedError as exc:
                 self.quota.give_back(len(chunk))
@@ -314,6 +358,7 @@ class DeliveryPool:
                 await asyncio.to_thread(self._hold, record)
                 event(log, "held", level=logging.ERROR, queue_id=qid, error=str(exc),
                       hint="fix the SES configuration, then: relay queue release " + qid)
+                await self._tell("held", record, pending, error=str(exc))
                 return
             except PermanentError as exc:
                 self.quota.give_back(len(chunk))
@@ -324,6 +369,7 @@ class DeliveryPool:
                 await asyncio.to_thread(spool.save, State.ACTIVE, record)
                 event(log, "rejected", level=logging.WARNING, queue_id=qid, error=str(exc),
                       recipients=chunk)
+                await self._tell("rejected", record, chunk, error=str(exc))
             else:
                 at = self.clock()
                 for rcpt in chunk:
@@ -332,6 +378,7 @@ class DeliveryPool:
                 await asyncio.to_thread(spool.save, State.ACTIVE, record)
                 self.sent_recipients += len(chunk)
                 event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
+                await self._tell("sent", record, chunk, ses_message_id=message_id)
             pending = pending[len(chunk):]
         await self._finish(record)
 
@@ -341,6 +388,7 @@ class DeliveryPool:
             await asyncio.to_thread(self.spool.move, record.id, State.ACTIVE, State.FAILED)
             event(log, "failed", level=logging.WARNING, queue_id=record.id,
                   error=record.last_error, recipients=failed)
+            await self._tell("failed", record, failed, error=record.last_error)
             if self.on_failed is not None:
                 await self.on_failed(record, record.last_error)
         else:
@@ -353,6 +401,11 @@ class DeliveryPool:
         record.last_error = reason
         await asyncio.to_thread(self.spool.save, State.ACTIVE, record)
         await self._finish(record)
+
+    async def _postpone(self, record: Record, error: str, count: bool,
+                        wait: float | None = None) -> None:
+        await asyncio.to_thread(self._defer, record, error, count, wait)
+        await self._tell("deferred", record, record.pending(), error=error)
 
     def _defer(self, record: Record, error: str, count: bool, wait: float | None = None) -> None:
         """Save the error and move the message to deferred/ until its next attempt."""

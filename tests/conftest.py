@@ -74,6 +74,8 @@ class RelayProcess:
     def start(self, timeout: float = 30.0) -> RelayProcess:
         self.lines.clear()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        # the child imports this checkout's relay package, whatever is installed
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("AWS_ACCESS_KEY_ID", "testing")
         env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
         self.proc = subprocess.Popen(
