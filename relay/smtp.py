@@ -116,7 +116,8 @@ class IngressHandler:
         if data is None:
             data = envelope.content if isinstance(envelope.content, bytes) else b""
         env = Envelope(
-            sender=envelope.mail_from or "",
+            # the null reverse-path (bounces, DSNs) arrives as "<>" from aiosmtpd's parser
+            sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
             received_at=time.time(),
             client=session.peer[0] if session.peer else "",
