@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 import time
 
 from relay import dsn
@@ -30,6 +31,9 @@ log = logging.getLogger("relay.service")
 
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
+    # Spool work runs in threads; a short GIL switch interval keeps the event loop from
+    # waiting up to 5 ms for one of them right after a call left the rate limiter.
+    sys.setswitchinterval(0.001)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,7 +81,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
                          max_connections=dcfg.max_concurrency) as ses:
         pool = DeliveryPool(
             spool=spool, sender=ses, accounts=ses,
-            limiter=RateLimiter(dcfg.max_rate or 1.0),
+            limiter=RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard),
             policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
             max_rate=dcfg.max_rate, max_concurrency=dcfg.max_concurrency,
             ready_queue=dcfg.ready_queue, scan_interval=dcfg.scan_interval,
