@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import signal
 import socket
 import sys
@@ -36,6 +37,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     sys.setswitchinterval(0.001)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # spool writes wait on fsync, not CPU: enough threads that they overlap
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="spool"))
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
