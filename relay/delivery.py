@@ -375,6 +375,11 @@ class DeliveryPool:
                 )
             except ThrottledError as exc:
                 self.quota.give_back(len(chunk))
+                if "daily" in exc.message.lower() and "quota" in exc.message.lower():
+                    # not too fast but too much: wait for the rolling 24 hours to free some
+                    self.quota.exhaust()
+                    await self._postpone(record, str(exc), False, self.account_refresh)
+                    return
                 self.limiter.throttled(time.monotonic())
                 event(log, "throttled", level=logging.WARNING, queue_id=qid, error=str(exc))
                 await self._tell("throttled", record, chunk, error=str(exc))

@@ -11,10 +11,15 @@ in; only acquire() sleeps. Used by the delivery pool.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections import deque
 from typing import Callable
+
+#: Wall-clock time at which the current task's call left the limiter. The SES adapter
+#: passes it to SES-compatible test endpoints, which count the rate on it.
+DEPARTURE: contextvars.ContextVar[float] = contextvars.ContextVar("relay_departure")
 
 
 class RateLimiter:
@@ -125,6 +130,7 @@ class RateLimiter:
         for _ in range(1000):
             wait = self.depart(n, self.clock())
             if wait <= 0:
+                DEPARTURE.set(time.time())
                 return
             await asyncio.sleep(wait)
 
@@ -145,6 +151,10 @@ class Quota:
         granted = int(min(n, self.remaining))
         self.remaining -= granted
         return granted
+
+    def exhaust(self) -> None:
+        """SES said the daily quota is used up, whatever GetAccount last said."""
+        self.remaining = 0.0
 
     def give_back(self, n: int) -> None:
         if self.remaining != math.inf:

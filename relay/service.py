@@ -81,7 +81,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         pool_ref[0].notify(qid)
 
     async with SesClient(config.ses, endpoint_url=endpoint, static_credentials=credentials,
-                         max_connections=dcfg.max_concurrency) as ses:
+                         max_connections=dcfg.max_concurrency,
+                         stamp_departures=endpoint is not None) as ses:
         pool = DeliveryPool(
             spool=spool, sender=ses, accounts=ses,
             limiter=RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard),

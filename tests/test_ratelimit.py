@@ -94,3 +94,17 @@ def test_late_departure_pushes_the_next_call():
     # a third call may not leave until the late first one is a full window old
     assert lim.depart(1, max(t2, 1.0)) == pytest.approx(0.6, abs=1e-9)
     assert lim.depart(1, 1.6) == 0.0
+
+
+def test_sandbox_counts_every_window_even_out_of_order():
+    from relay.sandbox import SandboxState
+
+    st = SandboxState(max_send_rate=3)
+    assert st._admit(1, 10.0) is None
+    assert st._admit(1, 10.9) is None
+    assert st._admit(1, 10.5) is None  # out of order, still 3 in [10.0, 11.0)
+    assert st._admit(1, 10.2) is not None  # a 4th inside that second
+    assert st._admit(1, 11.0) is None  # [10.5, 11.5) holds 10.5, 10.9, 11.0
+    assert st._admit(1, 11.1) is not None  # ... and would hold a 4th
+    assert st._admit(1, 11.6) is None  # [10.9, 11.9) holds 10.9, 11.0, 11.6
+    assert st.throttles == 2
