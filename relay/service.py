@@ -66,7 +66,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             pause_probe_interval=dcfg.pause_probe_interval,
         )
         await pool.start()
-        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify)
+        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify,
+                                 **_ingress_security(config))
         ingress = Ingress(handler, config.smtp)
         smtp_host, smtp_port = await ingress.start()
 
@@ -85,8 +86,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         if config.admin.enabled:
             host, port = await admin.start(config.admin.host, config.admin.port)
             admin_addr = f"{host}:{port}"
+        smtps = ":".join(map(str, ingress.tls_address)) if ingress.tls_address else ""
         event(log, "listening", smtp=f"{smtp_host}:{smtp_port}", admin=admin_addr,
-              rate=pool.limiter.configured, config=config.source)
+              rate=pool.limiter.configured, config=config.source, smtps=smtps)
 
         await stop.wait()
         event(log, "stopping")
@@ -96,3 +98,16 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     if sandbox is not None:
         await sandbox.stop()
     event(log, "stopped")
+
+
+def _ingress_security(config: Config) -> dict[str, object]:
+    """AUTH credentials and the DKIM signer for the ingress, when configured."""
+    from relay.auth import Credentials
+    from relay.dkim import DkimSigner
+
+    out: dict[str, object] = {}
+    if config.smtp.auth_file:
+        out["credentials"] = Credentials(config.smtp.auth_file)
+    if config.dkim.enabled:
+        out["signer"] = DkimSigner(config.dkim).sign
+    return out
