@@ -436,6 +436,9 @@ class Ingress:
         deadline = time.monotonic() + grace
         while self.sessions and time.monotonic() < deadline:
             for proto in list(self.sessions):
+                if proto.transport is not None and proto.transport.is_closing():
+                    self.sessions.discard(proto)  # on its way out (e.g. TLS shutdown)
+                    continue
                 if proto.transport is None or id(proto.session) in self.handler.busy:
                     continue
                 proto.transport.write(f"{SHUTTING_DOWN}\r\n".encode())
