@@ -189,3 +189,34 @@ def test_recipient_normalisation_table(address, expect):
 ])
 def test_domain_allowed_table(domain, allowed, ok):
     assert addresses.domain_allowed(domain, allowed) is ok
+
+
+def _peak_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_undeclared_oversize_is_drained_not_held_in_memory(start_relay, sandbox):
+    """64 MB sent against a 1 MB limit: the relay's peak memory grows far less than that."""
+    relay = start_relay(sandbox.url, smtp={"max_message_size": "1MB"})
+    assert relay.proc is not None
+    with Raw(relay.smtp_port) as c:
+        c.reply()
+        c.cmd(b"EHLO c.example")
+        c.cmd(b"MAIL FROM:<app@example.com>")
+        c.cmd(b"RCPT TO:<a@example.net>")
+        before = _peak_kb(relay.proc.pid)
+        assert c.cmd(b"DATA").startswith(b"354")
+        c.send(MSG)
+        chunk = (b"z" * 998 + b"\r\n") * 1024
+        for _ in range(64):
+            c.send(chunk)
+        c.send(b".\r\n")
+        assert c.reply().startswith(b"552 5.3.4")
+        after = _peak_kb(relay.proc.pid)
+        # the session is still usable
+        assert c.cmd(b"RSET").startswith(b"250")
+    assert after - before < 24 * 1024, (before, after)
+    assert relay.queued("active") == [] and relay.queued("incoming") == []
