@@ -1,7 +1,8 @@
 """SMTP ingress: an aiosmtpd server that spools each message before answering 250.
 
-handle_DATA hands the bytes exactly as received to Spool.accept in a worker thread,
-shielded from client disconnects, and answers 250 only once they are durable; spool
+handle_DATA hands the bytes as received (but for the header changes of relay.headers and
+the optional DKIM signature) to Spool.accept in a worker thread, shielded from client
+disconnects, and answers 250 only once they are durable; spool
 errors answer 451 4.3.0 or 452 4.3.1, never 500. Mail is accepted only from
 smtp.allowed_networks or authenticated clients (AUTH over TLS, relay.auth); address rules
 live in relay.addresses, header changes in relay.headers, caps in relay.limits.
@@ -11,8 +12,6 @@ Writes spool/incoming -> active; tells the delivery pool. Built by relay.service
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import logging
 import socket
@@ -20,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
 
 from relay import addresses, headers
 from relay.auth import Credentials, User
@@ -28,6 +27,7 @@ from relay.config import SmtpConfig
 from relay.errors import SpoolError, SpoolFullError
 from relay.log import event
 from relay.limits import AuthThrottle, ConnectionLimiter
+from relay.smtp_auth import AuthHooks
 from relay.spool import Envelope, Spool
 from relay.tls import server_context
 
@@ -59,10 +59,6 @@ NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses not supported (no S
 BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
 SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not allowed on this relay")
 NO_SMTPUTF8 = Reply(555, "5.6.7", "SMTPUTF8 not supported")
-AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-AUTH_LOCKED = Reply(454, "4.7.0", "Too many failed authentication attempts, try again later")
-AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
-BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
 TOO_BIG = Reply(552, "5.3.4", "Message too big for system")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
@@ -79,7 +75,7 @@ REWRITES = {
 NOT_ERRORS = ("421", "452 4.5.3")
 
 
-class IngressHandler:
+class IngressHandler(AuthHooks):
     """aiosmtpd hooks; each returns the reply line."""
 
     def __init__(
@@ -247,60 +243,6 @@ class IngressHandler:
         out[:-1] = [r[:3] + "-" + r[4:] for r in out[:-1]]
         out[-1] = out[-1][:3] + " " + out[-1][4:]
         return out
-
-    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False)
-        else:
-            try:
-                blob = base64.b64decode(args[1].encode(), validate=True)
-            except binascii.Error:
-                return AuthResult(success=False, handled=False, message=str(BAD_BASE64))
-        assert isinstance(blob, bytes)
-        parts = blob.split(b"\x00")
-        if len(parts) != 3:
-            return AuthResult(success=False, handled=False, message=str(BAD_BASE64))
-        return await self._authenticate(server, parts[1], parts[2])
-
-    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False)
-        else:
-            try:
-                login = base64.b64decode(args[1].encode(), validate=True)
-            except binascii.Error:
-                return AuthResult(success=False, handled=False, message=str(BAD_BASE64))
-        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return AuthResult(success=False)
-        assert isinstance(login, bytes) and isinstance(password, bytes)
-        return await self._authenticate(server, login, password)
-
-    async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
-        client = server.session.peer[0] if server.session and server.session.peer else ""
-        if self.credentials is None:
-            return AuthResult(success=False, handled=False, message=str(AUTH_FAILED))
-        left = self.throttle.locked(client)
-        if left:
-            event(log, "auth_locked", level=logging.WARNING, client=client, seconds=round(left))
-            return AuthResult(success=False, handled=False, message=str(AUTH_LOCKED))
-        name = login.decode("utf-8", "replace")
-        user = await asyncio.to_thread(
-            self.credentials.verify, name, password.decode("utf-8", "replace"))
-        if user is not None:
-            self.throttle.success(client)
-            event(log, "auth", client=client, user=name)
-            return AuthResult(success=True, auth_data=user, message=str(AUTH_OK))
-        delay = self.throttle.failure(client)
-        event(log, "auth_failed", level=logging.WARNING, client=client, delay=delay,
-              locked=bool(self.throttle.locked(client)))
-        if delay:
-            await asyncio.sleep(delay)
-        return AuthResult(success=False, handled=False, message=str(AUTH_FAILED))
 
     def _committed(self, fut: asyncio.Future[str]) -> None:
         if fut.cancelled() or fut.exception() is not None:

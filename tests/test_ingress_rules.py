@@ -220,3 +220,16 @@ def test_undeclared_oversize_is_drained_not_held_in_memory(start_relay, sandbox)
         assert c.cmd(b"RSET").startswith(b"250")
     assert after - before < 24 * 1024, (before, after)
     assert relay.queued("active") == [] and relay.queued("incoming") == []
+
+
+def test_non_utf8_helo_is_sanitised_in_received(ingress):
+    server = ingress()
+    with Raw(server.port) as c:
+        c.reply()
+        assert c.cmd(b"EHLO c\xff\xfe.example").startswith(b"250")
+        c.cmd(b"MAIL FROM:<app@example.com>")
+        c.cmd(b"RCPT TO:<a@example.net>")
+        c.cmd(b"DATA")
+        c.send(MSG + b".\r\n")
+        assert c.reply().startswith(b"250 2.0.0")
+    assert server.messages()[0].startswith(b"Received: from c??.example ([127.0.0.1])\r\n")
