@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import shutil
 import smtplib
 import ssl
 import subprocess
@@ -239,3 +240,45 @@ def test_credentials_file_format():
         auth.parse("u:plaintext\n")
     with pytest.raises(ValueError):
         auth.set_password("/nonexistent/x", "bad:name", "pw")
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+def test_swaks_starttls_and_auth(ingress, tls):
+    server = ingress()
+    base = ["swaks", "--server", f"127.0.0.1:{server.port}", "--from", "bob@example.com",
+            "--to", "to@example.net", "--header", "Subject: swaks", "--body", "hello"]
+    auth_args = ["--auth", "PLAIN", "--auth-user", "bob", "--auth-password", "battery staple"]
+    out = subprocess.run(base + ["--tls"] + auth_args, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "235 2.7.0" in out.stdout and "250 2.0.0" in out.stdout
+    # without TLS the server does not offer AUTH, so swaks gives up before MAIL
+    out = subprocess.run(base + auth_args, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "MAIL FROM" not in out.stdout
+    # and without AUTH the client, outside smtp.allowed_networks, is refused
+    out = subprocess.run(base + ["--tls"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "530 5.7.0" in out.stdout
+    assert len(server.messages()) == 1
+
+
+def test_relay_serve_wires_tls_auth_and_the_implicit_listener(start_relay, sandbox, tls):
+    relay = start_relay(sandbox.url, smtp={
+        "tls_cert": tls["cert"], "tls_key": tls["key"], "auth_file": str(tls["users"]),
+        "implicit_tls": True, "tls_port": 0, "allowed_networks": ["192.0.2.0/24"]})
+    smtps = relay.find("listening")["smtps"]
+    assert smtps
+    with smtplib.SMTP_SSL("127.0.0.1", int(smtps.rsplit(":", 1)[1]), timeout=30,
+                          context=client_context(tls["ca"])) as s:
+        assert s.login("bob", "battery staple")[0] == 235
+        s.mail("bob@example.com")
+        s.rcpt("to@example.net")
+        assert s.data(MSG)[0] == 250
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
+        s.ehlo("client.example")
+        assert s.has_extn("starttls") and not s.has_extn("auth")
+        assert s.mail("bob@example.com")[0] == 530
+    from tests.conftest import wait_for
+
+    call = wait_for(lambda: sandbox.state.accepted(), 20)[0]
+    assert b"with ESMTPSA;" in call.raw.split(b"\r\n\r\n")[0]
+    assert relay.stop() == 0
