@@ -72,7 +72,7 @@ def parse(text: str, *, source: str = "smtp.auth_file") -> dict[str, User]:
         parts = line.split(":")
         if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("scrypt$"):
             raise ConfigError(source, f"line {lineno}: expected USER:scrypt$...[:SENDERS]")
-        senders = tuple(s.strip() for s in parts[2].split(",") if s.strip()) if len(parts) == 3 else ()
+        senders = tuple(s.strip() for s in parts[2].split(",") if s.strip()) if parts[2:] else ()
         users[parts[0]] = User(parts[0], parts[1], senders)
     return users
 

@@ -25,8 +25,8 @@ from relay import addresses, headers
 from relay.auth import Credentials, User
 from relay.config import SmtpConfig
 from relay.errors import SpoolError, SpoolFullError
-from relay.log import event
 from relay.limits import AuthThrottle, ConnectionLimiter
+from relay.log import event
 from relay.smtp_auth import AuthHooks
 from relay.spool import Envelope, Spool
 from relay.tls import server_context

@@ -60,7 +60,9 @@ class IngressThread:
 
     def envelopes(self) -> list[str]:
         d = self.spool.root / "active"
-        return [(p / "envelope.json").read_text() for p in sorted(d.iterdir())] if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        return [(p / "envelope.json").read_text() for p in sorted(d.iterdir())]
 
 
 def make_ingress(tmp_path: Path, **overrides: Any) -> Callable[..., IngressThread]:
@@ -81,7 +83,8 @@ def make_ingress(tmp_path: Path, **overrides: Any) -> Callable[..., IngressThrea
 class Raw:
     """A raw SMTP conversation: bytes out exactly as given, reply lines in."""
 
-    def __init__(self, port: int, *, timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, port: int, *, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
@@ -129,7 +132,8 @@ def make_ca(tmp_path: Path) -> tuple[Path, Path, Path]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("relay test CA")).issuer_name(name("relay test CA"))
+    ca = (x509.CertificateBuilder().subject_name(name("relay test CA"))
+          .issuer_name(name("relay test CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - datetime.timedelta(days=1))
           .not_valid_after(now + datetime.timedelta(days=1))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import resource
 import shutil
 import smtplib
@@ -17,7 +16,7 @@ import boto3
 import pytest
 
 from relay.sandbox import SandboxState, SandboxThread
-from tests.conftest import wait_for
+from tests.conftest import relayed, wait_for
 
 SENDER = "app@example.com"
 
@@ -28,17 +27,6 @@ def message(subject: str = "hello", body: str = "body line\r\n", **headers: str)
              "Message-ID: <m1@example.com>"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
-
-
-RECEIVED = re.compile(
-    rb"Received: from [^\r\n]+\r\n\tby [^\r\n]+ \(relay\) with ESMTPS?A?;\r\n\t[^\r\n]+\r\n")
-
-
-def relayed(raw: bytes) -> bytes:
-    """The bytes after the relay's own Received line, which must come first."""
-    m = RECEIVED.match(raw)
-    assert m, raw[:300]
-    return raw[m.end():]
 
 
 def send(port: int, rcpts: list[str], data: bytes, sender: str = SENDER) -> tuple[int, bytes]:
