@@ -115,6 +115,7 @@ class DeliveryConfig:
     pause_probe_interval: float = _duration(default=30.0)
     shutdown_timeout: float = _duration(default=30.0)
     ready_queue: int = 1000
+    dsn_from: str = ""
 
     def check(self) -> None:
         if self.max_rate < 0:
@@ -129,6 +130,8 @@ class DeliveryConfig:
             raise ConfigError("delivery.max_lifetime", "must be above 0")
         if self.ready_queue < 1:
             raise ConfigError("delivery.ready_queue", "must be at least 1")
+        if self.dsn_from and not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", self.dsn_from):
+            raise ConfigError("delivery.dsn_from", f"not an email address: {self.dsn_from!r}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol, Sequence
@@ -124,6 +125,10 @@ class DeliveryPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._account_changed = asyncio.Event()
         self.sent_recipients = 0
+        #: SES call latency, smoothed; sizes concurrency by Little's law
+        self.latency = 0.05
+        self._busy = 0
+        self._slot_freed = asyncio.Condition()
 
     # -- control --------------------------------------------------------------------
 
@@ -259,9 +264,28 @@ class DeliveryPool:
                 self._claimed.add(qid)
                 self._ready.put_nowait(qid)
 
+    @property
+    def target_concurrency(self) -> int:
+        """Little's law: calls in flight = rate x latency, with headroom, capped by config."""
+        rate = self.limiter.rate(time.monotonic())
+        need = math.ceil(rate * self.latency * 1.5) + 2
+        return max(1, min(self.max_concurrency, need))
+
     async def _worker(self) -> None:
         while True:
             await self._unpaused.wait()
+            async with self._slot_freed:
+                await self._slot_freed.wait_for(lambda: self._busy < self.target_concurrency)
+                self._busy += 1
+            try:
+                await self._take_one()
+            finally:
+                async with self._slot_freed:
+                    self._busy -= 1
+                    self._slot_freed.notify_all()
+
+    async def _take_one(self) -> None:
+        while True:
             qid = await self._ready.get()
             if self.paused or self._stopping:
                 self._claimed.discard(qid)
@@ -273,6 +297,7 @@ class DeliveryPool:
             finally:
                 self._inflight.discard(task)
                 self._claimed.discard(qid)
+            return
 
     async def _process_guarded(self, qid: str) -> None:
         try:
@@ -324,13 +349,19 @@ class DeliveryPool:
             await self._unpaused.wait()
             cap = min(MAX_DESTINATIONS, self.limiter.capacity(time.monotonic()))
             chunk = pending[:cap]
-            if self.quota.take(len(chunk)) < len(chunk):
-                self.quota.give_back(len(chunk))
+            granted = self.quota.take(len(chunk))
+            if granted == 0:
                 # the 24-hour quota frees on a rolling basis: look again later
                 await self._postpone(record, "24-hour sending quota used up", False,
                                      self.account_refresh)
                 return
+            chunk = chunk[:granted]
             await self.limiter.acquire(len(chunk))
+            if self.paused or self._stopping:
+                # paused (or stopping) while waiting for the rate: keep it queued, untouched
+                self.quota.give_back(len(chunk))
+                return
+            started = time.monotonic()
             try:
                 message_id = await self.sender.send_raw(
                     sender=record.envelope.sender, recipients=chunk, raw=raw
@@ -371,6 +402,7 @@ class DeliveryPool:
                       recipients=chunk)
                 await self._tell("rejected", record, chunk, error=str(exc))
             else:
+                self.latency = 0.8 * self.latency + 0.2 * (time.monotonic() - started)
                 at = self.clock()
                 for rcpt in chunk:
                     record.results[rcpt] = {"status": SENT, "at": at, "ses_message_id": message_id}

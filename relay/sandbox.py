@@ -59,8 +59,13 @@ class SandboxState:
     sending_enabled: bool = True
     latency: float = 0.0
     keep_raw: bool = True
-    #: faults answered to the next SendEmail calls, in order ("timeout" sleeps 60 s)
+    #: faults answered to the next SendEmail calls, in order ("ok" passes one call
+    #: through, "timeout" sleeps 60 s)
     faults: deque[str] = field(default_factory=deque)
+    #: SendEmail calls being handled right now
+    inflight: int = 0
+    #: GetAccount calls answered
+    account_reads: int = 0
     calls: list[Call] = field(default_factory=list)
     throttles: int = 0
     quota_exceeded: int = 0
@@ -88,7 +93,7 @@ class SandboxState:
 
     def script(self, *faults: str) -> None:
         for f in faults:
-            if f not in FAULTS and f != "timeout":
+            if f not in FAULTS and f not in ("ok", "timeout"):
                 raise ValueError(f"unknown fault {f!r}")
         with self.lock:
             self.faults.extend(faults)
@@ -146,6 +151,17 @@ class Sandbox:
 
     async def send_email(self, request: web.Request) -> web.Response:
         st = self.state
+        arrived = time.time()  # SES counts a call against the rate when it arrives
+        with st.lock:
+            st.inflight += 1
+        try:
+            return await self._send_email(request, arrived)
+        finally:
+            with st.lock:
+                st.inflight -= 1
+
+    async def _send_email(self, request: web.Request, arrived: float) -> web.Response:
+        st = self.state
         if st.latency:
             await asyncio.sleep(st.latency)
         try:
@@ -160,7 +176,7 @@ class Sandbox:
             *dest.get("BccAddresses", []),
         ]
         call = Call(
-            at=time.time(),
+            at=arrived,
             sender=body.get("FromEmailAddress", ""),
             recipients=rcpts,
             configuration_set=body.get("ConfigurationSetName", ""),
@@ -201,6 +217,8 @@ class Sandbox:
 
     async def get_account(self, request: web.Request) -> web.Response:
         st = self.state
+        with st.lock:
+            st.account_reads += 1
         doc: dict[str, Any] = {
             "DedicatedIpAutoWarmupEnabled": False,
             "EnforcementStatus": "HEALTHY",

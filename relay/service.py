@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import time
 
+from relay import dsn
 from relay.admin import Admin, spool_writable
 from relay.config import SANDBOX, Config
 from relay.delivery import DeliveryPool
@@ -21,7 +24,7 @@ from relay.retry import RetryPolicy
 from relay.sandbox import Sandbox, SandboxState
 from relay.ses import SesClient
 from relay.smtp import Ingress, IngressHandler
-from relay.spool import Spool
+from relay.spool import Envelope, Record, Spool, State
 
 log = logging.getLogger("relay.service")
 
@@ -54,6 +57,22 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         event(log, "sandbox", url=endpoint, outbox=str(config.sandbox_dir))
 
     dcfg = config.delivery
+    reporting_mta = config.smtp.hostname or socket.getfqdn()
+    pool_ref: list[DeliveryPool] = []
+
+    async def on_failed(record: Record, reason: str) -> None:
+        """A permanent failure: tell the envelope sender (RFC 3464) when configured."""
+        if not dsn.should_notify(record, dcfg.dsn_from):
+            return
+        original = await asyncio.to_thread(spool.read_message, State.FAILED, record.id)
+        body = dsn.build(record, original, dsn_from=dcfg.dsn_from, reporting_mta=reporting_mta)
+        env = Envelope(sender="", recipients=(record.envelope.sender,), received_at=time.time(),
+                       client="relay-dsn")
+        qid = await asyncio.to_thread(spool.accept, env, body)
+        event(log, "dsn_queued", queue_id=qid, original_queue_id=record.id,
+              recipient=record.envelope.sender)
+        pool_ref[0].notify(qid)
+
     async with SesClient(config.ses, endpoint_url=endpoint, static_credentials=credentials,
                          max_connections=dcfg.max_concurrency) as ses:
         pool = DeliveryPool(
@@ -63,8 +82,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             max_rate=dcfg.max_rate, max_concurrency=dcfg.max_concurrency,
             ready_queue=dcfg.ready_queue, scan_interval=dcfg.scan_interval,
             throttle_retry=dcfg.throttle_retry, account_refresh=dcfg.account_refresh,
-            pause_probe_interval=dcfg.pause_probe_interval,
+            pause_probe_interval=dcfg.pause_probe_interval, on_failed=on_failed,
         )
+        pool_ref.append(pool)
         await pool.start()
         handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify,
                                  **_ingress_security(config))

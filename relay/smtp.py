@@ -163,7 +163,8 @@ class IngressHandler(AuthHooks):
             data = envelope.content if isinstance(envelope.content, bytes) else b""
         prepare = self.preparer(server, session)
         env = Envelope(
-            sender=envelope.mail_from or "",
+            # the null reverse-path (bounces, DSNs) arrives as "<>" from aiosmtpd's parser
+            sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
             received_at=time.time(),
             client=session.peer[0] if session.peer else "",

@@ -76,3 +76,15 @@ def test_quota_takes_and_gives_back():
     assert q.take(5) == 5 and q.take(1) == 0
     q.update(-1, 0)
     assert q.remaining == math.inf
+
+
+def test_late_departure_pushes_the_next_call():
+    lim = RateLimiter(2, guard=0.0)
+    # two calls booked at 0 and 0.5, but the first one actually leaves late, at 0.6
+    assert lim.reserve(1, 0.0) == 0.0 and lim.reserve(1, 0.0) == 0.5
+    assert lim.depart(1, 0.6) == 0.0
+    assert lim.depart(1, 0.61) == 0.0
+    t2 = lim.reserve(1, 0.61)
+    # a third call may not leave until the late first one is a full window old
+    assert lim.depart(1, max(t2, 1.0)) == pytest.approx(0.6, abs=1e-9)
+    assert lim.depart(1, 1.6) == 0.0
