@@ -126,7 +126,9 @@ class IngressHandler(AuthHooks):
         if envelope.smtp_utf8:
             return str(NO_SMTPUTF8)
         try:
-            address = addresses.sender(address, allowed_domains=self.config.allowed_sender_domains)
+            if address != "<>":  # the null reverse-path (bounces, DSNs) has no domain
+                address = addresses.sender(
+                    address, allowed_domains=self.config.allowed_sender_domains)
         except addresses.AddressError as exc:
             return str(self._address_reply(exc, sender=True))
         user = session.auth_data if session.authenticated else None

@@ -233,3 +233,16 @@ def test_non_utf8_helo_is_sanitised_in_received(ingress):
         c.send(MSG + b".\r\n")
         assert c.reply().startswith(b"250 2.0.0")
     assert server.messages()[0].startswith(b"Received: from c??.example ([127.0.0.1])\r\n")
+
+
+def test_null_sender_accepted_even_with_allowed_sender_domains(ingress):
+    server = ingress(allowed_sender_domains=("example.com",))
+    with Raw(server.port) as c:
+        c.reply()
+        c.cmd(b"EHLO c.example")
+        assert c.cmd(b"MAIL FROM:<>").startswith(b"250")
+        assert c.cmd(b"RCPT TO:<a@example.net>").startswith(b"250")
+        c.cmd(b"DATA")
+        c.send(MSG + b".\r\n")
+        assert c.reply().startswith(b"250 2.0.0")
+    assert json.loads(server.envelopes()[0])["sender"] == ""
