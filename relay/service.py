@@ -13,9 +13,11 @@ import logging
 import signal
 import socket
 import time
+from typing import Callable
 
 from relay import dsn
 from relay.admin import Admin, spool_writable
+from relay.auth import Credentials
 from relay.config import SANDBOX, Config
 from relay.delivery import DeliveryPool
 from relay.log import event
@@ -86,8 +88,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         )
         pool_ref.append(pool)
         await pool.start()
+        auth_users, dkim_signer = _ingress_security(config)
         handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify,
-                                 **_ingress_security(config))
+                                 credentials=auth_users, signer=dkim_signer)
         ingress = Ingress(handler, config.smtp)
         smtp_host, smtp_port = await ingress.start()
 
@@ -120,14 +123,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     event(log, "stopped")
 
 
-def _ingress_security(config: Config) -> dict[str, object]:
+def _ingress_security(
+    config: Config,
+) -> tuple[Credentials | None, Callable[[bytes], bytes] | None]:
     """AUTH credentials and the DKIM signer for the ingress, when configured."""
-    from relay.auth import Credentials
     from relay.dkim import DkimSigner
 
-    out: dict[str, object] = {}
-    if config.smtp.auth_file:
-        out["credentials"] = Credentials(config.smtp.auth_file)
-    if config.dkim.enabled:
-        out["signer"] = DkimSigner(config.dkim).sign
-    return out
+    credentials = Credentials(config.smtp.auth_file) if config.smtp.auth_file else None
+    signer = DkimSigner(config.dkim).sign if config.dkim.enabled else None
+    return credentials, signer

@@ -337,7 +337,7 @@ class Ingress:
                 await super().smtp_DATA(arg)
 
             def _timeout_cb(self) -> None:
-                if self.transport is not None:
+                if isinstance(self.transport, asyncio.WriteTransport):
                     self.transport.write(f"{TIMEOUT}\r\n".encode())
                 super()._timeout_cb()
 
