@@ -221,7 +221,9 @@ class IngressHandler(AuthHooks):
         Runs in the worker thread with the spool write, inside the shielded commit.
         """
         tls = server.transport is not None and server.transport.get_extra_info("ssl_object")
-        protocol = "ESMTP" + ("S" if tls else "") + ("A" if session.authenticated else "")
+        # RFC 3848 protocol names: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
+        protocol = ("ESMTP" if session.extended_smtp else "SMTP") + ("S" if tls else "") + (
+            "A" if session.authenticated else "")
         now = time.time()
         received = headers.received_line(
             helo=session.host_name or "", client=session.peer[0] if session.peer else "",

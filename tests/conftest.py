@@ -187,7 +187,7 @@ def moto_server() -> Iterator[str]:
 
 
 RECEIVED = re.compile(
-    rb"Received: from [^\r\n]+\r\n\tby [^\r\n]+ \(relay\) with ESMTPS?A?;\r\n\t[^\r\n]+\r\n")
+    rb"Received: from [^\r\n]+\r\n\tby [^\r\n]+ \(relay\) with E?SMTPS?A?;\r\n\t[^\r\n]+\r\n")
 
 
 def relayed(raw: bytes) -> bytes:

@@ -246,3 +246,14 @@ def test_null_sender_accepted_even_with_allowed_sender_domains(ingress):
         c.send(MSG + b".\r\n")
         assert c.reply().startswith(b"250 2.0.0")
     assert json.loads(server.envelopes()[0])["sender"] == ""
+
+
+def test_helo_client_without_esmtp_can_send(ingress):
+    server = ingress()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+        assert s.helo("old.example")[0] == 250
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt("a@example.net")[0] == 250
+        assert s.data(MSG)[0] == 250
+    assert server.messages()[0].startswith(b"Received: from old.example ([127.0.0.1])")
+    assert b"with SMTP;" in server.messages()[0]
