@@ -102,3 +102,26 @@ def test_pipelined_second_transaction_after_real_end_of_data_is_a_real_message(i
         replies = _until_eof(c)
     assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354", b"250", b"221"]
     assert len(server.envelopes()) == 2
+
+
+def test_smuggling_attempts_reach_ses_as_one_call_each(start_relay, sandbox):
+    """End to end through `relay serve`: one SendEmail per message, first envelope only."""
+    from tests.conftest import wait_for
+
+    relay = start_relay(sandbox.url)
+    for seq in SEQUENCES:
+        with Raw(relay.smtp_port) as c:
+            c.reply()
+            c.cmd(b"EHLO client.example")
+            c.cmd(b"MAIL FROM:<app@example.com>")
+            c.cmd(b"RCPT TO:<a@example.net>")
+            assert c.cmd(b"DATA").startswith(b"354")
+            c.send(b"Subject: e2e\r\n\r\nfirst" + seq + SMUGGLED + b"\r\n.\r\nQUIT\r\n")
+            assert [r[:3] for r in _until_eof(c)] == [b"250", b"221"]
+    wait_for(lambda: len(sandbox.state.accepted()) >= len(SEQUENCES), 30)
+    wait_for(lambda: not relay.queued("active") and not relay.queued("deferred"), 20)
+    calls = sandbox.state.accepted()
+    assert len(calls) == len(SEQUENCES)
+    assert all(c.recipients == ["a@example.net"] and c.sender == "app@example.com"
+               for c in calls)
+    assert all(b"smuggled body" in c.raw for c in calls)
