@@ -116,6 +116,7 @@ class DeliveryConfig:
     shutdown_timeout: float = _duration(default=30.0)
     ready_queue: int = 1000
     dsn_from: str = ""
+    rate_guard: float = _duration(default=0.015)
 
     def check(self) -> None:
         if self.max_rate < 0:
@@ -128,6 +129,8 @@ class DeliveryConfig:
             )
         if self.max_lifetime <= 0:
             raise ConfigError("delivery.max_lifetime", "must be above 0")
+        if not 0 <= self.rate_guard <= 0.5:
+            raise ConfigError("delivery.rate_guard", "must be between 0 and 500ms")
         if self.ready_queue < 1:
             raise ConfigError("delivery.ready_queue", "must be at least 1")
         if self.dsn_from and not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", self.dsn_from):

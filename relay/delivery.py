@@ -125,7 +125,8 @@ class DeliveryPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._account_changed = asyncio.Event()
         self.sent_recipients = 0
-        #: SES call latency, smoothed; sizes concurrency by Little's law
+        #: time a worker holds one call's work (SES latency plus spool writes), smoothed;
+        #: sizes concurrency by Little's law
         self.latency = 0.05
         self._busy = 0
         self._slot_freed = asyncio.Condition()
@@ -205,6 +206,12 @@ class DeliveryPool:
                 self.limiter.set_rate(fallback)
                 event(log, "account_unknown", level=logging.WARNING, error=str(exc), rate=fallback)
             return
+        if account != self.account:
+            event(log, "account", max_send_rate=account.max_send_rate,
+                  max_24hour_send=account.max_24hour_send,
+                  sent_last_24hours=account.sent_last_24hours,
+                  sending_enabled=account.sending_enabled,
+                  enforcement_status=account.enforcement_status)
         self.account = account
         rate = account.max_send_rate
         if self.max_rate:
@@ -402,12 +409,12 @@ class DeliveryPool:
                       recipients=chunk)
                 await self._tell("rejected", record, chunk, error=str(exc))
             else:
-                self.latency = 0.8 * self.latency + 0.2 * (time.monotonic() - started)
                 at = self.clock()
                 for rcpt in chunk:
                     record.results[rcpt] = {"status": SENT, "at": at, "ses_message_id": message_id}
                 # durable before anything else: a retry or restart skips these recipients
                 await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                self.latency = 0.9 * self.latency + 0.1 * (time.monotonic() - started)
                 self.sent_recipients += len(chunk)
                 event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
                 await self._tell("sent", record, chunk, ses_message_id=message_id)

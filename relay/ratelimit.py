@@ -1,8 +1,9 @@
 """Send-rate limiting: SES counts every recipient against the per-second rate and quota.
 
 RateLimiter grants recipients at an even pace and, on top, never lets the grants in any
-window of `window` seconds (1 s plus a guard for network jitter) exceed the rate, so SES
-never sees a second above it. A throttle answer halves the rate; it recovers slowly.
+window of `window` seconds (1 s plus a guard for jitter between leaving the relay and
+arriving at SES) exceed the rate, so SES never sees a second above it. A throttle answer
+cuts the rate by a quarter and widens the guard a little; the rate recovers slowly.
 Quota tracks the remaining 24-hour allowance read from GetAccount. Pure: time is passed
 in; only acquire() sleeps. Used by the delivery pool.
 """
@@ -22,13 +23,14 @@ class RateLimiter:
         rate: float,
         *,
         window: float = 1.0,
-        guard: float = 0.01,
+        guard: float = 0.015,
         recovery_per_second: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be above 0")
         self.configured = rate
+        self.base_window = window
         self.window = window + guard
         self.recovery_per_second = recovery_per_second
         self.clock = clock
@@ -61,9 +63,12 @@ class RateLimiter:
         return max(1, math.floor(self.rate(now) + 1e-9))
 
     def throttled(self, now: float) -> None:
-        """SES said too fast: halve the rate (down to a tenth) and pause the pace."""
+        """SES said too fast: lower the rate by a quarter (down to a tenth), pause the pace,
+        and widen the jitter guard (up to 5%): a 429 at a known rate means calls arrived
+        closer together than they left."""
         self.rate(now)
-        self._factor = max(0.1, self._factor * 0.5)
+        self._factor = max(0.1, self._factor * 0.75)
+        self.window = min(self.base_window * 1.05, self.window + 0.005)
         self._factor_at = now
         self._next = max(self._next, now + 1.0 / self.rate(now))
 

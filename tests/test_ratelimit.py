@@ -57,14 +57,20 @@ def test_capacity_is_the_integer_rate_and_oversize_is_refused():
         lim.reserve(15, 0.0)
 
 
-def test_throttle_halves_and_recovers_slowly():
+def test_throttle_cuts_the_rate_widens_the_guard_and_recovers_slowly():
     lim = RateLimiter(40, recovery_per_second=0.05)
+    window = lim.window
     lim.throttled(100.0)
-    assert lim.rate(100.0) == pytest.approx(20)
+    assert lim.rate(100.0) == pytest.approx(30)
+    assert lim.window > window
     lim.throttled(100.0)
-    assert lim.rate(100.0) == pytest.approx(10)
-    assert 10 < lim.rate(105.0) < 40
+    assert lim.rate(100.0) == pytest.approx(22.5)
+    assert 22.5 < lim.rate(105.0) < 40
     assert lim.rate(200.0) == pytest.approx(40)
+    for _ in range(50):
+        lim.throttled(200.0)
+    assert lim.rate(200.0) == pytest.approx(4)  # never below a tenth
+    assert lim.window <= 1.05 + 1e-9
 
 
 def test_quota_takes_and_gives_back():
