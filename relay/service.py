@@ -15,9 +15,11 @@ import signal
 import socket
 import sys
 import time
+from typing import Callable
 
 from relay import dsn
 from relay.admin import Admin, spool_writable
+from relay.auth import Credentials
 from relay.config import SANDBOX, Config
 from relay.delivery import DeliveryPool
 from relay.log import event
@@ -94,7 +96,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         )
         pool_ref.append(pool)
         await pool.start()
-        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify)
+        auth_users, dkim_signer = _ingress_security(config)
+        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify,
+                                 credentials=auth_users, signer=dkim_signer)
         ingress = Ingress(handler, config.smtp)
         smtp_host, smtp_port = await ingress.start()
 
@@ -113,8 +117,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         if config.admin.enabled:
             host, port = await admin.start(config.admin.host, config.admin.port)
             admin_addr = f"{host}:{port}"
+        smtps = ":".join(map(str, ingress.tls_address)) if ingress.tls_address else ""
         event(log, "listening", smtp=f"{smtp_host}:{smtp_port}", admin=admin_addr,
-              rate=pool.limiter.configured, config=config.source)
+              rate=pool.limiter.configured, config=config.source, smtps=smtps)
 
         await stop.wait()
         event(log, "stopping")
@@ -124,3 +129,14 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     if sandbox is not None:
         await sandbox.stop()
     event(log, "stopped")
+
+
+def _ingress_security(
+    config: Config,
+) -> tuple[Credentials | None, Callable[[bytes], bytes] | None]:
+    """AUTH credentials and the DKIM signer for the ingress, when configured."""
+    from relay.dkim import DkimSigner
+
+    credentials = Credentials(config.smtp.auth_file) if config.smtp.auth_file else None
+    signer = DkimSigner(config.dkim).sign if config.dkim.enabled else None
+    return credentials, signer
