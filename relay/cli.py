@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=14.0, help="MaxSendRate to enforce")
     p.add_argument("--latency", type=float, default=0.0, help="seconds to wait per call")
     p.set_defaults(func=cmd_sandbox)
+
+    from relay import feedback_cli
+
+    feedback_cli.add_parsers(sub, common)
     return parser
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.simulator import SqsQueue, notifications, sns_envelope
+
 #: Faults a test can script, with the HTTP status and SES error code each answers.
 FAULTS: dict[str, tuple[int, str, str]] = {
     "throttle": (429, "TooManyRequestsException", "Maximum sending rate exceeded."),
@@ -64,6 +66,8 @@ class SandboxState:
     calls: list[Call] = field(default_factory=list)
     throttles: int = 0
     quota_exceeded: int = 0
+    #: SNS-wrapped SES notifications for mailbox-simulator recipients, served as SQS
+    feedback: SqsQueue = field(default_factory=SqsQueue)
     _window: deque[tuple[float, int]] = field(default_factory=deque)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -127,6 +131,7 @@ class Sandbox:
         self.app = web.Application(client_max_size=48 * 1024 * 1024)
         self.app.router.add_post("/v2/email/outbound-emails", self.send_email)
         self.app.router.add_get("/v2/email/account", self.get_account)
+        self.app.router.add_post("/", self.state.feedback.handle)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -190,6 +195,9 @@ class Sandbox:
             await asyncio.to_thread(self._write, call.message_id, data)
         with st.lock:
             st.calls.append(call)
+        for doc in notifications(message_id=call.message_id, sender=call.sender,
+                                 recipients=rcpts, raw=data):
+            st.feedback.send(sns_envelope(doc))
         return web.json_response({"MessageId": call.message_id})
 
     def _write(self, message_id: str, data: bytes) -> None:

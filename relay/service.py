@@ -11,17 +11,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Callable
+
+from aiohttp import web
 
 from relay.admin import Admin, spool_writable
 from relay.config import SANDBOX, Config
+from relay.db import Database
 from relay.delivery import DeliveryPool
+from relay.feedback import Applied, FeedbackStore
+from relay.guard import ReputationGuard
+from relay.ingester import SqsIngester
 from relay.log import event
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
 from relay.sandbox import Sandbox, SandboxState
 from relay.ses import SesClient
 from relay.smtp import Ingress, IngressHandler
+from relay.sns import SnsEndpoint
 from relay.spool import Spool
+from relay.suppression import SuppressionList
+from relay.tracking import MessageLog
 
 log = logging.getLogger("relay.service")
 
@@ -53,6 +63,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         credentials = ("sandbox", "sandbox")
         event(log, "sandbox", url=endpoint, outbox=str(config.sandbox_dir))
 
+    # suppression list, message log, feedback ingester, reputation guard (relay.db)
+    feedback = await Feedback.open(config, spool)
+
     dcfg = config.delivery
     async with SesClient(config.ses, endpoint_url=endpoint, static_credentials=credentials,
                          max_connections=dcfg.max_concurrency) as ses:
@@ -64,9 +77,14 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             ready_queue=dcfg.ready_queue, scan_interval=dcfg.scan_interval,
             throttle_retry=dcfg.throttle_retry, account_refresh=dcfg.account_refresh,
             pause_probe_interval=dcfg.pause_probe_interval,
+            suppressions=feedback.suppressions, listeners=[feedback.log],
         )
         await pool.start()
-        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify)
+        handler = IngressHandler(spool=spool, config=config.smtp,
+                                 on_queued=feedback.on_queued(pool.notify))
+        if config.smtp.reject_suppressed:
+            handler.rcpt_check = feedback.suppressions.is_suppressed
+        await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials)
         ingress = Ingress(handler, config.smtp)
         smtp_host, smtp_port = await ingress.start()
 
@@ -81,6 +99,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             return problems
 
         admin = Admin(checks=checks)
+        feedback.add_routes(admin.app)
         admin_addr = ""
         if config.admin.enabled:
             host, port = await admin.start(config.admin.host, config.admin.port)
@@ -93,6 +112,106 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         await ingress.close(grace=2.0)
         await pool.stop(dcfg.shutdown_timeout)
         await admin.stop()
+        await feedback.stop()
     if sandbox is not None:
         await sandbox.stop()
     event(log, "stopped")
+
+
+# -- suppression list, message log, feedback ingester, reputation guard ---------------
+
+
+class Feedback:
+    """The database-backed parts, wired around one delivery pool."""
+
+    def __init__(self, config: Config, spool: Spool, db: Database) -> None:
+        self.config = config
+        self.db = db
+        self.suppressions = SuppressionList(db)
+        self.log = MessageLog(db, spool=spool)
+        self.store = FeedbackStore(db, soft_bounce_limit=config.feedback.soft_bounce_limit)
+        self.ingester: SqsIngester | None = None
+        self.guard: ReputationGuard | None = None
+        self.sns: SnsEndpoint | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(cls, config: Config, spool: Spool) -> Feedback:
+        db = await Database.open(config.database.url, config.spool.dir)
+        return cls(config, spool, db)
+
+    def on_queued(self, notify: Callable[[str], None]) -> Callable[[str], None]:
+        """Ingress callback: write the queued rows, then hand the message to delivery."""
+
+        async def queued(qid: str) -> None:
+            try:
+                await self.log.queued(qid)
+            except Exception as exc:  # noqa: BLE001 - the log must never hold up mail
+                event(log, "log_error", level=logging.WARNING, queue_id=qid, error=str(exc))
+            notify(qid)
+
+        def callback(qid: str) -> None:
+            task = asyncio.get_running_loop().create_task(queued(qid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return callback
+
+    async def start(self, pool: DeliveryPool, *, ses_endpoint: str | None,
+                    credentials: tuple[str, str] | None) -> None:
+        fcfg = self.config.feedback
+        self.guard = ReputationGuard(
+            db=self.db, pause=pool.pause, resume=pool.resume,
+            paused_reason=lambda: pool.paused_reason,
+            max_bounce_rate=fcfg.max_bounce_rate, max_complaint_rate=fcfg.max_complaint_rate,
+            min_sample=fcfg.min_sample, window=fcfg.reputation_window,
+            interval=fcfg.guard_interval,
+        )
+        await self.guard.start()
+        queue_url, sqs_endpoint, creds = fcfg.sqs_queue_url, fcfg.sqs_endpoint_url, None
+        if self.config.ses.endpoint_url == SANDBOX and ses_endpoint:
+            # the embedded sandbox serves the simulator's feedback as an SQS queue
+            if not queue_url or sqs_endpoint == SANDBOX:
+                queue_url = queue_url or f"{ses_endpoint}/queue/feedback"
+                sqs_endpoint, creds = ses_endpoint, credentials
+        if queue_url:
+            self.ingester = SqsIngester(
+                store=self.store, queue_url=queue_url, region=self.config.ses.region,
+                endpoint_url=sqs_endpoint or None, static_credentials=creds,
+                wait_time=fcfg.wait_time, max_messages=fcfg.max_messages,
+                on_applied=self._applied,
+            )
+            await self.ingester.start()
+        if fcfg.sns_endpoint:
+            self.sns = SnsEndpoint(store=self.store, topic_arns=fcfg.topic_arns,
+                                   on_applied=self._applied)
+        self._tasks.add(asyncio.create_task(self._prune()))
+
+    async def _applied(self, applied: Applied) -> None:
+        if self.guard is not None:
+            self.guard.kick()
+
+    async def _prune(self) -> None:
+        while True:
+            try:
+                removed = await self.log.prune(self.config.database.retention)
+                if removed:
+                    event(log, "log_pruned", rows=removed)
+            except Exception as exc:  # noqa: BLE001
+                event(log, "log_error", level=logging.WARNING, error=str(exc))
+            await asyncio.sleep(3600)
+
+    def add_routes(self, app: web.Application) -> None:
+        if self.sns is not None:
+            app.router.add_post("/sns", self.sns.handle)
+
+    async def stop(self) -> None:
+        for part in (self.ingester, self.guard):
+            if part is not None:
+                await part.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sns is not None:
+            await self.sns.close()
+        await self.db.close()

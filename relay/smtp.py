@@ -15,7 +15,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
 
@@ -47,10 +47,14 @@ NO_RCPTS = Reply(503, "5.5.1", "Error: need RCPT command")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 SPOOL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 OK = Reply(250, "2.1.0", "Ok")
+SUPPRESSED = Reply(550, "5.1.1", "Recipient address is on the suppression list")
 
 
 class IngressHandler:
     """aiosmtpd hooks; each returns the reply line."""
+
+    #: optional RCPT-time check (smtp.reject_suppressed): True answers 550 5.1.1
+    rcpt_check: Callable[[str], Awaitable[bool]] | None = None
 
     def __init__(
         self,
@@ -105,6 +109,8 @@ class IngressHandler:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
             return str(BAD_ADDRESS)
+        if self.rcpt_check is not None and await self.rcpt_check(address):
+            return str(SUPPRESSED)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return str(Reply(250, "2.1.5", "Ok"))
