@@ -56,14 +56,18 @@ class SqsIngester:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def run(self) -> None:
+    def client(self) -> Any:
+        """An aioboto3 SQS client (async context manager)."""
         kwargs: dict[str, Any] = {}
         if self.static_credentials:
             kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"] = self.static_credentials
         session = aioboto3.Session(region_name=self.region, **kwargs)
         config = AioConfig(read_timeout=self.wait_time + 10, connect_timeout=5,
                            retries={"total_max_attempts": 1, "mode": "standard"})
-        async with session.client("sqs", endpoint_url=self.endpoint_url, config=config) as sqs:
+        return session.client("sqs", endpoint_url=self.endpoint_url, config=config)
+
+    async def run(self) -> None:
+        async with self.client() as sqs:
             event(log, "feedback_polling", queue=self.queue_url)
             backoff = 1.0
             while True:
