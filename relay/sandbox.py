@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.simulator import SqsQueue, notifications, sns_envelope
+from relay.simulator import SqsQueue, notifications, sns_envelope, suppressed_page
 
 #: Faults a test can script, with the HTTP status and SES error code each answers.
 FAULTS: dict[str, tuple[int, str, str]] = {
@@ -68,6 +68,8 @@ class SandboxState:
     quota_exceeded: int = 0
     #: SNS-wrapped SES notifications for mailbox-simulator recipients, served as SQS
     feedback: SqsQueue = field(default_factory=SqsQueue)
+    #: SES's account-level suppression list: address -> BOUNCE or COMPLAINT
+    account_suppressed: dict[str, str] = field(default_factory=dict)
     _window: deque[tuple[float, int]] = field(default_factory=deque)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -132,6 +134,7 @@ class Sandbox:
         self.app.router.add_post("/v2/email/outbound-emails", self.send_email)
         self.app.router.add_get("/v2/email/account", self.get_account)
         self.app.router.add_post("/", self.state.feedback.handle)
+        self.app.router.add_get("/v2/email/suppression/addresses", self.list_suppressed)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -206,6 +209,13 @@ class Sandbox:
         tmp = self.state.outbox / f".{message_id}.tmp"
         tmp.write_bytes(data)
         tmp.rename(self.state.outbox / f"{message_id}.eml")
+
+    async def list_suppressed(self, request: web.Request) -> web.Response:
+        size = max(1, min(int(request.query.get("PageSize", "100") or 100), 1000))
+        with self.state.lock:
+            listed = dict(self.state.account_suppressed)
+        return web.json_response(suppressed_page(listed, page_size=size,
+                                                 token=request.query.get("NextToken", "")))
 
     async def get_account(self, request: web.Request) -> web.Response:
         st = self.state

@@ -170,3 +170,15 @@ class SqsQueue:
 def _json(doc: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(doc), status=status,
                         content_type="application/x-amz-json-1.0")
+
+
+def suppressed_page(listed: dict[str, str], *, page_size: int, token: str) -> dict[str, Any]:
+    """One page of ListSuppressedDestinations over the sandbox's account-level list."""
+    addresses = sorted(listed)
+    start = int(token) if token.isdigit() else 0
+    chunk = addresses[start:start + page_size]
+    doc: dict[str, Any] = {"SuppressedDestinationSummaries": [
+        {"EmailAddress": a, "Reason": listed[a], "LastUpdateTime": time.time()} for a in chunk]}
+    if start + page_size < len(addresses):
+        doc["NextToken"] = str(start + page_size)
+    return doc

@@ -116,13 +116,26 @@ class SuppressionList:
 
     async def import_rows(self, rows: Iterable[dict[str, str]], *, source: str = "import") -> int:
         """Add every row (address[, reason, detail]) in one transaction; returns new rows."""
-        added = 0
+        wanted: dict[str, dict[str, str]] = {}
+        for row in rows:
+            wanted.setdefault(normalize(row["address"]), row)
+        added, now, names = 0, time.time(), list(wanted)
         async with self.db.session.begin() as s:
-            for row in rows:
-                added += await suppress(
-                    s, row["address"], reason=row.get("reason") or MANUAL,
-                    source=row.get("source") or source, detail=row.get("detail") or "",
-                )
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                existing = {r.address: r for r in await s.scalars(
+                    select(Suppression).where(Suppression.address.in_(chunk)))}
+                for addr in chunk:
+                    row = wanted[addr]
+                    reason, detail = row.get("reason") or MANUAL, row.get("detail") or ""
+                    old = existing.get(addr)
+                    if old is None:
+                        s.add(Suppression(address=addr, reason=reason, detail=detail,
+                                          source=row.get("source") or source,
+                                          created_at=now, updated_at=now))
+                        added += 1
+                    elif reason == COMPLAINT and old.reason != COMPLAINT:
+                        old.reason, old.detail, old.updated_at = reason, detail, now
         return added
 
 

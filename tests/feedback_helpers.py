@@ -65,6 +65,8 @@ def cli(relay: RelayProcess | Path, *args: str, check: bool = True) -> subproces
     config = relay.config if isinstance(relay, RelayProcess) else relay
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     proc = subprocess.run([sys.executable, "-m", "relay", *args, "-c", str(config)],
                           capture_output=True, text=True, env=env, timeout=60,
                           cwd=config.parent)

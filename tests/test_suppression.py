@@ -138,3 +138,17 @@ def test_feedback_modules_import_no_transport():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbox):
+    sandbox.state.account_suppressed.update(
+        {f"old{n}@example.org": ("COMPLAINT" if n % 2 else "BOUNCE") for n in range(2500)})
+    config = write_config(tmp_path / "sync.toml", relay_sections(tmp_path, sandbox.url))
+    out = cli(config, "suppression", "sync").stdout
+    assert "2500 addresses (2500 new)" in out
+    rows = suppressed(config)
+    assert len(rows) == 2500
+    assert rows["old1@example.org"]["reason"] == "complaint"
+    assert rows["old2@example.org"]["reason"] == "bounce"
+    assert rows["old2@example.org"]["source"] == "ses-account"
+    assert "2500 addresses (0 new)" in cli(config, "suppression", "sync").stdout
