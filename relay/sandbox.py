@@ -148,6 +148,7 @@ class Sandbox:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        self.state.feedback.closing = True
         if self._runner:
             await self._runner.cleanup()
             self._runner = None

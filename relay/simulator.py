@@ -110,6 +110,8 @@ class SqsQueue:
     def __init__(self) -> None:
         self._msgs: dict[str, _Msg] = {}
         self._lock = threading.Lock()
+        #: set when the sandbox stops: long polls answer at once
+        self.closing = False
 
     def send(self, body: str) -> str:
         msg = _Msg(id=str(uuid.uuid4()), body=body)
@@ -150,7 +152,7 @@ class SqsQueue:
             deadline = time.monotonic() + wait
             while True:
                 msgs = self.take(n, time.time())
-                if msgs or time.monotonic() >= deadline:
+                if msgs or self.closing or time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(0.05)
             return _json({"Messages": [

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.db import Database, FeedbackEvent, MessageRow
 from relay.spool import Record, Spool, State
@@ -35,6 +36,16 @@ STATUS_OF = {
     "deferred": "deferred",
     "throttled": None,
     "held": None,
+}
+
+#: Feedback event kind -> the message log status it sets (relay.feedback writes both).
+EVENT_STATUS = {
+    "bounce": "bounced",
+    "soft-bounce": "bounced",
+    "complaint": "complained",
+    "delivery": "delivered",
+    "reject": "failed",
+    "rendering-failure": "failed",
 }
 
 
@@ -77,19 +88,23 @@ class MessageLog:
         if loaded is None:
             return  # already delivered and gone: its outcome rows exist
         record, header = loaded
-        now = time.time()
-        for rcpt in dict.fromkeys(normalize(r) for r in record.envelope.recipients):
+        rcpts = list(dict.fromkeys(normalize(r) for r in record.envelope.recipients))
+        for _ in range(3):
+            now = time.time()
             try:
                 async with self.db.session.begin() as s:
-                    s.add(MessageRow(queue_id=qid, recipient=rcpt, message_id_header=header,
-                                     status="queued", attempts=0, created_at=now,
-                                     updated_at=now))
-            except IntegrityError:
-                # an outcome was written first: keep it, fill in the header
-                async with self.db.session.begin() as s:
+                    # an outcome may have been written first: keep it, fill in the header
                     await s.execute(update(MessageRow).where(
-                        MessageRow.queue_id == qid, MessageRow.recipient == rcpt,
-                        MessageRow.message_id_header == "").values(message_id_header=header))
+                        MessageRow.queue_id == qid, MessageRow.message_id_header == "",
+                    ).values(message_id_header=header))
+                    have = set(await s.scalars(select(MessageRow.recipient).where(
+                        MessageRow.queue_id == qid)))
+                    s.add_all([MessageRow(queue_id=qid, recipient=r, message_id_header=header,
+                                          status="queued", attempts=0, created_at=now,
+                                          updated_at=now) for r in rcpts if r not in have])
+                return
+            except IntegrityError:
+                continue  # an outcome row landed meanwhile: look again
 
     def _read(self, qid: str) -> tuple[Record, str] | None:
         assert self.spool is not None
@@ -123,29 +138,47 @@ class MessageLog:
             values["attempts"] = MessageRow.attempts + 1
         elif kind == "deferred":
             values["attempts"] = record.attempts
-        for rcpt in dict.fromkeys(normalize(r) for r in recipients):
-            await self._upsert(record.id, rcpt, values, status or "queued", now)
-
-    async def _upsert(self, qid: str, rcpt: str, values: dict[str, object], status: str,
-                      now: float) -> None:
-        for _ in range(2):
-            async with self.db.session.begin() as s:
-                res = await s.execute(update(MessageRow).where(
-                    MessageRow.queue_id == qid, MessageRow.recipient == rcpt).values(**values))
-                if res.rowcount:  # type: ignore[attr-defined]
-                    return
+        rcpts = list(dict.fromkeys(normalize(r) for r in recipients))
+        for _ in range(3):
             try:
                 async with self.db.session.begin() as s:
-                    row = MessageRow(queue_id=qid, recipient=rcpt, status=status, attempts=0,
-                                     created_at=now, updated_at=now)
-                    for key, value in values.items():
-                        if key != "attempts":
-                            setattr(row, key, value)
-                    row.attempts = 1 if "attempts" in values else 0
-                    s.add(row)
+                    res = await s.execute(update(MessageRow).where(
+                        MessageRow.queue_id == record.id, MessageRow.recipient.in_(rcpts),
+                    ).values(**values))
+                    if res.rowcount < len(rcpts):  # type: ignore[attr-defined]
+                        have = set(await s.scalars(select(MessageRow.recipient).where(
+                            MessageRow.queue_id == record.id, MessageRow.recipient.in_(rcpts))))
+                        s.add_all([self._row(record.id, r, values, status or "queued", now)
+                                   for r in rcpts if r not in have])
+                    if ses_message_id:
+                        await self._early_feedback(s, record.id, ses_message_id, rcpts)
                 return
             except IntegrityError:
-                continue  # the queued row landed meanwhile: update it
+                continue  # the queued rows landed meanwhile: update them
+
+    @staticmethod
+    async def _early_feedback(s: AsyncSession, qid: str, ses_id: str, rcpts: list[str]) -> None:
+        """Feedback that arrived before this row knew its SES MessageId still counts."""
+        events = await s.execute(select(FeedbackEvent.recipient, FeedbackEvent.kind,
+                                        FeedbackEvent.detail).where(
+            FeedbackEvent.ses_message_id == ses_id, FeedbackEvent.recipient.in_(rcpts),
+        ).order_by(FeedbackEvent.id))
+        latest = {r: (EVENT_STATUS[k], d) for r, k, d in events if k in EVENT_STATUS}
+        for rcpt, (status, detail) in latest.items():
+            extra = {} if status == "delivered" else {"last_error": detail}
+            await s.execute(update(MessageRow).where(
+                MessageRow.queue_id == qid, MessageRow.recipient == rcpt,
+            ).values(status=status, **extra))
+
+    @staticmethod
+    def _row(qid: str, rcpt: str, values: dict[str, object], status: str,
+             now: float) -> MessageRow:
+        row = MessageRow(queue_id=qid, recipient=rcpt, status=status, created_at=now,
+                         updated_at=now, attempts=1 if "attempts" in values else 0)
+        for key, value in values.items():
+            if key != "attempts":
+                setattr(row, key, value)
+        return row
 
     async def prune(self, retention: float, *, now: float | None = None) -> int:
         """Delete message rows and events older than `retention` seconds."""

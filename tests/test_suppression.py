@@ -3,6 +3,7 @@ the guard's verdict table, retention, and the core's import boundary."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 import subprocess
 import sys
@@ -152,3 +153,24 @@ def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbo
     assert rows["old2@example.org"]["reason"] == "bounce"
     assert rows["old2@example.org"]["source"] == "ses-account"
     assert "2500 addresses (0 new)" in cli(config, "suppression", "sync").stdout
+
+
+async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
+    from relay.feedback import FeedbackStore, parse
+    from tests.feedback_helpers import notification
+
+    db = await Database.open("", tmp_path)
+    try:
+        doc = notification("ses-notification-bounce-permanent-no-dsn.json", message_id="M9",
+                           destination=["a@example.net", "b@example.net"],
+                           recipients=["a@example.net"])
+        await FeedbackStore(db).apply(parse(json.dumps(doc)))
+        rec = Record(id="Q9", envelope=Envelope("s@example.com", ("a@example.net", "b@example.net"),
+                                                0.0), size=1)
+        await MessageLog(db).outcome("sent", rec, ["a@example.net", "b@example.net"],
+                                     ses_message_id="M9")
+        log = MessageLog(db)
+        assert [r.status for r in await log.rows("a@example.net")] == ["bounced"]
+        assert [r.status for r in await log.rows("b@example.net")] == ["sent"]
+    finally:
+        await db.close()
