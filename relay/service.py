@@ -83,7 +83,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         handler = IngressHandler(spool=spool, config=config.smtp,
                                  on_queued=feedback.on_queued(pool.notify))
         if config.smtp.reject_suppressed:
-            handler.rcpt_check = feedback.suppressions.is_suppressed
+            handler.rcpt_check = feedback.rcpt_suppressed
         await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials)
         ingress = Ingress(handler, config.smtp)
         smtp_host, smtp_port = await ingress.start()
@@ -156,6 +156,14 @@ class Feedback:
             task.add_done_callback(self._tasks.discard)
 
         return callback
+
+    async def rcpt_suppressed(self, address: str) -> bool:
+        """RCPT-time check; on a database error accept (delivery checks again)."""
+        try:
+            return await self.suppressions.is_suppressed(address)
+        except Exception as exc:  # noqa: BLE001 - never a 500 at RCPT
+            event(log, "suppression_check_failed", level=logging.WARNING, error=str(exc))
+            return False
 
     async def start(self, pool: DeliveryPool, *, ses_endpoint: str | None,
                     credentials: tuple[str, str] | None) -> None:

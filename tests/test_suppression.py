@@ -174,3 +174,23 @@ async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
         assert [r.status for r in await log.rows("b@example.net")] == ["sent"]
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("env,key", [
+    ({"RELAY_FEEDBACK__TOPIC_ARNS": "arn:aws:s3:::bucket"}, "feedback.topic_arns"),
+    ({"RELAY_FEEDBACK__SNS_ENDPOINT": "true"}, "feedback.topic_arns"),
+    ({"RELAY_FEEDBACK__MAX_BOUNCE_RATE": "2"}, "feedback.max_bounce_rate"),
+    ({"RELAY_FEEDBACK__WAIT_TIME": "30s"}, "feedback.wait_time"),
+    ({"RELAY_FEEDBACK__MAX_MESSAGES": "11"}, "feedback.max_messages"),
+    ({"RELAY_FEEDBACK__SOFT_BOUNCE_LIMIT": "0"}, "feedback.soft_bounce_limit"),
+    ({"RELAY_FEEDBACK__SQS_ENDPOINT_URL": "localhost:4566"}, "feedback.sqs_endpoint_url"),
+    ({"RELAY_DATABASE__URL": "mysql://db/relay"}, "database.url"),
+    ({"RELAY_SMTP__REJECT_SUPPRESSED": "maybe"}, "smtp.reject_suppressed"),
+])
+def test_bad_feedback_config_names_the_key(env, key):
+    from relay import config as config_mod
+    from relay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(None, env=env)
+    assert key in str(err.value)
