@@ -10,7 +10,6 @@ relay/migrations, applied by open_database(). Used by the service and the CLI.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -162,5 +161,5 @@ async def open_database(url: str, spool_dir: str | Path) -> Database:
     return await Database.open(url, spool_dir)
 
 
-__all__ = ["Base", "Database", "FeedbackEvent", "MessageRow", "Suppression", "BounceCount",
-           "StateRow", "database_url", "open_database", "asyncio"]
+__all__ = ["Base", "BounceCount", "Database", "FeedbackEvent", "MessageRow", "StateRow",
+           "Suppression", "database_url", "open_database"]

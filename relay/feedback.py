@@ -122,13 +122,17 @@ class FeedbackStore:
         if n.kind in IGNORED:
             return Applied("ignored")
         now = time.time() if now is None else now
+        try:
+            effects = self._effects(n)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise Unparseable(f"malformed {n.kind}: {exc!r}") from None
         async with self.db.session.begin() as s:
             seen = await s.scalar(select(FeedbackEvent.id).where(
                 FeedbackEvent.event_key == n.key).limit(1))
             if seen is not None:
                 return Applied("duplicate")
             result = Applied("applied")
-            for rcpt, kind, status, detail, at in self._effects(n):
+            for rcpt, kind, status, detail, at in effects:
                 addr = normalize(rcpt)
                 s.add(FeedbackEvent(event_key=n.key, recipient=addr, kind=kind,
                                     ses_message_id=n.ses_message_id, detail=detail[:2000],

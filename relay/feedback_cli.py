@@ -45,6 +45,15 @@ def _err(msg: str) -> int:
 
 def cmd_suppression(args: argparse.Namespace) -> int:
     action = args.action
+    rows: list[dict[str, str]] = []
+    if action == "import":
+        try:
+            with open(args.csv, encoding="utf-8") as fh:
+                rows = parse_csv(fh.read())
+        except OSError as exc:
+            return _err(f"cannot read {args.csv}: {exc.strerror}")
+        except ValueError as exc:
+            return _err(f"{args.csv}: {exc}")
 
     async def body(db: Database, cfg: config_mod.Config) -> int:
         sl = SuppressionList(db)
@@ -69,13 +78,6 @@ def cmd_suppression(args: argparse.Namespace) -> int:
             print(f"removed: {args.address}")
             return 0
         if action == "import":
-            try:
-                with open(args.csv, encoding="utf-8") as fh:
-                    rows = parse_csv(fh.read())
-            except OSError as exc:
-                return _err(f"cannot read {args.csv}: {exc.strerror}")
-            except ValueError as exc:
-                return _err(f"{args.csv}: {exc}")
             added = await sl.import_rows(rows)
             print(f"imported {len(rows)} addresses ({added} new)")
             return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any, Awaitable, Callable
 
 import aioboto3
@@ -21,6 +22,12 @@ from relay.feedback import Applied, FeedbackStore, Unparseable, parse
 from relay.log import event
 
 log = logging.getLogger("relay.ingester")
+
+
+def queue_region(queue_url: str, default: str) -> str:
+    """The region in an AWS queue URL (https://sqs.<region>.amazonaws.com/...), else default."""
+    m = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?/", queue_url)
+    return m.group(1) if m else default
 
 
 class SqsIngester:

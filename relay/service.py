@@ -21,7 +21,7 @@ from relay.db import Database
 from relay.delivery import DeliveryPool
 from relay.feedback import Applied, FeedbackStore
 from relay.guard import ReputationGuard
-from relay.ingester import SqsIngester
+from relay.ingester import SqsIngester, queue_region
 from relay.log import event
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
@@ -184,7 +184,8 @@ class Feedback:
                 sqs_endpoint, creds = ses_endpoint, credentials
         if queue_url:
             self.ingester = SqsIngester(
-                store=self.store, queue_url=queue_url, region=self.config.ses.region,
+                store=self.store, queue_url=queue_url,
+                region=queue_region(queue_url, self.config.ses.region),
                 endpoint_url=sqs_endpoint or None, static_credentials=creds,
                 wait_time=fcfg.wait_time, max_messages=fcfg.max_messages,
                 on_applied=self._applied,
@@ -194,6 +195,20 @@ class Feedback:
             self.sns = SnsEndpoint(store=self.store, topic_arns=fcfg.topic_arns,
                                    on_applied=self._applied)
         self._tasks.add(asyncio.create_task(self._prune()))
+
+    def stats(self) -> dict[str, float]:
+        """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""
+        out: dict[str, float] = {}
+        if self.ingester is not None:
+            out.update({f"feedback_{k}": float(v) for k, v in self.ingester.counts.items()})
+        if self.sns is not None:
+            out["sns_rejected"] = float(self.sns.rejected)
+        if self.guard is not None:
+            rates = self.guard.last
+            out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
+                       reputation_sample=float(rates.sent),
+                       reputation_paused=float(self.guard.paused_reason().startswith("reputation:")))
+        return out
 
     async def _applied(self, applied: Applied) -> None:
         if self.guard is not None:

@@ -51,6 +51,8 @@ def scenario(recipient: str) -> tuple[tuple[str, str, str], ...]:
 def notifications(*, message_id: str, sender: str, recipients: Sequence[str], raw: bytes,
                   region: str = "us-east-1", now: float | None = None) -> list[dict[str, Any]]:
     """The SES notification documents for the simulator recipients of one SendEmail."""
+    if not any(scenario(r) for r in recipients):
+        return []
     now = time.time() if now is None else now
     head = BytesHeaderParser().parsebytes(raw[:65536])
     mail = {

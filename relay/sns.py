@@ -156,7 +156,11 @@ class SnsEndpoint:
             event(log, "sns_cert_unavailable", level=logging.WARNING, error=str(exc))
             return web.Response(status=503, text="certificate unavailable, retry\n")
         if kind == "SubscriptionConfirmation":
-            await self.confirm(str(msg["SubscribeURL"]))
+            try:
+                await self.confirm(str(msg["SubscribeURL"]))
+            except (Rejected, OSError, aiohttp.ClientError) as exc:
+                event(log, "sns_confirm_failed", level=logging.WARNING, error=str(exc))
+                return web.Response(status=503, text="confirmation failed, retry\n")
             event(log, "sns_subscribed", topic=msg["TopicArn"])
             return web.Response(text="confirmed\n")
         if kind == "UnsubscribeConfirmation":

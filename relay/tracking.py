@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.db import Database, FeedbackEvent, MessageRow
-from relay.spool import Record, Spool, State
+from relay.spool import Record, Spool
 from relay.suppression import normalize
 
 log = logging.getLogger("relay.tracking")

@@ -131,8 +131,8 @@ async def test_event_kinds_update_the_log(tmp_path):
     db = await Database.open("", tmp_path)
     store = FeedbackStore(db)
     try:
-        from relay.tracking import MessageLog
         from relay.spool import Envelope, Record
+        from relay.tracking import MessageLog
 
         record = Record(id="Q1", envelope=Envelope("s@example.com", ("r@example.net",), 0.0), size=1)
         await MessageLog(db).outcome("sent", record, ["r@example.net"], ses_message_id="M1")
@@ -151,3 +151,41 @@ async def test_event_kinds_update_the_log(tmp_path):
     assert results["ses-event-send.json:status"] == "sent"
     assert results["ses-event-deliverydelay.json:status"] == "sent"
     assert results["ses-event-reject.json:status"] == "failed"
+
+
+@pytest.mark.parametrize("url,region", [
+    ("https://sqs.eu-west-1.amazonaws.com/123456789012/ses-feedback", "eu-west-1"),
+    ("https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q", "cn-north-1"),
+    ("http://127.0.0.1:4566/000000000000/q", "us-east-1"),
+])
+def test_queue_region(url, region):
+    from relay.ingester import queue_region
+
+    assert queue_region(url, "us-east-1") == region
+
+
+async def test_malformed_but_parseable_notification_is_unparseable(tmp_path):
+    db = await Database.open("", tmp_path)
+    try:
+        doc = fixture("ses-notification-bounce-permanent-no-dsn.json")
+        doc["bounce"] = ["not", "an", "object"]
+        with pytest.raises(Unparseable):
+            await FeedbackStore(db).apply(parse(json.dumps(doc)))
+    finally:
+        await db.close()
+
+
+async def test_migrations_match_the_models(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from relay.db import Base
+
+    db = await Database.open("", tmp_path)
+    try:
+        async with db.engine.connect() as conn:
+            diff = await conn.run_sync(
+                lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
+    finally:
+        await db.close()
+    assert diff == []
