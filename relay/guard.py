@@ -147,6 +147,7 @@ class ReputationGuard:
         # a resume from before this start is history, not a request to this process
         flag = await read_state(self.db, RESUMED_AT)
         self.resumed_at = float(flag) if flag else 0.0
+        await self.check()
         self._task = asyncio.create_task(self._run(), name="reputation-guard")
 
     async def stop(self) -> None:

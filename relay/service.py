@@ -79,12 +79,13 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             pause_probe_interval=dcfg.pause_probe_interval,
             suppressions=feedback.suppressions, listeners=[feedback.log],
         )
+        # before the pool starts: a relay restarted while the guard had paused it stays paused
+        await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials)
         await pool.start()
         handler = IngressHandler(spool=spool, config=config.smtp,
                                  on_queued=feedback.on_queued(pool.notify))
         if config.smtp.reject_suppressed:
             handler.rcpt_check = feedback.rcpt_suppressed
-        await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials)
         ingress = Ingress(handler, config.smtp)
         smtp_host, smtp_port = await ingress.start()
 

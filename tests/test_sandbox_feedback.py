@@ -70,9 +70,15 @@ def test_reputation_guard_pauses_until_relay_resume(start_relay, tmp_path):
         assert status == 503 and "reputation: bounce rate" in text
         held = send(relay.smtp_port, [f"success+late@{SIM}"])
         sent_before = len(sb.state.accepted())
-        # mail stays queued while paused
+        # mail stays queued while paused, also across a restart
         wait_for(lambda: held in relay.queued("active") + relay.queued("deferred"), 10)
         assert relay.find("sent", queue_id=held) is None
+        assert relay.stop() == 0
+        relay.start()
+        assert relay.find("reputation_pause") is not None  # logged before "listening"
+        assert readyz(relay)[0] == 503
+        assert relay.find("sent", queue_id=held) is None
+        assert held in relay.queued("active") + relay.queued("deferred")
         cli(relay, "resume")
         wait_for(lambda: relay.find("sent", queue_id=held), 30)
         assert len(sb.state.accepted()) == sent_before + 1
