@@ -169,6 +169,7 @@ class Feedback:
     async def start(self, pool: DeliveryPool, *, ses_endpoint: str | None,
                     credentials: tuple[str, str] | None) -> None:
         fcfg = self.config.feedback
+        await self.log.start()
         self.guard = ReputationGuard(
             db=self.db, pause=pool.pause, resume=pool.resume,
             paused_reason=lambda: pool.paused_reason,
@@ -238,4 +239,5 @@ class Feedback:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.sns is not None:
             await self.sns.close()
+        await self.log.stop()
         await self.db.close()

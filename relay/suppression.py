@@ -88,8 +88,8 @@ class SuppressionList:
             by_norm.setdefault(normalize(rcpt), []).append(rcpt)
         if not by_norm:
             return set()
-        async with self.db.session() as s:
-            rows = await s.scalars(
+        async with self.db.engine.connect() as conn:
+            rows = await conn.scalars(
                 select(Suppression.address).where(Suppression.address.in_(list(by_norm)))
             )
             hits = set(rows)

@@ -2,29 +2,37 @@
 
 Writes the `messages` table: a "queued" row per recipient once ingress has committed the
 message (read from the spool), then every delivery outcome (the pool's Listener port),
-then SES feedback (relay.feedback). Reads it and `feedback_events` for `relay log
-ADDRESS` and for the reputation guard's rates. Old rows are pruned after
-database.retention. Built by relay.service; read by relay.cli.
+batched by one writer task so delivery never waits for a commit (the spool stays the
+record of truth); SES feedback updates rows too (relay.feedback). Reads it and
+`feedback_events` for `relay log ADDRESS` and the guard. Rows older than
+database.retention are pruned. Built by relay.service; read by relay.feedback_cli.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
-from typing import Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.db import Database, FeedbackEvent, MessageRow
+from relay.log import event
 from relay.spool import Record, Spool
 from relay.suppression import normalize
 
 log = logging.getLogger("relay.tracking")
+
+#: One queued write: runs inside the writer's transaction.
+Op = Callable[[AsyncConnection, list[tuple[str, str, list[str]]]], Awaitable[None]]
+#: How long the writer gathers writes before one commit.
+BATCH_WINDOW = 0.05
 
 #: Delivery outcome kind -> message log status (None: keep the status, note the error).
 STATUS_OF = {
@@ -47,6 +55,20 @@ EVENT_STATUS = {
     "reject": "failed",
     "rendering-failure": "failed",
 }
+
+
+@functools.cache
+def upsert_queued(dialect: str) -> Any:
+    """INSERT of queued rows that leaves an existing row's status alone (SQLite, PostgreSQL)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(MessageRow)
+    return stmt.on_conflict_do_update(
+        index_elements=[MessageRow.queue_id, MessageRow.recipient],
+        set_={"message_id_header": stmt.excluded.message_id_header},
+        where=MessageRow.message_id_header == "",
+    )
 
 
 def message_id_header(data: bytes) -> str:
@@ -77,6 +99,71 @@ class MessageLog:
     def __init__(self, db: Database, *, spool: Spool | None = None) -> None:
         self.db = db
         self.spool = spool
+        #: once start()ed, writes are queued and committed in batches by one writer task
+        self._ops: asyncio.Queue[Op] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- the writer -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Batch writes: delivery never waits for a commit (the spool is the record)."""
+        self._ops = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_loop(), name="message-log")
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        if self._ops is not None and self._writer is not None:
+            await self._ops.join()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._ops = self._writer = None
+
+    async def flush(self) -> None:
+        if self._ops is not None:
+            await self._ops.join()
+
+    async def _submit(self, op: Op) -> None:
+        if self._ops is not None:
+            self._ops.put_nowait(op)
+        else:
+            await self._commit([op])
+
+    async def _write_loop(self) -> None:
+        assert self._ops is not None
+        while True:
+            batch = [await self._ops.get()]
+            await asyncio.sleep(BATCH_WINDOW)
+            while not self._ops.empty() and len(batch) < 500:
+                batch.append(self._ops.get_nowait())
+            try:
+                await self._commit(batch)
+            except Exception as exc:  # noqa: BLE001 - the log must never stop delivery
+                event(log, "log_error", level=logging.WARNING, error=str(exc), rows=len(batch))
+            finally:
+                for _ in batch:
+                    self._ops.task_done()
+
+    async def _commit(self, batch: list[Op]) -> None:
+        try:
+            async with self.db.engine.begin() as s:
+                sent: list[tuple[str, str, list[str]]] = []
+                for op in batch:
+                    await op(s, sent)
+                await self._early_feedback(s, sent)
+            return
+        except IntegrityError:
+            pass  # another writer (a second relay, a race) added a row: one at a time
+        for op in batch:
+            for attempt in range(3):
+                try:
+                    async with self.db.engine.begin() as s:
+                        sent = []
+                        await op(s, sent)
+                        await self._early_feedback(s, sent)
+                    break
+                except IntegrityError:
+                    if attempt == 2:
+                        raise
 
     # -- writes ---------------------------------------------------------------------
 
@@ -89,22 +176,17 @@ class MessageLog:
             return  # already delivered and gone: its outcome rows exist
         record, header = loaded
         rcpts = list(dict.fromkeys(normalize(r) for r in record.envelope.recipients))
-        for _ in range(3):
-            now = time.time()
-            try:
-                async with self.db.session.begin() as s:
-                    # an outcome may have been written first: keep it, fill in the header
-                    await s.execute(update(MessageRow).where(
-                        MessageRow.queue_id == qid, MessageRow.message_id_header == "",
-                    ).values(message_id_header=header))
-                    have = set(await s.scalars(select(MessageRow.recipient).where(
-                        MessageRow.queue_id == qid)))
-                    s.add_all([MessageRow(queue_id=qid, recipient=r, message_id_header=header,
-                                          status="queued", attempts=0, created_at=now,
-                                          updated_at=now) for r in rcpts if r not in have])
-                return
-            except IntegrityError:
-                continue  # an outcome row landed meanwhile: look again
+        now = time.time()
+
+        rows = [{"queue_id": qid, "recipient": r, "message_id_header": header,
+                 "status": "queued", "attempts": 0, "created_at": now, "updated_at": now}
+                for r in rcpts]
+
+        async def op(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
+            # an outcome may have been written first: keep it, fill in the header
+            await s.execute(upsert_queued(s.dialect.name), rows)
+
+        await self._submit(op)
 
     def _read(self, qid: str) -> tuple[Record, str] | None:
         assert self.spool is not None
@@ -124,7 +206,7 @@ class MessageLog:
                       ses_message_id: str = "", error: str = "") -> None:
         status = STATUS_OF.get(kind)
         now = time.time()
-        values: dict[str, object] = {"updated_at": now}
+        values: dict[str, Any] = {"updated_at": now}
         if status is not None:
             values["status"] = status
         if ses_message_id:
@@ -139,45 +221,48 @@ class MessageLog:
         elif kind == "deferred":
             values["attempts"] = record.attempts
         rcpts = list(dict.fromkeys(normalize(r) for r in recipients))
-        for _ in range(3):
-            try:
-                async with self.db.session.begin() as s:
-                    res = await s.execute(update(MessageRow).where(
-                        MessageRow.queue_id == record.id, MessageRow.recipient.in_(rcpts),
-                    ).values(**values))
-                    if res.rowcount < len(rcpts):  # type: ignore[attr-defined]
-                        have = set(await s.scalars(select(MessageRow.recipient).where(
-                            MessageRow.queue_id == record.id, MessageRow.recipient.in_(rcpts))))
-                        s.add_all([self._row(record.id, r, values, status or "queued", now)
-                                   for r in rcpts if r not in have])
-                    if ses_message_id:
-                        await self._early_feedback(s, record.id, ses_message_id, rcpts)
-                return
-            except IntegrityError:
-                continue  # the queued rows landed meanwhile: update them
+        qid = record.id
+
+        async def op(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
+            res = await s.execute(update(MessageRow).where(
+                MessageRow.queue_id == qid, MessageRow.recipient.in_(rcpts),
+            ).values(**values))
+            if res.rowcount < len(rcpts):  # type: ignore[attr-defined]
+                have = set(await s.scalars(select(MessageRow.recipient).where(
+                    MessageRow.queue_id == qid, MessageRow.recipient.in_(rcpts))))
+                new = [self._row(qid, r, values, status or "queued", now)
+                       for r in rcpts if r not in have]
+                if new:
+                    await s.execute(insert(MessageRow), new)
+            if ses_message_id:
+                sent.append((qid, ses_message_id, rcpts))
+
+        await self._submit(op)
 
     @staticmethod
-    async def _early_feedback(s: AsyncSession, qid: str, ses_id: str, rcpts: list[str]) -> None:
-        """Feedback that arrived before this row knew its SES MessageId still counts."""
-        events = await s.execute(select(FeedbackEvent.recipient, FeedbackEvent.kind,
-                                        FeedbackEvent.detail).where(
-            FeedbackEvent.ses_message_id == ses_id, FeedbackEvent.recipient.in_(rcpts),
+    async def _early_feedback(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
+        """Feedback that arrived before a row knew its SES MessageId still counts."""
+        if not sent:
+            return
+        qids = {(ses_id, rcpt): qid for qid, ses_id, rcpts in sent for rcpt in rcpts}
+        events = await s.execute(select(FeedbackEvent.ses_message_id, FeedbackEvent.recipient,
+                                        FeedbackEvent.kind, FeedbackEvent.detail).where(
+            FeedbackEvent.ses_message_id.in_({ses_id for _, ses_id, _ in sent}),
         ).order_by(FeedbackEvent.id))
-        latest = {r: (EVENT_STATUS[k], d) for r, k, d in events if k in EVENT_STATUS}
-        for rcpt, (status, detail) in latest.items():
+        latest = {(i, r): (EVENT_STATUS[k], d) for i, r, k, d in events
+                  if k in EVENT_STATUS and (i, r) in qids}
+        for (ses_id, rcpt), (status, detail) in latest.items():
             extra = {} if status == "delivered" else {"last_error": detail}
             await s.execute(update(MessageRow).where(
-                MessageRow.queue_id == qid, MessageRow.recipient == rcpt,
+                MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,
             ).values(status=status, **extra))
 
     @staticmethod
-    def _row(qid: str, rcpt: str, values: dict[str, object], status: str,
-             now: float) -> MessageRow:
-        row = MessageRow(queue_id=qid, recipient=rcpt, status=status, created_at=now,
-                         updated_at=now, attempts=1 if "attempts" in values else 0)
-        for key, value in values.items():
-            if key != "attempts":
-                setattr(row, key, value)
+    def _row(qid: str, rcpt: str, values: dict[str, Any], status: str,
+             now: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"queue_id": qid, "recipient": rcpt, "status": status,
+                               "created_at": now, "attempts": 1 if "attempts" in values else 0}
+        row.update((k, v) for k, v in values.items() if k != "attempts")
         return row
 
     async def prune(self, retention: float, *, now: float | None = None) -> int:
