@@ -10,11 +10,13 @@ relay/migrations, applied by open_database(). Used by the service and the CLI.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -132,8 +134,16 @@ class Database:
         return db
 
     async def migrate(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(_upgrade)
+        for attempt in range(5):
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.run_sync(_upgrade)
+                return
+            except OperationalError:
+                # another process (the relay, an operator command) migrated first
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -194,3 +194,13 @@ def test_bad_feedback_config_names_the_key(env, key):
     with pytest.raises(ConfigError) as err:
         config_mod.load(None, env=env)
     assert key in str(err.value)
+
+
+def test_operator_commands_at_once_on_a_new_database(config):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: cli(config, "suppression", "add", f"u{n}@example.org",
+                                              check=False), range(4)))
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+    assert len(suppressed(config)) == 4
