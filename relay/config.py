@@ -122,7 +122,8 @@ class DatabaseConfig:
 
     def check(self) -> None:
         if self.url and not re.match(r"(sqlite|postgresql)(\+\w+)?://", self.url):
-            raise ConfigError("database.url", f"must be a sqlite:// or postgresql:// URL, got {self.url!r}")
+            raise ConfigError("database.url",
+                              f"must be a sqlite:// or postgresql:// URL, got {self.url!r}")
         if self.retention <= 0:
             raise ConfigError("database.retention", "must be above 0")
 
@@ -156,7 +157,8 @@ class FeedbackConfig:
             if not re.fullmatch(r"arn:aws(-[a-z]+)*:sns:[a-z0-9-]+:\d{12}:[\w-]+", arn):
                 raise ConfigError("feedback.topic_arns", f"not an SNS topic ARN: {arn!r}")
         if self.sns_endpoint and not self.topic_arns:
-            raise ConfigError("feedback.topic_arns", "must list the accepted topics when feedback.sns_endpoint is on")
+            raise ConfigError("feedback.topic_arns",
+                              "must list the accepted topics when feedback.sns_endpoint is on")
         for key in ("max_bounce_rate", "max_complaint_rate"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"feedback.{key}", "must be a fraction above 0 and at most 1")

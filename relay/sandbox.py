@@ -4,6 +4,8 @@ It answers SESv2 SendEmail and GetAccount as SES does (same paths, JSON and erro
 headers, so the real aioboto3 client talks to it unchanged), writes every accepted
 message as an .eml file a person can open, enforces the account's per-second rate and
 24-hour quota (429 when exceeded), and plays scripted faults and latency for tests.
+Mailbox-simulator recipients produce SES notifications on an SQS-compatible queue
+(relay.simulator); ListSuppressedDestinations answers from account_suppressed.
 Started by relay.service when ses.endpoint_url = "sandbox", or by tests in a thread.
 """
 
