@@ -132,7 +132,9 @@ class SnsEndpoint:
         return self._keys[url]
 
     async def handle(self, request: web.Request) -> web.Response:
-        raw = await request.content.read(MAX_BODY + 1)
+        if (request.content_length or 0) > MAX_BODY:
+            return web.Response(status=413, text="too large\n")
+        raw = await request.read()
         if len(raw) > MAX_BODY:
             return web.Response(status=413, text="too large\n")
         try:
