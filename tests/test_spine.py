@@ -75,7 +75,7 @@ def test_message_reaches_moto_byte_identical_with_to_cc_and_bcc(start_relay, ver
     assert "hidden@example.org" in sent[0].destinations
     assert sent[0].source == SENDER
     wait_for(lambda: not relay.queued("active"), 10)
-    assert relay.find("sent") is not None
+    wait_for(lambda: relay.find("sent"), 10)  # the log reader thread may lag a moment
 
 
 def test_message_rejected_lands_in_failed_with_reason(start_relay, moto_server, monkeypatch):
@@ -224,7 +224,7 @@ def test_sigterm_stops_cleanly_and_keeps_queued_mail(start_relay, tmp_path):
         code, reply = send(relay.smtp_port, ["a@example.net"], message())
         assert code == 250
         assert relay.stop() == 0
-        assert relay.find("stopped")
+        wait_for(lambda: relay.find("stopped"), 10)
         assert len(relay.queued("active")) == 1
 
 
