@@ -100,7 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=14.0, help="MaxSendRate to enforce")
     p.add_argument("--latency", type=float, default=0.0, help="seconds to wait per call")
     p.set_defaults(func=cmd_sandbox)
+
+    add_operator_commands(sub, common)
     return parser
+
+
+def add_operator_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`relay queue ...` and `relay sendmail`, defined in their own modules."""
+    from relay import queuecli, sendmail
+
+    queuecli.add_parser(sub, common)
+    sendmail.add_parser(sub, common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
