@@ -1,24 +1,32 @@
-"""Admin HTTP listener: /healthz (alive), /readyz (able to take and send mail).
+"""Admin HTTP listener: /healthz (alive), /readyz (able to take and send mail), /metrics.
 
 /readyz answers 503 with the reasons when the spool is not writable or delivery is
-paused (SES sending disabled, account paused). Reads the spool root and the delivery
-pool's state; built by relay.service on admin.host:admin.port.
+paused (SES sending disabled, account paused). /metrics is Prometheus text from
+relay.metrics. Reads the spool root and the delivery pool's state; built by
+relay.service on admin.host:admin.port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Callable
+
+CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 from aiohttp import web
 
 
 class Admin:
-    def __init__(self, *, checks: Callable[[], list[str]]) -> None:
+    def __init__(self, *, checks: Callable[[], list[str]],
+                 metrics: Callable[[], bytes] | None = None) -> None:
         self.checks = checks
+        self.metrics = metrics
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
+        if metrics is not None:
+            self.app.router.add_get("/metrics", self.scrape)
         self._runner: web.AppRunner | None = None
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -29,6 +37,12 @@ class Admin:
         if problems:
             return web.Response(status=503, text="not ready\n" + "".join(f"- {p}\n" for p in problems))
         return web.Response(text="ready\n")
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        assert self.metrics is not None
+        # the spool scan behind the gauges reads directories: keep it off the loop
+        body = await asyncio.to_thread(self.metrics)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_METRICS})
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._runner = web.AppRunner(self.app, access_log=None)

@@ -115,6 +115,11 @@ def add_operator_commands(sub: argparse._SubParsersAction, common: argparse.Argu
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sendmail"]:
+        from relay.sendmail import normalize_argv
+
+        argv = ["sendmail", *normalize_argv(argv[1:])]
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from typing import Callable
 
 from relay.admin import Admin, spool_writable
 from relay.config import SANDBOX, Config
 from relay.delivery import DeliveryPool
 from relay.log import event
+from relay.metrics import Metrics, TimedSender, instrument_ingress
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
 from relay.sandbox import Sandbox, SandboxState
@@ -56,8 +59,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     dcfg = config.delivery
     async with SesClient(config.ses, endpoint_url=endpoint, static_credentials=credentials,
                          max_connections=dcfg.max_concurrency) as ses:
+        metrics = Metrics(spool=spool)
         pool = DeliveryPool(
-            spool=spool, sender=ses, accounts=ses,
+            spool=spool, sender=TimedSender(ses, metrics), accounts=ses, listeners=[metrics],
             limiter=RateLimiter(dcfg.max_rate or 1.0),
             policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
             max_rate=dcfg.max_rate, max_concurrency=dcfg.max_concurrency,
@@ -68,6 +72,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         await pool.start()
         handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify)
         ingress = Ingress(handler, config.smtp)
+        # metrics: SMTP sessions and replies, messages accepted, pool gauges
+        instrument_ingress(ingress, metrics)
+        handler.on_queued = _counted(metrics, pool.notify)
+        metrics.watch(rate=lambda: pool.limiter.rate(time.monotonic()),
+                      configured=lambda: pool.limiter.configured,
+                      paused=lambda: pool.paused)
         smtp_host, smtp_port = await ingress.start()
 
         def checks() -> list[str]:
@@ -80,7 +90,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
                 problems.append("shutting down")
             return problems
 
-        admin = Admin(checks=checks)
+        admin = Admin(checks=checks, metrics=metrics.render)
         admin_addr = ""
         if config.admin.enabled:
             host, port = await admin.start(config.admin.host, config.admin.port)
@@ -96,3 +106,10 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     if sandbox is not None:
         await sandbox.stop()
     event(log, "stopped")
+
+
+def _counted(metrics: Metrics, notify: Callable[[str], None]) -> Callable[[str], None]:
+    def queued(qid: str) -> None:
+        metrics.accepted.inc()
+        notify(qid)
+    return queued
