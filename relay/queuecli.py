@@ -138,6 +138,9 @@ def _verb(name: str, state_for_all: State | None) -> Callable[[argparse.Namespac
                 raise QueueError("give queue ids or --all, not both")
             assert state_for_all is not None
             ids = q.all_ids(state_for_all)
+            if not ids:
+                print(f"{name}: nothing in {state_for_all.value}/", file=sys.stderr)
+                return 0
         if not ids:
             raise QueueError(f"{name}: give one or more queue ids"
                              + (" or --all" if state_for_all else ""))
