@@ -221,3 +221,41 @@ def test_arrival_time_comes_from_the_queue_id(tmp_path: Path):
     qid = spool.accept(Envelope("a@x.example", ("b@y.example",), before), b"m\r\n")
     assert before - 0.001 <= arrival(qid) <= time.time() + 0.001
     assert arrival("not-hex-at-all") is None
+
+
+def test_progress_shows_on_a_terminal_only(tmp_path: Path):
+    import pty
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.ensure()
+    for i in range(300):
+        qid = spool.accept(Envelope("a@x.example", ("b@y.example",), time.time()), b"m\r\n")
+        spool.move(qid, State.ACTIVE, State.DEFERRED, when=time.time() + 3600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env |= {"PYTHONPATH": str(ROOT), "RELAY_SPOOL__DIR": str(tmp_path / "spool")}
+    cmd = [sys.executable, "-m", "relay", "queue", "retry", "--all"]
+    main, child = pty.openpty()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=child, env=env,
+                              timeout=60, cwd=tmp_path)
+        os.close(child)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(main)
+    assert proc.returncode == 0
+    assert b"retry: 300/300" in seen and b"retry: 300 of 300 message(s)" in seen
+    assert sum(1 for _ in spool.scan(State.ACTIVE)) == 300
+    # back to deferred, then the same run with stderr on a pipe: no counter
+    for qid in list(spool.scan(State.ACTIVE)):
+        spool.move(qid, State.ACTIVE, State.DEFERRED, when=time.time() + 3600)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and "300/300" not in out.stderr
+    assert "retry: 300 of 300 message(s)" in out.stderr
