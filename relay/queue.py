@@ -161,10 +161,11 @@ class Queue:
             doc["error"] = f"{MESSAGE} unreadable: {exc}"
         return doc
 
-    def stats(self, *, now: float | None = None, top: int = 10,
-              domains: bool = True) -> dict[str, Any]:
+    def stats(self, *, now: float | None = None, top: int = 10, domains: bool = True,
+              sample: int = 0) -> dict[str, Any]:
         """Counts by state and age bucket from directory names alone (no file read),
-        plus the top recipient domains of deferred mail (reads deferred envelopes)."""
+        plus the top recipient domains of deferred mail (reads deferred envelopes: all
+        of them, or an even sample of `sample` across arrival order, counts scaled)."""
         now = time.time() if now is None else now
         table: dict[str, dict[str, int]] = {}
         oldest: dict[str, float] = {}
@@ -183,13 +184,19 @@ class Queue:
         doc: dict[str, Any] = {"states": table, "oldest_age": oldest,
                                "total": sum(c["T"] for c in table.values())}
         if domains:
-            doc["deferred_domains"] = self.deferred_domains(now=now, top=top)
+            ids = sorted(self.spool.scan(State.DEFERRED))
+            step = len(ids) / sample if sample and len(ids) > sample else 1.0
+            if step > 1.0:
+                ids = [ids[int(i * step)] for i in range(sample)]
+            doc["deferred_domains"] = self.deferred_domains(ids, now=now, top=top, scale=step)
+            doc["deferred_sampled"] = len(ids) if step > 1.0 else 0
         return doc
 
-    def deferred_domains(self, *, now: float, top: int) -> list[dict[str, Any]]:
+    def deferred_domains(self, ids: Iterable[str], *, now: float, top: int,
+                         scale: float = 1.0) -> list[dict[str, Any]]:
         """qshape-style: pending recipients of deferred mail per domain and age bucket."""
         per: dict[str, Counter[str]] = {}
-        for qid in self.spool.scan(State.DEFERRED):
+        for qid in ids:
             rec = self.read(State.DEFERRED, qid)
             if rec is None:
                 continue
@@ -200,7 +207,7 @@ class Queue:
                 c["T"] += 1
                 c[b] += 1
         best = sorted(per.items(), key=lambda kv: (-kv[1]["T"], kv[0]))[:top]
-        return [{"domain": d, **{name: c.get(name, 0) for name in BUCKET_NAMES}}
+        return [{"domain": d, **{name: round(c.get(name, 0) * scale) for name in BUCKET_NAMES}}
                 for d, c in best]
 
     # -- changes --------------------------------------------------------------------

@@ -132,12 +132,12 @@ def test_held_message_is_never_sent_until_released(start_relay):
 
 
 def test_hold_during_ses_call_records_result_and_never_resends(start_relay):
-    state = SandboxState(max_send_rate=100, latency=2.0)
+    state = SandboxState(max_send_rate=100, latency=3.0)
     with SandboxThread(state) as sb:
         relay = start_relay(sb.url, delivery=SLOW_RETRY)
         _, reply = send(relay.smtp_port, ["a@example.net"], message("inflight"))
         qid = qid_of(reply)
-        time.sleep(0.5)  # the pool took it at once; the sandbox answers after 2 s
+        time.sleep(1.0)  # the pool took it at once; the sandbox answers after 3 s
         assert relay_cli(relay, "queue", "hold", qid).returncode == 0
         assert state.accepted() == []
         # the SES answer is recorded in the message's new place, not in a second copy
