@@ -259,3 +259,20 @@ def test_progress_shows_on_a_terminal_only(tmp_path: Path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
     assert out.returncode == 0 and "300/300" not in out.stderr
     assert "retry: 300 of 300 message(s)" in out.stderr
+
+
+def test_stats_sample_scales_domain_counts(tmp_path: Path):
+    spool = Spool(tmp_path, fsync=False)
+    spool.ensure()
+    for i in range(30):
+        qid = spool.accept(Envelope("a@x.example", (f"u{i}@d.example",), time.time()), b"m\r\n")
+        spool.move(qid, State.ACTIVE, State.DEFERRED, when=time.time() + 3600)
+    exact = Queue(spool).stats()
+    assert exact["deferred_domains"] == [{"domain": "d.example", "T": 30, "5": 30,
+                                          **{b: 0 for b in exact["deferred_domains"][0]
+                                             if b not in ("domain", "T", "5")}}]
+    assert exact["deferred_sampled"] == 0
+    sampled = Queue(spool).stats(sample=10)
+    assert sampled["deferred_sampled"] == 10
+    assert sampled["deferred_domains"][0]["T"] == 30
+    assert sampled["states"] == exact["states"]
