@@ -102,13 +102,23 @@ def via_smtp(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -
         client = smtplib.SMTP(host, port, timeout=60)
     except (ConnectionRefusedError, socket.timeout, OSError):
         return None
-    with client:
+    try:
         client.ehlo("localhost")
         refused = client.sendmail(sender, rcpts, data)  # raises unless some were taken
+    finally:
+        _quit(client)
     for rcpt, (code, text) in refused.items():
         print(f"relay sendmail: {rcpt} refused: {code} {text.decode(errors='replace')}",
               file=sys.stderr)
     return "smtp-partial" if refused else "smtp"
+
+
+def _quit(client: smtplib.SMTP) -> None:
+    """Once the relay said 250 the message is its own: a failed QUIT changes nothing."""
+    try:
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        client.close()
 
 
 def cmd_sendmail(args: argparse.Namespace) -> int:
