@@ -12,9 +12,9 @@ import asyncio
 import os
 from typing import Callable
 
-CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
-
 from aiohttp import web
+
+CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Admin:
