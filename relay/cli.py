@@ -79,6 +79,36 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Add or replace a user in smtp.auth_file (or --file); the password comes from stdin."""
+    import getpass
+
+    from relay.auth import set_password
+
+    path = args.file or _load(args).smtp.auth_file
+    if not path:
+        print("relay passwd: no credentials file: set smtp.auth_file or pass --file",
+              file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            print("relay passwd: passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    senders = None
+    if args.senders is not None:
+        senders = tuple(x.strip() for x in args.senders.split(",") if x.strip())
+    try:
+        new = set_password(path, args.user, password, senders)
+    except (ValueError, OSError) as exc:
+        print(f"relay passwd: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'added' if new else 'updated'} {args.user} in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="SMTP relay for Amazon SES")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
@@ -100,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=14.0, help="MaxSendRate to enforce")
     p.add_argument("--latency", type=float, default=0.0, help="seconds to wait per call")
     p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("passwd", parents=[common], help="add or change an SMTP AUTH user")
+    p.add_argument("user")
+    p.add_argument("--file", help="credentials file (default: smtp.auth_file)")
+    p.add_argument("--senders", help="comma list of addresses and @domains the user may "
+                   "send as (default: keep; empty string: any)")
+    p.set_defaults(func=cmd_passwd)
 
     add_operator_commands(sub, common)
     return parser

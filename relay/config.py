@@ -40,9 +40,26 @@ class SmtpConfig:
     max_message_size: int = _size(default=10 * 1024 * 1024)
     max_recipients: int = 1000
     timeout: float = _duration(default=300.0)
+    # Ingress hardening (TLS, AUTH, access, limits); checked in _check_hardening.
+    tls_cert: str = ""
+    tls_key: str = ""
+    require_tls: bool = False
+    implicit_tls: bool = False
+    tls_port: int = 465
+    auth_file: str = ""
+    allow_plain_auth_from: tuple[str, ...] = ()
+    auth_failure_delay: float = _duration(default=1.0)
+    auth_max_failures: int = 10
+    auth_lockout: float = _duration(default=900.0)
+    allowed_sender_domains: tuple[str, ...] = ()
+    max_connections: int = 200
+    max_connections_per_client: int = 50
+    max_errors: int = 20
+    data_timeout: float = _duration(default=600.0)
 
     def check(self) -> None:
         _port("smtp.port", self.port)
+        _check_hardening(self)
         for net in self.allowed_networks:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -98,6 +115,8 @@ class DeliveryConfig:
     pause_probe_interval: float = _duration(default=30.0)
     shutdown_timeout: float = _duration(default=30.0)
     ready_queue: int = 1000
+    dsn_from: str = ""
+    rate_guard: float = _duration(default=0.015)
 
     def check(self) -> None:
         if self.max_rate < 0:
@@ -110,8 +129,12 @@ class DeliveryConfig:
             )
         if self.max_lifetime <= 0:
             raise ConfigError("delivery.max_lifetime", "must be above 0")
+        if not 0 <= self.rate_guard <= 0.5:
+            raise ConfigError("delivery.rate_guard", "must be between 0 and 500ms")
         if self.ready_queue < 1:
             raise ConfigError("delivery.ready_queue", "must be at least 1")
+        if self.dsn_from and not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", self.dsn_from):
+            raise ConfigError("delivery.dsn_from", f"not an email address: {self.dsn_from!r}")
 
 
 @dataclass(frozen=True)
@@ -140,12 +163,34 @@ class AdminConfig:
         _port("admin.port", self.port)
 
 
+DKIM_DEFAULT_HEADERS = (
+    "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+)
+
+
 @dataclass(frozen=True)
 class DkimConfig:
     enabled: bool = False
+    domain: str = ""
+    selector: str = ""
+    key_file: str = ""
+    headers: tuple[str, ...] = DKIM_DEFAULT_HEADERS
 
     def check(self) -> None:
-        pass
+        if not self.enabled:
+            return
+        for key in ("domain", "selector", "key_file"):
+            if not getattr(self, key):
+                raise ConfigError(f"dkim.{key}", "must be set when dkim.enabled = true")
+        if not Path(self.key_file).is_file():
+            raise ConfigError("dkim.key_file", f"not a readable file: {self.key_file}")
+        names = [h.lower() for h in self.headers]
+        if "from" not in names:
+            raise ConfigError("dkim.headers", "must include From (RFC 6376 5.4)")
+        bad = [h for h in names if h.startswith("x-ses-")]
+        if bad:
+            raise ConfigError("dkim.headers", f"SES strips X-SES-* headers; remove {bad[0]}")
 
 
 @dataclass(frozen=True)
@@ -190,6 +235,34 @@ class Config:
 SECTIONS: dict[str, type] = {
     name: typ for name, typ in get_type_hints(Config).items() if name != "source"
 }
+
+
+def _check_hardening(c: SmtpConfig) -> None:
+    _port("smtp.tls_port", c.tls_port)
+    if bool(c.tls_cert) != bool(c.tls_key):
+        raise ConfigError("smtp.tls_key" if c.tls_cert else "smtp.tls_cert",
+                          "smtp.tls_cert and smtp.tls_key go together")
+    for key in ("tls_cert", "tls_key", "auth_file"):
+        path = getattr(c, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"smtp.{key}", f"not a readable file: {path}")
+    if (c.require_tls or c.implicit_tls) and not c.tls_cert:
+        raise ConfigError("smtp.tls_cert", "needed by smtp.require_tls / smtp.implicit_tls")
+    for net in c.allow_plain_auth_from:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError("smtp.allow_plain_auth_from", f"not a network: {net!r}") from None
+    for dom in c.allowed_sender_domains:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+\.[A-Za-z0-9-]+", dom.lstrip(".")):
+            raise ConfigError("smtp.allowed_sender_domains", f"not a domain: {dom!r}")
+    for key in ("auth_max_failures", "max_connections", "max_connections_per_client",
+                "max_errors"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"smtp.{key}", "must be at least 1")
+    if c.timeout <= 0 or c.data_timeout <= 0:
+        raise ConfigError("smtp.timeout" if c.timeout <= 0 else "smtp.data_timeout",
+                          "must be above 0")
 
 
 def _port(key: str, value: int) -> None:

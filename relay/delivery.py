@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol, Sequence
@@ -124,6 +125,11 @@ class DeliveryPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._account_changed = asyncio.Event()
         self.sent_recipients = 0
+        #: time a worker holds one call's work (SES latency plus spool writes), smoothed;
+        #: sizes concurrency by Little's law
+        self.latency = 0.05
+        self._busy = 0
+        self._slot_freed = asyncio.Condition()
 
     # -- control --------------------------------------------------------------------
 
@@ -200,6 +206,12 @@ class DeliveryPool:
                 self.limiter.set_rate(fallback)
                 event(log, "account_unknown", level=logging.WARNING, error=str(exc), rate=fallback)
             return
+        if account != self.account:
+            event(log, "account", max_send_rate=account.max_send_rate,
+                  max_24hour_send=account.max_24hour_send,
+                  sent_last_24hours=account.sent_last_24hours,
+                  sending_enabled=account.sending_enabled,
+                  enforcement_status=account.enforcement_status)
         self.account = account
         rate = account.max_send_rate
         if self.max_rate:
@@ -259,9 +271,28 @@ class DeliveryPool:
                 self._claimed.add(qid)
                 self._ready.put_nowait(qid)
 
+    @property
+    def target_concurrency(self) -> int:
+        """Little's law: calls in flight = rate x latency, with headroom, capped by config."""
+        rate = self.limiter.rate(time.monotonic())
+        need = math.ceil(rate * self.latency * 1.5) + 2
+        return max(1, min(self.max_concurrency, need))
+
     async def _worker(self) -> None:
         while True:
             await self._unpaused.wait()
+            async with self._slot_freed:
+                await self._slot_freed.wait_for(lambda: self._busy < self.target_concurrency)
+                self._busy += 1
+            try:
+                await self._take_one()
+            finally:
+                async with self._slot_freed:
+                    self._busy -= 1
+                    self._slot_freed.notify_all()
+
+    async def _take_one(self) -> None:
+        while True:
             qid = await self._ready.get()
             if self.paused or self._stopping:
                 self._claimed.discard(qid)
@@ -273,6 +304,7 @@ class DeliveryPool:
             finally:
                 self._inflight.discard(task)
                 self._claimed.discard(qid)
+            return
 
     async def _process_guarded(self, qid: str) -> None:
         try:
@@ -326,19 +358,30 @@ class DeliveryPool:
                 return  # held or deleted by an operator meanwhile: send nothing more
             cap = min(MAX_DESTINATIONS, self.limiter.capacity(time.monotonic()))
             chunk = pending[:cap]
-            if self.quota.take(len(chunk)) < len(chunk):
-                self.quota.give_back(len(chunk))
+            granted = self.quota.take(len(chunk))
+            if granted == 0:
                 # the 24-hour quota frees on a rolling basis: look again later
                 await self._postpone(record, "24-hour sending quota used up", False,
                                      self.account_refresh)
                 return
+            chunk = chunk[:granted]
             await self.limiter.acquire(len(chunk))
+            if self.paused or self._stopping:
+                # paused (or stopping) while waiting for the rate: keep it queued, untouched
+                self.quota.give_back(len(chunk))
+                return
+            started = time.monotonic()
             try:
                 message_id = await self.sender.send_raw(
                     sender=record.envelope.sender, recipients=chunk, raw=raw
                 )
             except ThrottledError as exc:
                 self.quota.give_back(len(chunk))
+                if "daily" in exc.message.lower() and "quota" in exc.message.lower():
+                    # not too fast but too much: wait for the rolling 24 hours to free some
+                    self.quota.exhaust()
+                    await self._postpone(record, str(exc), False, self.account_refresh)
+                    return
                 self.limiter.throttled(time.monotonic())
                 event(log, "throttled", level=logging.WARNING, queue_id=qid, error=str(exc))
                 await self._tell("throttled", record, chunk, error=str(exc))
@@ -378,6 +421,7 @@ class DeliveryPool:
                     record.results[rcpt] = {"status": SENT, "at": at, "ses_message_id": message_id}
                 # durable before anything else: a retry or restart skips these recipients
                 await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                self.latency = 0.9 * self.latency + 0.1 * (time.monotonic() - started)
                 self.sent_recipients += len(chunk)
                 event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
                 await self._tell("sent", record, chunk, ses_message_id=message_id)

@@ -1,15 +1,19 @@
 """Structured logs: one JSON line per outcome, recipients hashed, never in clear.
 
 event() is the one way the relay reports an outcome (accepted, sent, deferred, failed,
-...). Addresses are replaced by a short keyed-less SHA-256 prefix of the lower-cased
-address, enough to correlate lines about one recipient without storing it.
+...). Addresses are replaced by a short SHA-256 prefix of the lower-cased address, enough
+to correlate lines about one recipient without writing it out. Lines are written by a
+background thread, so a slow log reader never stalls the event loop (or the send pace).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import Any, Iterable
@@ -50,14 +54,30 @@ class JsonFormatter(logging.Formatter):
         doc.update(getattr(record, "fields", {}))
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            doc["exception"] = record.exc_text
         return json.dumps(doc, default=str)
 
 
+class _QueueHandler(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # keep the record's fields for the JSON formatter; only render the traceback now
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
 def setup(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JsonFormatter())
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(lines, stream)
+    listener.start()
+    atexit.register(listener.stop)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_QueueHandler(lines)]
     root.setLevel(level.upper())
     for noisy in ("botocore", "aiobotocore", "aioboto3", "mail.log", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

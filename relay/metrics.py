@@ -165,8 +165,8 @@ def instrument_ingress(ingress: Any, metrics: Metrics) -> None:
     """Count SMTP sessions and every reply by code, around the ingress protocol factory."""
     make = ingress._protocol
 
-    def factory() -> Any:
-        proto = make()
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        proto = make(*args, **kwargs)
         metrics.session()
         push = proto.push
 

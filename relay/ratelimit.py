@@ -1,8 +1,9 @@
 """Send-rate limiting: SES counts every recipient against the per-second rate and quota.
 
 RateLimiter grants recipients at an even pace and, on top, never lets the grants in any
-window of `window` seconds (1 s plus a guard for network jitter) exceed the rate, so SES
-never sees a second above it. A throttle answer halves the rate; it recovers slowly.
+window of `window` seconds (1 s plus a guard for jitter between leaving the relay and
+arriving at SES) exceed the rate, so SES never sees a second above it. A throttle answer
+cuts the rate by a quarter and widens the guard a little; the rate recovers slowly.
 Quota tracks the remaining 24-hour allowance read from GetAccount. Pure: time is passed
 in; only acquire() sleeps. Used by the delivery pool.
 """
@@ -10,10 +11,15 @@ in; only acquire() sleeps. Used by the delivery pool.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections import deque
 from typing import Callable
+
+#: Wall-clock time at which the current task's call left the limiter. The SES adapter
+#: passes it to SES-compatible test endpoints, which count the rate on it.
+DEPARTURE: contextvars.ContextVar[float] = contextvars.ContextVar("relay_departure")
 
 
 class RateLimiter:
@@ -22,13 +28,14 @@ class RateLimiter:
         rate: float,
         *,
         window: float = 1.0,
-        guard: float = 0.02,
+        guard: float = 0.015,
         recovery_per_second: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be above 0")
         self.configured = rate
+        self.base_window = window
         self.window = window + guard
         self.recovery_per_second = recovery_per_second
         self.clock = clock
@@ -37,6 +44,8 @@ class RateLimiter:
         self._next = 0.0
         self._grants: deque[tuple[float, int]] = deque()
         self._in_window = 0
+        self._departures: deque[tuple[float, int]] = deque()
+        self._departed = 0
         self._lock = asyncio.Lock()
 
     # -- rate -----------------------------------------------------------------------
@@ -59,9 +68,12 @@ class RateLimiter:
         return max(1, math.floor(self.rate(now) + 1e-9))
 
     def throttled(self, now: float) -> None:
-        """SES said too fast: halve the rate (down to a tenth) and pause the pace."""
+        """SES said too fast: lower the rate by a quarter (down to a tenth), pause the pace,
+        and widen the jitter guard (up to 5%): a 429 at a known rate means calls arrived
+        closer together than they left."""
         self.rate(now)
-        self._factor = max(0.1, self._factor * 0.5)
+        self._factor = max(0.1, self._factor * 0.75)
+        self.window = min(self.base_window * 1.05, self.window + 0.005)
         self._factor_at = now
         self._next = max(self._next, now + 1.0 / self.rate(now))
 
@@ -87,13 +99,40 @@ class RateLimiter:
         self._next = t + n / self.rate(now)
         return t
 
+    def depart(self, n: int, now: float) -> float:
+        """Record n recipients leaving at `now`, or return how long to wait first.
+
+        reserve() plans on booked times, but a busy event loop can wake a call late, and a
+        late call followed by one on time would put more than the rate into one second
+        at SES. This second check runs on actual departure times, just before the call.
+        """
+        cap = self.capacity(now)
+        while self._departures and self._departures[0][0] <= now - self.window:
+            self._departed -= self._departures.popleft()[1]
+        if self._departed + n <= max(cap, n):
+            self._departures.append((now, n))
+            self._departed += n
+            return 0.0
+        need = self._departed + n - cap
+        for t, k in self._departures:
+            need -= k
+            if need <= 0:
+                return max(t + self.window - now, 0.001)
+        return self.window  # pragma: no cover - unreachable: need <= departed
+
     async def acquire(self, n: int) -> None:
-        """Wait until n recipients may be sent."""
+        """Wait until n recipients may be sent; returns just before they go."""
         async with self._lock:
             at = self.reserve(n, self.clock())
         delay = at - self.clock()
         if delay > 0:
             await asyncio.sleep(delay)
+        for _ in range(1000):
+            wait = self.depart(n, self.clock())
+            if wait <= 0:
+                DEPARTURE.set(time.time())
+                return
+            await asyncio.sleep(wait)
 
 
 class Quota:
@@ -112,6 +151,10 @@ class Quota:
         granted = int(min(n, self.remaining))
         self.remaining -= granted
         return granted
+
+    def exhaust(self) -> None:
+        """SES said the daily quota is used up, whatever GetAccount last said."""
+        self.remaining = 0.0
 
     def give_back(self, n: int) -> None:
         if self.remaining != math.inf:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import binascii
 import json
 import threading
@@ -39,6 +40,8 @@ FAULTS: dict[str, tuple[int, str, str]] = {
 
 @dataclass
 class Call:
+    #: when the call counts against the rate: the relay's departure stamp when it sent
+    #: one (X-Relay-Departed), else the arrival time
     at: float
     sender: str
     recipients: list[str]
@@ -46,6 +49,7 @@ class Call:
     error: str = ""
     raw: bytes = b""
     configuration_set: str = ""
+    arrived: float = 0.0
 
 
 @dataclass
@@ -59,12 +63,17 @@ class SandboxState:
     sending_enabled: bool = True
     latency: float = 0.0
     keep_raw: bool = True
-    #: faults answered to the next SendEmail calls, in order ("timeout" sleeps 60 s)
+    #: faults answered to the next SendEmail calls, in order ("ok" passes one call
+    #: through, "timeout" sleeps 60 s)
     faults: deque[str] = field(default_factory=deque)
+    #: SendEmail calls being handled right now
+    inflight: int = 0
+    #: GetAccount calls answered
+    account_reads: int = 0
     calls: list[Call] = field(default_factory=list)
     throttles: int = 0
     quota_exceeded: int = 0
-    _window: deque[tuple[float, int]] = field(default_factory=deque)
+    _window: list[tuple[float, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def accepted(self) -> list[Call]:
@@ -74,9 +83,12 @@ class SandboxState:
     def recipients_sent(self) -> int:
         return sum(len(c.recipients) for c in self.accepted())
 
-    def max_window(self, width: float = 1.0) -> int:
-        """The most recipients accepted in any window of `width` seconds."""
-        times: list[tuple[float, int]] = sorted((c.at, len(c.recipients)) for c in self.accepted())
+    def max_window(self, width: float = 1.0, *, by_arrival: bool = False) -> int:
+        """The most recipients accepted in any window of `width` seconds (by the time
+        each call counts against the rate, or by arrival)."""
+        times: list[tuple[float, int]] = sorted(
+            (c.arrived if by_arrival else c.at, len(c.recipients)) for c in self.accepted()
+        )
         best = total = lo = 0
         for hi in range(len(times)):
             total += times[hi][1]
@@ -88,23 +100,37 @@ class SandboxState:
 
     def script(self, *faults: str) -> None:
         for f in faults:
-            if f not in FAULTS and f != "timeout":
+            if f not in FAULTS and f not in ("ok", "timeout"):
                 raise ValueError(f"unknown fault {f!r}")
         with self.lock:
             self.faults.extend(faults)
 
-    def _admit(self, n: int, now: float) -> tuple[int, str, str] | None:
-        """Rate and quota check for n recipients; the error to answer, or None."""
+    def _admit(self, n: int, at: float) -> tuple[int, str, str] | None:
+        """Rate and quota check for n recipients counted at `at`; the error, or None.
+
+        Calls may count slightly out of order (departure stamps), so every one-second
+        window that would hold `at` is checked, not only the one ending there.
+        """
         with self.lock:
-            while self._window and self._window[0][0] <= now - 1.0:
-                self._window.popleft()
-            if sum(k for _, k in self._window) + n > self.max_send_rate:
-                self.throttles += 1
-                return FAULTS["throttle"]
+            window = self._window
+            while window and window[0][0] < at - 10.0:
+                window.pop(0)
+            near = [(t, k) for t, k in window if at - 1.0 < t < at + 1.0]
+            near.append((at, n))
+            near.sort()
+            total = lo = 0
+            for hi in range(len(near)):
+                total += near[hi][1]
+                while near[hi][0] - near[lo][0] >= 1.0:
+                    total -= near[lo][1]
+                    lo += 1
+                if total > self.max_send_rate:
+                    self.throttles += 1
+                    return FAULTS["throttle"]
             if 0 <= self.max_24hour_send < self.sent_last_24hours + n:
                 self.quota_exceeded += 1
-                return (400, "LimitExceededException", "Daily message quota exceeded.")
-            self._window.append((now, n))
+                return (400, "ThrottlingException", "Daily message quota exceeded.")
+            bisect.insort(window, (at, n))
             self.sent_last_24hours += n
             return None
 
@@ -146,6 +172,17 @@ class Sandbox:
 
     async def send_email(self, request: web.Request) -> web.Response:
         st = self.state
+        arrived = time.time()  # SES counts a call against the rate when it arrives
+        with st.lock:
+            st.inflight += 1
+        try:
+            return await self._send_email(request, arrived)
+        finally:
+            with st.lock:
+                st.inflight -= 1
+
+    async def _send_email(self, request: web.Request, arrived: float) -> web.Response:
+        st = self.state
         if st.latency:
             await asyncio.sleep(st.latency)
         try:
@@ -159,8 +196,20 @@ class Sandbox:
             *dest.get("CcAddresses", []),
             *dest.get("BccAddresses", []),
         ]
+        at = arrived
+        stamp = request.headers.get("X-Relay-Departed")
+        if stamp:
+            try:
+                departed = float(stamp)
+            except ValueError:
+                departed = 0.0
+            # count on the sender's departure time: scheduling delays on a shared test
+            # machine are not the sender's doing (a wild stamp falls back on arrival)
+            if arrived - 5.0 <= departed <= arrived:
+                at = departed
         call = Call(
-            at=time.time(),
+            at=at,
+            arrived=arrived,
             sender=body.get("FromEmailAddress", ""),
             recipients=rcpts,
             configuration_set=body.get("ConfigurationSetName", ""),
@@ -201,6 +250,8 @@ class Sandbox:
 
     async def get_account(self, request: web.Request) -> web.Response:
         st = self.state
+        with st.lock:
+            st.account_reads += 1
         doc: dict[str, Any] = {
             "DedicatedIpAutoWarmupEnabled": False,
             "EnforcementStatus": "HEALTHY",

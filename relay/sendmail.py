@@ -2,9 +2,10 @@
 
 Reads one message on stdin and queues it: through the running relay over SMTP
 (smtp.host:smtp.port) so it gets the same checks and is sent at once, or, when nothing
-listens there, straight into the spool with Spool.accept (incoming/ -> active/, fsynced),
-which the relay picks up at its next scan. Either way it exits 0 only once the message
-is durable. -t takes recipients from To/Cc/Bcc and removes Bcc, working on the raw bytes.
+listens there, straight into the spool with Spool.accept (incoming/ -> active/, fsynced)
+after the ingress's own rules and header changes; the relay picks it up at its next scan.
+Either way it exits 0 only once the message is durable. -t takes recipients from
+To/Cc/Bcc and removes Bcc, working on the raw bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from email.utils import getaddresses
 from typing import Any, Sequence
 
+from relay import addresses, headers
 from relay import config as config_mod
 from relay.errors import SpoolError
 from relay.spool import Envelope, Spool
@@ -113,6 +115,29 @@ def via_smtp(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -
     return "smtp-partial" if refused else "smtp"
 
 
+def accept_locally(cfg: config_mod.Config, sender: str, rcpts: list[str],
+                   data: bytes) -> tuple[str, list[str], bytes]:
+    """What the SMTP ingress does before its spool write, for a message that bypasses it:
+    the same address rules and size limit, Bcc out, Date/Message-ID in, a Received
+    line, and the DKIM signature when dkim.enabled."""
+    sender = addresses.sender(sender, allowed_domains=cfg.smtp.allowed_sender_domains)
+    rcpts = [addresses.recipient(r) for r in rcpts]
+    if len(rcpts) > cfg.smtp.max_recipients:
+        raise ValueError(f"{len(rcpts)} recipients, above smtp.max_recipients")
+    if len(data) > cfg.smtp.max_message_size:
+        raise ValueError(f"message of {len(data)} bytes, above smtp.max_message_size")
+    hostname = cfg.smtp.hostname or socket.getfqdn()
+    now = time.time()
+    received = headers.received_line(helo=getpass.getuser(), client="127.0.0.1",
+                                     hostname=hostname, protocol="local", now=now)
+    data = headers.prepare(data, received=received, hostname=hostname, now=now)
+    if cfg.dkim.enabled:
+        from relay.dkim import DkimSigner
+
+        data = DkimSigner(cfg.dkim).sign(data)
+    return sender, rcpts, data
+
+
 def _quit(client: smtplib.SMTP) -> None:
     """Once the relay said 250 the message is its own: a failed QUIT changes nothing."""
     try:
@@ -152,11 +177,16 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
         print(f"relay sendmail: SMTP to {host}:{cfg.smtp.port} failed: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     if how is None:
+        try:
+            sender, rcpts, data = accept_locally(cfg, sender, rcpts, data)
+        except (addresses.AddressError, ValueError) as exc:
+            print(f"relay sendmail: {exc}", file=sys.stderr)
+            return EX_DATAERR
         spool = Spool(cfg.spool.dir, fsync=cfg.spool.fsync, min_free_bytes=cfg.spool.min_free_bytes)
         try:
             spool.ensure()
             qid = spool.accept(Envelope(sender=sender, recipients=tuple(rcpts),
-                                        received_at=time.time(), client="sendmail",
+                                        received_at=time.time(), client="127.0.0.1",
                                         helo=getpass.getuser()), data)
         except (SpoolError, OSError) as exc:
             print(f"relay sendmail: cannot queue in {cfg.spool.dir}: {exc}", file=sys.stderr)

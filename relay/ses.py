@@ -19,6 +19,17 @@ from aiobotocore.config import AioConfig
 from relay.config import SesConfig
 from relay.delivery import Account
 from relay.errors import ConfigurationError, DeliveryError, TransientError, classify
+from relay.ratelimit import DEPARTURE
+
+#: Header carrying the limiter's departure time to SES-compatible test endpoints (the
+#: sandbox); never sent to AWS itself.
+DEPARTURE_HEADER = "X-Relay-Departed"
+
+
+def _stamp_departure(request: Any, **kwargs: Any) -> None:
+    departed = DEPARTURE.get(None)
+    if departed is not None:
+        request.headers[DEPARTURE_HEADER] = f"{departed:.6f}"
 
 
 class SesClient:
@@ -31,11 +42,13 @@ class SesClient:
         endpoint_url: str | None = None,
         max_connections: int = 50,
         static_credentials: tuple[str, str] | None = None,
+        stamp_departures: bool = False,
     ) -> None:
         self.cfg = cfg
         self.endpoint_url = endpoint_url if endpoint_url is not None else (cfg.endpoint_url or None)
         self.max_connections = max_connections
         self.static_credentials = static_credentials
+        self.stamp_departures = stamp_departures
         self._cm: Any = None
         self._client: Any = None
 
@@ -53,6 +66,8 @@ class SesClient:
         )
         self._cm = session.client("sesv2", endpoint_url=self.endpoint_url, config=config)
         self._client = await self._cm.__aenter__()
+        if self.stamp_departures:
+            self._client.meta.events.register("before-send.sesv2.SendEmail", _stamp_departure)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,10 +1,12 @@
 """SMTP ingress: an aiosmtpd server that spools each message before answering 250.
 
-handle_DATA hands the bytes exactly as received to Spool.accept in a worker thread,
-shielded from client disconnects, and answers 250 only once they are durable; spool
+handle_DATA hands the bytes as received (but for the header changes of relay.headers and
+the optional DKIM signature) to Spool.accept in a worker thread, shielded from client
+disconnects, and answers 250 only once they are durable; spool
 errors answer 451 4.3.0 or 452 4.3.1, never 500. Mail is accepted only from
-smtp.allowed_networks. Writes spool/incoming -> active; tells the delivery pool.
-Built by relay.service.
+smtp.allowed_networks or authenticated clients (AUTH over TLS, relay.auth); address rules
+live in relay.addresses, header changes in relay.headers, caps in relay.limits.
+Writes spool/incoming -> active; tells the delivery pool. Built by relay.service.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from typing import Any, Callable
 
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
 
+from relay import addresses, headers
+from relay.auth import Credentials, User
 from relay.config import SmtpConfig
 from relay.errors import SpoolError, SpoolFullError
+from relay.limits import AuthThrottle, ConnectionLimiter
 from relay.log import event
+from relay.smtp_auth import AuthHooks
 from relay.spool import Envelope, Spool
+from relay.tls import server_context
 
 log = logging.getLogger("relay.smtp")
 
@@ -47,9 +54,28 @@ NO_RCPTS = Reply(503, "5.5.1", "Error: need RCPT command")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 SPOOL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 OK = Reply(250, "2.1.0", "Ok")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses not supported (no SMTPUTF8)")
+BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
+SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not allowed on this relay")
+NO_SMTPUTF8 = Reply(555, "5.6.7", "SMTPUTF8 not supported")
+TOO_BIG = Reply(552, "5.3.4", "Message too big for system")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+
+#: aiosmtpd's own reply lines, given enhanced status codes
+REWRITES = {
+    "552 Error: Too much mail data": str(TOO_BIG),
+    "552 Error: message size exceeds fixed maximum message size": str(TOO_BIG),
+    "530 Must issue a STARTTLS command first": str(STARTTLS_FIRST),
+}
+#: replies that do not count against smtp.max_errors
+NOT_ERRORS = ("421", "452 4.5.3")
 
 
-class IngressHandler:
+class IngressHandler(AuthHooks):
     """aiosmtpd hooks; each returns the reply line."""
 
     def __init__(
@@ -58,10 +84,18 @@ class IngressHandler:
         spool: Spool,
         config: SmtpConfig,
         on_queued: Callable[[str], None] | None = None,
+        credentials: Credentials | None = None,
+        signer: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.spool = spool
         self.config = config
         self.on_queued = on_queued
+        self.credentials = credentials
+        self.signer = signer
+        self.hostname = config.hostname or socket.getfqdn()
+        self.throttle = AuthThrottle(delay=config.auth_failure_delay,
+                                     max_failures=config.auth_max_failures,
+                                     lockout=config.auth_lockout)
         self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
         self.closing = False
         self.accepted = 0
@@ -85,10 +119,23 @@ class IngressHandler:
     ) -> str:
         if self.closing:
             return str(SHUTTING_DOWN)
-        if not self.allowed(session):
+        if not self.permitted(session):
             event(log, "refused", level=logging.WARNING, client=session.peer[0] if session.peer else "",
                   reason="client not in smtp.allowed_networks")
-            return str(ACCESS_DENIED)
+            return str(self.denied())
+        if envelope.smtp_utf8:
+            return str(NO_SMTPUTF8)
+        try:
+            if address != "<>":  # the null reverse-path (bounces, DSNs) has no domain
+                address = addresses.sender(
+                    address, allowed_domains=self.config.allowed_sender_domains)
+        except addresses.AddressError as exc:
+            return str(self._address_reply(exc, sender=True))
+        user = session.auth_data if session.authenticated else None
+        if isinstance(user, User) and not user.may_send_as(address):
+            event(log, "refused", level=logging.WARNING, client=session.peer[0],
+                  reason="sender not allowed for this user", sender=address)
+            return str(SENDER_NOT_ALLOWED)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(OK)
@@ -98,13 +145,14 @@ class IngressHandler:
     ) -> str:
         if self.closing:
             return str(SHUTTING_DOWN)
-        if not self.allowed(session):
-            return str(ACCESS_DENIED)
+        if not self.permitted(session):
+            return str(self.denied())
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return str(TOO_MANY_RCPTS)
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return str(BAD_ADDRESS)
+        try:
+            address = addresses.recipient(address)
+        except addresses.AddressError as exc:
+            return str(self._address_reply(exc, sender=False))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return str(Reply(250, "2.1.5", "Ok"))
@@ -115,8 +163,10 @@ class IngressHandler:
         data = envelope.original_content
         if data is None:
             data = envelope.content if isinstance(envelope.content, bytes) else b""
+        prepare = self.preparer(server, session)
         env = Envelope(
-            sender=envelope.mail_from or "",
+            # the null reverse-path (bounces, DSNs) arrives as "<>" from aiosmtpd's parser
+            sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
             received_at=time.time(),
             client=session.peer[0] if session.peer else "",
@@ -124,7 +174,7 @@ class IngressHandler:
         )
         loop = asyncio.get_running_loop()
         self.busy.add(id(session))
-        commit = loop.run_in_executor(None, self.spool.accept, env, data)
+        commit = loop.run_in_executor(None, lambda: self.spool.accept(env, prepare(data)))
         # The commit runs to the end even if the client hangs up after the final dot;
         # the delivery pool hears about it whether or not this coroutine survives.
         commit.add_done_callback(self._committed)
@@ -147,6 +197,58 @@ class IngressHandler:
               sender=env.sender, recipients=list(env.recipients))
         return f"250 2.0.0 Ok: queued as {qid}"
 
+    # --- hardening: access, addresses, headers, AUTH -------------------------------
+
+    def permitted(self, session: Session) -> bool:
+        return bool(session.authenticated) or self.allowed(session)
+
+    def denied(self) -> Reply:
+        """530 when AUTH could help the client, else 554."""
+        return AUTH_REQUIRED if self.credentials is not None else ACCESS_DENIED
+
+    @staticmethod
+    def _address_reply(exc: addresses.AddressError, *, sender: bool) -> Reply:
+        if exc.kind == addresses.NON_ASCII:
+            return NON_ASCII_ADDRESS
+        if exc.kind == addresses.DOMAIN:
+            return SENDER_NOT_ALLOWED
+        base = BAD_SENDER if sender else BAD_ADDRESS
+        return Reply(base.code, base.status, f"{base.text}: {exc.reason}"[:200])
+
+    def preparer(self, server: SMTP, session: Session) -> Callable[[bytes], bytes]:
+        """Bcc out, Date/Message-ID in, Received first, then the DKIM signature.
+
+        Runs in the worker thread with the spool write, inside the shielded commit.
+        """
+        tls = server.transport is not None and server.transport.get_extra_info("ssl_object")
+        # RFC 3848 protocol names: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
+        protocol = ("ESMTP" if session.extended_smtp else "SMTP") + ("S" if tls else "") + (
+            "A" if session.authenticated else "")
+        now = time.time()
+        received = headers.received_line(
+            helo=session.host_name or "", client=session.peer[0] if session.peer else "",
+            hostname=self.hostname, protocol=protocol, now=now)
+
+        def prepare(data: bytes) -> bytes:
+            data = headers.prepare(data, received=received, hostname=self.hostname, now=now)
+            return self.signer(data) if self.signer is not None else data
+
+        return prepare
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd parses UTF-8 arguments (so non-ASCII addresses get 553 5.6.7, not 500)
+        # but SES cannot deliver SMTPUTF8 mail: never advertise it
+        out = [r for r in responses if r[4:].upper() != "SMTPUTF8"]
+        if self.credentials is None:
+            out = [r for r in out if not r[4:].upper().startswith("AUTH")]
+        out[:-1] = [r[:3] + "-" + r[4:] for r in out[:-1]]
+        out[-1] = out[-1][:3] + " " + out[-1][4:]
+        return out
+
     def _committed(self, fut: asyncio.Future[str]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
@@ -155,34 +257,106 @@ class IngressHandler:
 
 
 class Ingress:
-    """The listening SMTP server."""
+    """The listening SMTP server (and the implicit-TLS one when smtp.implicit_tls)."""
 
     def __init__(self, handler: IngressHandler, config: SmtpConfig) -> None:
         self.handler = handler
         self.config = config
         self.server: asyncio.base_events.Server | None = None
+        self.tls_server: asyncio.base_events.Server | None = None
+        self.tls_address: tuple[str, int] | None = None
         self.sessions: set[SMTP] = set()
+        self.tls_context = server_context(config)
+        self.limiter = ConnectionLimiter(total=config.max_connections,
+                                         per_client=config.max_connections_per_client)
+        self.plain_auth_networks = [ipaddress.ip_network(n, strict=False)
+                                    for n in config.allow_plain_auth_from]
 
-    def _protocol(self) -> SMTP:
+    def _plain_auth_allowed(self, peer: Any) -> bool:
+        try:
+            addr = ipaddress.ip_address(peer[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.plain_auth_networks)
+
+    def _protocol(self, implicit_tls: bool = False) -> SMTP:
         ingress = self
+        config = self.config
 
         class _SMTP(SMTP):
+            refused = False
+            counted = False
+            errors = 0
+            client = ""
+
             def connection_made(self, transport: Any) -> None:
-                ingress.sessions.add(self)
+                if self.transport is None:  # not the second call after STARTTLS
+                    peer = transport.get_extra_info("peername")
+                    self.client = peer[0] if isinstance(peer, tuple) else str(peer)
+                    cap = ingress.limiter.acquire(self.client)
+                    if cap:
+                        self.refused = True
+                        event(log, "refused", level=logging.WARNING, client=self.client,
+                              reason=f"{cap} reached")
+                        transport.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
+                        transport.close()
+                        return
+                    self.counted = True
+                    if implicit_tls or ingress._plain_auth_allowed(peer):
+                        self._auth_require_tls = False
+                    ingress.sessions.add(self)
                 super().connection_made(transport)
 
             def connection_lost(self, exc: Exception | None) -> None:
+                if self.refused:
+                    return
                 ingress.sessions.discard(self)
+                if self.counted:
+                    self.counted = False
+                    ingress.limiter.release(self.client)
                 super().connection_lost(exc)
 
+            async def push(self, status: Any) -> None:
+                if isinstance(status, str):
+                    status = REWRITES.get(status, status)
+                    if status.startswith("250 2.0.0"):
+                        self.errors = 0
+                    elif status[:1] in ("4", "5") and not status.startswith(NOT_ERRORS):
+                        self.errors += 1
+                await super().push(status)
+                if self.errors >= config.max_errors and self.transport is not None:
+                    event(log, "refused", level=logging.WARNING, client=self.client,
+                          reason="smtp.max_errors reached")
+                    self.errors = 0
+                    await super().push(str(TOO_MANY_ERRORS))
+                    self.transport.close()
+
+            async def smtp_DATA(self, arg: str) -> None:
+                # the whole DATA phase, upload and spool commit, gets smtp.data_timeout
+                self._reset_timeout(config.data_timeout)
+                await super().smtp_DATA(arg)
+
+            def _timeout_cb(self) -> None:
+                if isinstance(self.transport, asyncio.WriteTransport):
+                    self.transport.write(f"{TIMEOUT}\r\n".encode())
+                super()._timeout_cb()
+
+        exclude = None if self.handler.credentials is not None else ["PLAIN", "LOGIN"]
         return _SMTP(
             self.handler,
             data_size_limit=self.config.max_message_size,
-            enable_SMTPUTF8=False,
+            # parsed as UTF-8 so non-ASCII addresses get 553 5.6.7; never advertised
+            enable_SMTPUTF8=True,
             decode_data=False,
-            hostname=self.config.hostname or socket.getfqdn(),
+            hostname=self.handler.hostname,
             ident="relay ESMTP",
             timeout=self.config.timeout,
+            tls_context=None if implicit_tls else self.tls_context,
+            require_starttls=self.config.require_tls and not implicit_tls,
+            auth_require_tls=True,
+            auth_exclude_mechanism=exclude,
         )
 
     async def start(self) -> tuple[str, int]:
@@ -191,6 +365,12 @@ class Ingress:
             self._protocol, host=self.config.host, port=self.config.port, reuse_address=True
         )
         host, port = self.server.sockets[0].getsockname()[:2]
+        if self.config.implicit_tls and self.tls_context is not None:
+            self.tls_server = await loop.create_server(
+                lambda: self._protocol(implicit_tls=True), host=self.config.host,
+                port=self.config.tls_port, reuse_address=True, ssl=self.tls_context,
+            )
+            self.tls_address = self.tls_server.sockets[0].getsockname()[:2]
         return host, port
 
     async def close(self, grace: float = 5.0) -> None:
@@ -198,9 +378,14 @@ class Ingress:
         self.handler.closing = True
         if self.server is not None:
             self.server.close()
+        if self.tls_server is not None:
+            self.tls_server.close()
         deadline = time.monotonic() + grace
         while self.sessions and time.monotonic() < deadline:
             for proto in list(self.sessions):
+                if proto.transport is not None and proto.transport.is_closing():
+                    self.sessions.discard(proto)  # on its way out (e.g. TLS shutdown)
+                    continue
                 if proto.transport is None or id(proto.session) in self.handler.busy:
                     continue
                 proto.transport.write(f"{SHUTTING_DOWN}\r\n".encode())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,3 +184,18 @@ def moto_server() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+RECEIVED = re.compile(
+    rb"Received: from [^\r\n]+\r\n\tby [^\r\n]+ \(relay\) with E?SMTPS?A?;\r\n\t[^\r\n]+\r\n")
+
+
+def relayed(raw: bytes) -> bytes:
+    """The bytes after the relay's own Received line, which must come first.
+
+    The relay changes nothing else in a message that already has Date and Message-ID and
+    no Bcc header, so tests compare relayed(what SES got) with what the client sent.
+    """
+    m = RECEIVED.match(raw)
+    assert m, raw[:300]
+    return raw[m.end():]

@@ -14,7 +14,7 @@ import pytest
 from relay.queue import Queue, arrival, bucket
 from relay.sandbox import SandboxState, SandboxThread
 from relay.spool import Envelope, Spool, State
-from tests.conftest import ROOT, RelayProcess, wait_for
+from tests.conftest import ROOT, RelayProcess, relayed, wait_for
 from tests.test_spine import message, send
 
 #: long enough that nothing deferred comes back by itself during a test
@@ -81,7 +81,7 @@ def test_deferred_message_replayed_with_retry(start_relay, tmp_path):
         wait_for(lambda: state.accepted(), 5)
         wait_for(lambda: not relay.queued("active") and not relay.queued("deferred"), 5)
         calls = state.accepted()
-        assert len(calls) == 1 and calls[0].raw == message("replay")
+        assert len(calls) == 1 and relayed(calls[0].raw) == message("replay")
         assert calls[0].recipients == ["a@example.net", "b@example.org"]
         # logged outcomes, recipients hashed
         assert relay.find("accepted", queue_id=qid) and relay.find("deferred", queue_id=qid)
@@ -108,7 +108,7 @@ def test_held_message_is_never_sent_until_released(start_relay):
 
         state.sending_enabled = True  # the pool probes GetAccount and resumes
         wait_for(lambda: len(state.accepted()) == 1, 20)
-        assert state.accepted()[0].raw == message("free")
+        assert relayed(state.accepted()[0].raw) == message("free")
         # the pool scans every 0.1 s: let it pass over hold/ many times
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
@@ -124,7 +124,7 @@ def test_held_message_is_never_sent_until_released(start_relay):
         out = relay_cli(relay, "queue", "release", held)
         assert out.returncode == 0 and "hold -> active" in out.stdout
         wait_for(lambda: len(state.accepted()) == 2, 5)
-        assert state.accepted()[1].raw == message("held")
+        assert relayed(state.accepted()[1].raw) == message("held")
         wait_for(lambda: not relay.queued("active"), 5)
         assert free  # delivered first, once
         assert [c.recipients for c in state.accepted()] == [["free@example.net"],
@@ -177,7 +177,7 @@ def test_delete_asks_unless_yes_and_requeue_retries_failed(start_relay):
         assert json.loads(out.stdout) == {"id": failed, "ok": True,
                                           "result": "failed -> active (requeued)"}
         wait_for(lambda: state.accepted(), 5)
-        assert [c.raw for c in state.accepted()] == [message("rejected")]
+        assert [relayed(c.raw) for c in state.accepted()] == [message("rejected")]
         wait_for(lambda: not relay.queued("active") and not relay.queued("failed"), 5)
         assert relay.find("failed", queue_id=failed)
 

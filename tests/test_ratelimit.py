@@ -57,14 +57,20 @@ def test_capacity_is_the_integer_rate_and_oversize_is_refused():
         lim.reserve(15, 0.0)
 
 
-def test_throttle_halves_and_recovers_slowly():
+def test_throttle_cuts_the_rate_widens_the_guard_and_recovers_slowly():
     lim = RateLimiter(40, recovery_per_second=0.05)
+    window = lim.window
     lim.throttled(100.0)
-    assert lim.rate(100.0) == pytest.approx(20)
+    assert lim.rate(100.0) == pytest.approx(30)
+    assert lim.window > window
     lim.throttled(100.0)
-    assert lim.rate(100.0) == pytest.approx(10)
-    assert 10 < lim.rate(105.0) < 40
+    assert lim.rate(100.0) == pytest.approx(22.5)
+    assert 22.5 < lim.rate(105.0) < 40
     assert lim.rate(200.0) == pytest.approx(40)
+    for _ in range(50):
+        lim.throttled(200.0)
+    assert lim.rate(200.0) == pytest.approx(4)  # never below a tenth
+    assert lim.window <= 1.05 + 1e-9
 
 
 def test_quota_takes_and_gives_back():
@@ -76,3 +82,29 @@ def test_quota_takes_and_gives_back():
     assert q.take(5) == 5 and q.take(1) == 0
     q.update(-1, 0)
     assert q.remaining == math.inf
+
+
+def test_late_departure_pushes_the_next_call():
+    lim = RateLimiter(2, guard=0.0)
+    # two calls booked at 0 and 0.5, but the first one actually leaves late, at 0.6
+    assert lim.reserve(1, 0.0) == 0.0 and lim.reserve(1, 0.0) == 0.5
+    assert lim.depart(1, 0.6) == 0.0
+    assert lim.depart(1, 0.61) == 0.0
+    t2 = lim.reserve(1, 0.61)
+    # a third call may not leave until the late first one is a full window old
+    assert lim.depart(1, max(t2, 1.0)) == pytest.approx(0.6, abs=1e-9)
+    assert lim.depart(1, 1.6) == 0.0
+
+
+def test_sandbox_counts_every_window_even_out_of_order():
+    from relay.sandbox import SandboxState
+
+    st = SandboxState(max_send_rate=3)
+    assert st._admit(1, 10.0) is None
+    assert st._admit(1, 10.9) is None
+    assert st._admit(1, 10.5) is None  # out of order, still 3 in [10.0, 11.0)
+    assert st._admit(1, 10.2) is not None  # a 4th inside that second
+    assert st._admit(1, 11.0) is None  # [10.5, 11.5) holds 10.5, 10.9, 11.0
+    assert st._admit(1, 11.1) is not None  # ... and would hold a 4th
+    assert st._admit(1, 11.6) is None  # [10.9, 11.9) holds 10.9, 11.0, 11.6
+    assert st.throttles == 2

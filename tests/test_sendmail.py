@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.sendmail import header_recipients, normalize_argv, read_message
-from tests.conftest import ROOT, RelayProcess, wait_for
+from tests.conftest import ROOT, RelayProcess, relayed, wait_for
 
 MESSAGE = (
     "From: Reports <reports@example.com>\n"
@@ -20,6 +21,7 @@ MESSAGE = (
     "Bcc: secret@example.org,\n"
     "  other@example.org\n"
     "Subject: nightly report\n"
+    "Date: Mon, 23 Nov 2026 00:00:00 +0000\n"
     "Message-ID: <nightly-1@example.com>\n"
     "\n"
     "Totals: 3\n"
@@ -30,11 +32,14 @@ WITHOUT_BCC = (
     "To: Ann <ann@example.net>\r\n"
     "Cc: \"Bo, B.\" <bo@example.net>\r\n"
     "Subject: nightly report\r\n"
+    "Date: Mon, 23 Nov 2026 00:00:00 +0000\r\n"
     "Message-ID: <nightly-1@example.com>\r\n"
     "\r\n"
     "Totals: 3\r\n"
     "Bcc: this line is body, not a header\r\n"
 ).encode()
+LOCAL_RECEIVED = re.compile(
+    rb"Received: from [^\r\n]+\r\n\tby [^\r\n]+ \(relay\) with local;\r\n\t[^\r\n]+\r\n")
 ALL = ["ann@example.net", "bo@example.net", "secret@example.org", "other@example.org"]
 
 
@@ -61,7 +66,7 @@ def test_dash_t_delivers_to_to_cc_and_bcc_and_strips_bcc(start_relay, sandbox):
     assert len(calls) == 1
     assert calls[0].recipients == ALL
     assert calls[0].sender == "reports@example.com"  # from the From header without -f
-    assert calls[0].raw == WITHOUT_BCC
+    assert relayed(calls[0].raw) == WITHOUT_BCC
     assert relay.find("accepted")
 
 
@@ -76,7 +81,10 @@ def test_spool_used_when_the_relay_is_not_running(start_relay, sandbox):
     relay.start()
     calls = wait_for(lambda: sandbox.state.accepted(), 20)
     assert calls[0].recipients == ALL and calls[0].sender == "bounces@example.com"
-    assert calls[0].raw == WITHOUT_BCC
+    # the same header changes as the SMTP ingress makes, with a Received line of its own
+    m = LOCAL_RECEIVED.match(calls[0].raw)
+    assert m, calls[0].raw[:300]
+    assert calls[0].raw[m.end():] == WITHOUT_BCC
 
 
 def test_errors_name_what_is_wrong(start_relay, sandbox):
@@ -131,8 +139,11 @@ def test_a_program_that_pipes_to_sendmail(start_relay, sandbox, tmp_path: Path, 
     calls = wait_for(lambda: sandbox.state.accepted(), 20)
     assert calls[0].recipients == ["ops@example.net"]
     assert calls[0].sender == "cron@example.com"
-    assert calls[0].raw == (b"From: cron@example.com\r\nTo: ops@example.net\r\n"
-                            b"Subject: disk report\r\n\r\nall fine\r\n.\r\nstill the body\r\n")
+    head, body = relayed(calls[0].raw).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"From: cron@example.com\r\nTo: ops@example.net\r\n"
+                           b"Subject: disk report\r\nDate: ")
+    assert b"\r\nMessage-ID: <" in head  # added by the relay, as for any SMTP client
+    assert body == b"all fine\r\n.\r\nstill the body\r\n"
 
 
 @pytest.mark.parametrize("raw,dot_ends,expected", [

@@ -1,0 +1,148 @@
+"""Connection caps, the per-session error cap, command/data timeouts and AUTH throttling."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from relay.limits import AuthThrottle, ConnectionLimiter
+from tests.ingress_server import Raw, make_ingress
+
+
+@pytest.fixture
+def ingress(tmp_path: Path) -> Iterator:
+    start = make_ingress(tmp_path)
+    yield start
+    for server in start.started:
+        server.stop()
+
+
+def _open(port: int, source: str = "127.0.0.1") -> Raw:
+    raw = Raw.__new__(Raw)
+    raw.sock = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                        source_address=(source, 0))
+    raw.file = raw.sock.makefile("rb")
+    return raw
+
+
+def test_per_client_connection_cap_answers_421(ingress):
+    server = ingress(max_connections_per_client=2)
+    a, b = _open(server.port), _open(server.port)
+    try:
+        assert a.reply().startswith(b"220") and b.reply().startswith(b"220")
+        with _open(server.port) as c:
+            assert c.reply().startswith(b"421 4.7.0")
+            assert c.reply() == b""  # and the connection is closed
+        # another client address still gets in
+        with _open(server.port, "127.0.0.2") as d:
+            assert d.reply().startswith(b"220")
+        a.cmd(b"QUIT")
+        a.close()
+        # a freed slot can be taken again
+        def fresh() -> bytes:
+            with _open(server.port) as e:
+                return e.reply()
+        from tests.conftest import wait_for
+        wait_for(lambda: fresh().startswith(b"220"), 10)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_total_connection_cap_answers_421(ingress):
+    server = ingress(max_connections=3)
+    held = [_open(server.port, f"127.0.0.{i}") for i in (1, 2, 3)]
+    try:
+        for h in held:
+            assert h.reply().startswith(b"220")
+        with _open(server.port, "127.0.0.4") as c:
+            assert c.reply().startswith(b"421 4.7.0")
+    finally:
+        for h in held:
+            h.close()
+
+
+def test_too_many_errors_closes_the_session_with_421(ingress):
+    server = ingress(max_errors=5)
+    with Raw(server.port) as c:
+        c.reply()
+        c.cmd(b"EHLO client.example")
+        replies = [c.cmd(b"BOGUS %d" % i) for i in range(4)]
+        assert all(r.startswith(b"500") for r in replies)
+        c.send(b"RCPT TO:<a@example.net>\r\n")
+        assert c.reply().startswith(b"503")
+        assert c.reply().startswith(b"421 4.7.0")
+        assert c.reply() == b""
+
+
+def test_recipient_limit_replies_do_not_count_as_errors(ingress):
+    server = ingress(max_errors=3, max_recipients=2)
+    with Raw(server.port) as c:
+        c.reply()
+        c.cmd(b"EHLO client.example")
+        c.cmd(b"MAIL FROM:<app@example.com>")
+        replies = [c.cmd(b"RCPT TO:<r%d@example.net>" % i) for i in range(10)]
+        assert [r[:3] for r in replies] == [b"250"] * 2 + [b"452"] * 8
+        assert c.cmd(b"DATA").startswith(b"354")
+        c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        assert c.reply().startswith(b"250 2.0.0")
+
+
+def test_idle_client_gets_421_timeout_and_is_closed(ingress):
+    server = ingress(timeout=0.5)
+    with Raw(server.port) as c:
+        assert c.reply().startswith(b"220")
+        assert c.reply().startswith(b"421 4.4.2")  # bounded by the socket's 30 s timeout
+        assert c.reply() == b""
+
+
+def test_stalled_data_transfer_times_out(ingress):
+    server = ingress(timeout=60.0, data_timeout=0.5)
+    with Raw(server.port) as c:
+        c.reply()
+        c.cmd(b"EHLO client.example")
+        c.cmd(b"MAIL FROM:<app@example.com>")
+        c.cmd(b"RCPT TO:<a@example.net>")
+        assert c.cmd(b"DATA").startswith(b"354")
+        c.send(b"Subject: x\r\n\r\nhalf a mess")
+        assert c.reply().startswith(b"421 4.4.2")
+    assert server.messages() == []
+
+
+def test_connection_limiter_table():
+    lim = ConnectionLimiter(total=3, per_client=2)
+    assert lim.acquire("a") == "" and lim.acquire("a") == ""
+    assert lim.acquire("a") == "smtp.max_connections_per_client"
+    assert lim.acquire("b") == ""
+    assert lim.acquire("c") == "smtp.max_connections"
+    lim.release("a")
+    assert lim.acquire("c") == "" and lim.count == 3
+    for who in ("a", "b", "c"):
+        lim.release(who)
+    assert lim.count == 0 and not lim.open
+
+
+def test_auth_throttle_delays_grow_then_lockout_expires():
+    now = [1000.0]
+    t = AuthThrottle(delay=1.0, max_failures=4, lockout=60.0, clock=lambda: now[0])
+    assert [t.failure("ip") for _ in range(3)] == [0.0, 1.0, 2.0]
+    assert t.locked("ip") == 0
+    t.failure("ip")
+    assert t.locked("ip") == 60.0 and t.locked("other") == 0
+    now[0] += 59
+    assert t.locked("ip") == pytest.approx(1.0)
+    now[0] += 2
+    assert t.locked("ip") == 0
+    # failures older than the lockout window are forgotten
+    assert t.failure("ip") == 0.0
+    t.failure("ip")
+    t.success("ip")
+    assert t.failure("ip") == 0.0
+
+
+def test_auth_throttle_delay_is_capped():
+    t = AuthThrottle(delay=10.0, max_failures=100, lockout=60.0, clock=lambda: 0.0)
+    assert max(t.failure("ip") for _ in range(20)) == 30.0
