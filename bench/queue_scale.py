@@ -3,7 +3,8 @@
     python bench/queue_scale.py [--messages 100000] [--serve-seconds 10]
 
 Fills a fresh spool (fsync off, arrival times spread over two days, 60% deferred, 35%
-active, 5% hold), times `relay queue stats` with and without the deferred-domain table,
+active, 5% hold), times `relay queue stats` (deferred-domain table sampled, --exact, and
+--no-domains),
 then runs `relay serve` on it under /usr/bin/time -v (embedded sandbox, sending enabled)
 and prints its peak RSS beside the same run on a spool of 1,000. Prints a table.
 """
@@ -93,16 +94,17 @@ def main() -> None:
             cfg = config(root, root / "spool")
             relay = [sys.executable, "-m", "relay", "queue"]
             t_stats, out, _ = run(relay + ["stats", "-c", str(cfg)])
+            t_exact, _, _ = run(relay + ["stats", "--exact", "-c", str(cfg)])
             t_fast, _, _ = run(relay + ["stats", "--no-domains", "-c", str(cfg)])
             rss, sent = serve_rss(cfg, args.serve_seconds)
-            rows.append((n, filled, t_stats, t_fast, rss, sent))
+            rows.append((n, filled, t_stats, t_exact, t_fast, rss, sent))
             if n == args.messages:
                 print(out)
-    print(f"{'messages':>9} {'fill s':>7} {'stats s':>8} {'stats --no-domains s':>21} "
-          f"{'serve peak RSS MB':>18} {'sent in run':>11}")
-    for n, filled, t_stats, t_fast, rss, sent in rows:
-        print(f"{n:>9} {filled:>7.1f} {t_stats:>8.2f} {t_fast:>21.2f} {rss / 1024:>18.1f} "
-              f"{sent:>11}")
+    print(f"{'messages':>9} {'fill s':>7} {'stats s':>8} {'--exact s':>10} "
+          f"{'--no-domains s':>15} {'serve peak RSS MB':>18} {'sent in run':>11}")
+    for n, filled, t_stats, t_exact, t_fast, rss, sent in rows:
+        print(f"{n:>9} {filled:>7.1f} {t_stats:>8.2f} {t_exact:>10.2f} {t_fast:>15.2f} "
+              f"{rss / 1024:>18.1f} {sent:>11}")
 
 
 if __name__ == "__main__":
