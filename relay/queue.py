@@ -101,6 +101,8 @@ class Queue:
         doc: dict[str, Any] = {"id": qid, "state": state.value, "arrival": born,
                                "age": round(max(0.0, now - born), 3)}
         if rec is None:
+            if not path.is_dir():
+                return None  # moved on between the stat and the read
             doc["error"] = f"{ENVELOPE} unreadable"
             return doc
         doc.update(
