@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--senders", help="comma list of addresses and @domains the user may "
                    "send as (default: keep; empty string: any)")
     p.set_defaults(func=cmd_passwd)
+    from relay import feedback_cli
+
+    feedback_cli.add_parsers(sub, common)
 
     add_operator_commands(sub, common)
     return parser

@@ -56,6 +56,7 @@ class SmtpConfig:
     max_connections_per_client: int = 50
     max_errors: int = 20
     data_timeout: float = _duration(default=600.0)
+    reject_suppressed: bool = False
 
     def check(self) -> None:
         _port("smtp.port", self.port)
@@ -140,17 +141,54 @@ class DeliveryConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: str = ""
+    retention: float = _duration(default=90 * 86400.0)
 
     def check(self) -> None:
-        pass
+        if self.url and not re.match(r"(sqlite|postgresql)(\+\w+)?://", self.url):
+            raise ConfigError("database.url",
+                              f"must be a sqlite:// or postgresql:// URL, got {self.url!r}")
+        if self.retention <= 0:
+            raise ConfigError("database.retention", "must be above 0")
 
 
 @dataclass(frozen=True)
 class FeedbackConfig:
     sqs_queue_url: str = ""
+    sqs_endpoint_url: str = ""
+    wait_time: float = _duration(default=20.0)
+    max_messages: int = 10
+    soft_bounce_limit: int = 3
+    topic_arns: tuple[str, ...] = ()
+    sns_endpoint: bool = False
+    max_bounce_rate: float = 0.04
+    max_complaint_rate: float = 0.0008
+    min_sample: int = 200
+    reputation_window: float = _duration(default=86400.0)
+    guard_interval: float = _duration(default=30.0)
 
     def check(self) -> None:
-        pass
+        url = self.sqs_endpoint_url
+        if url and url != SANDBOX and not re.match(r"https?://[^/]+", url):
+            raise ConfigError("feedback.sqs_endpoint_url", f"must be an http(s) URL, got {url!r}")
+        if not 0 <= self.wait_time <= 20:
+            raise ConfigError("feedback.wait_time", "must be between 0 and 20 seconds (SQS limit)")
+        if not 1 <= self.max_messages <= 10:
+            raise ConfigError("feedback.max_messages", "must be between 1 and 10 (SQS limit)")
+        if self.soft_bounce_limit < 1:
+            raise ConfigError("feedback.soft_bounce_limit", "must be at least 1")
+        for arn in self.topic_arns:
+            if not re.fullmatch(r"arn:aws(-[a-z]+)*:sns:[a-z0-9-]+:\d{12}:[\w-]+", arn):
+                raise ConfigError("feedback.topic_arns", f"not an SNS topic ARN: {arn!r}")
+        if self.sns_endpoint and not self.topic_arns:
+            raise ConfigError("feedback.topic_arns",
+                              "must list the accepted topics when feedback.sns_endpoint is on")
+        for key in ("max_bounce_rate", "max_complaint_rate"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"feedback.{key}", "must be a fraction above 0 and at most 1")
+        if self.min_sample < 1:
+            raise ConfigError("feedback.min_sample", "must be at least 1")
+        if self.reputation_window <= 0 or self.guard_interval <= 0:
+            raise ConfigError("feedback.guard_interval", "durations must be above 0")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Counters are fed by the delivery pool's Listener port (outcomes), by TimedSender (each
 SendEmail call's latency and outcome), and by the SMTP ingress (sessions, replies by
 code); spool depth and oldest age per state are read from directory names when scraped.
-Served at /metrics by relay.admin; wired by relay.service. Other parts (feedback,
-suppression) report through Metrics.feedback() and Metrics.suppressions.
+Feedback events by type and the suppression list size are counted in the database
+(relay.db) at scrape time. Served at /metrics by relay.admin; wired by relay.service.
 """
 
 from __future__ import annotations
@@ -89,13 +89,20 @@ class Metrics:
                                   ["outcome"], registry=r)
         self.recipients_sent = Counter("relay_recipients_sent",
                                        "Recipients accepted by SES", registry=r)
-        self.feedback_events = Counter("relay_feedback_events", "SES feedback events by type",
-                                       ["type"], registry=r)
         self.suppressed = Counter("relay_suppressed_recipients",
                                   "Recipients dropped at delivery time as suppressed",
                                   registry=r)
+        #: from the database at each scrape (refresh()): feedback events by type, list size
+        self.feedback_events = Gauge("relay_feedback_events",
+                                     "SES feedback events recorded, by type", ["type"],
+                                     registry=r)
         self.suppressions = Gauge("relay_suppressions", "Addresses on the suppression list",
                                   registry=r)
+        self.extra = Gauge("relay_feedback_state", "Feedback ingester and reputation guard "
+                           "numbers (messages by outcome, bounce and complaint rates)",
+                           ["name"], registry=r)
+        self._db: Any = None
+        self._extra: Callable[[], dict[str, float]] | None = None
         self.rate = Gauge("relay_send_rate", "Current sending rate (recipients/s)", registry=r)
         self.rate_configured = Gauge("relay_send_rate_configured",
                                      "Configured sending rate (recipients/s)", registry=r)
@@ -118,8 +125,42 @@ class Metrics:
         if code.isdigit():
             self.smtp_replies.labels(code).inc()
 
-    def feedback(self, kind: str) -> None:
-        self.feedback_events.labels(kind).inc()
+    def use_database(self, db: Any, extra: Callable[[], dict[str, float]] | None = None) -> None:
+        """Read feedback events and suppressions from relay.db at each scrape."""
+        self._db = db
+        self._extra = extra
+
+    async def refresh(self) -> None:
+        """Before a scrape: the numbers that live in the database (one short query each)."""
+        if self._extra is not None:
+            for name, val in self._extra().items():
+                self.extra.labels(name).set(val)
+        if self._db is None:
+            return
+        from sqlalchemy import func, select
+
+        from relay.db import FeedbackEvent, Suppression
+
+        async with self._db.engine.connect() as conn:
+            total = await conn.execute(select(func.count()).select_from(Suppression))
+            self.suppressions.set(total.scalar_one())
+            rows = await conn.execute(
+                select(FeedbackEvent.kind, func.count()).group_by(FeedbackEvent.kind))
+            for kind, n in rows.all():
+                self.feedback_events.labels(kind).set(n)
+
+    async def database_problem(self) -> str:
+        """"" when the database answers, else why not (for /readyz)."""
+        if self._db is None:
+            return ""
+        from sqlalchemy import text
+
+        try:
+            async with self._db.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return f"database unreachable: {type(exc).__name__}: {exc}"[:300]
+        return ""
 
     async def outcome(self, kind: str, record: Record, recipients: Sequence[str], *,
                       ses_message_id: str = "", error: str = "") -> None:

@@ -4,6 +4,8 @@ It answers SESv2 SendEmail and GetAccount as SES does (same paths, JSON and erro
 headers, so the real aioboto3 client talks to it unchanged), writes every accepted
 message as an .eml file a person can open, enforces the account's per-second rate and
 24-hour quota (429 when exceeded), and plays scripted faults and latency for tests.
+Mailbox-simulator recipients produce SES notifications on an SQS-compatible queue
+(relay.simulator); ListSuppressedDestinations answers from account_suppressed.
 Started by relay.service when ses.endpoint_url = "sandbox", or by tests in a thread.
 """
 
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from relay.simulator import SqsQueue, notifications, sns_envelope, suppressed_page
 
 #: Faults a test can script, with the HTTP status and SES error code each answers.
 FAULTS: dict[str, tuple[int, str, str]] = {
@@ -73,6 +77,10 @@ class SandboxState:
     calls: list[Call] = field(default_factory=list)
     throttles: int = 0
     quota_exceeded: int = 0
+    #: SNS-wrapped SES notifications for mailbox-simulator recipients, served as SQS
+    feedback: SqsQueue = field(default_factory=SqsQueue)
+    #: SES's account-level suppression list: address -> BOUNCE or COMPLAINT
+    account_suppressed: dict[str, str] = field(default_factory=dict)
     _window: list[tuple[float, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -153,6 +161,8 @@ class Sandbox:
         self.app = web.Application(client_max_size=48 * 1024 * 1024)
         self.app.router.add_post("/v2/email/outbound-emails", self.send_email)
         self.app.router.add_get("/v2/email/account", self.get_account)
+        self.app.router.add_post("/", self.state.feedback.handle)
+        self.app.router.add_get("/v2/email/suppression/addresses", self.list_suppressed)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -166,6 +176,7 @@ class Sandbox:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        self.state.feedback.closing = True
         if self._runner:
             await self._runner.cleanup()
             self._runner = None
@@ -239,6 +250,9 @@ class Sandbox:
             await asyncio.to_thread(self._write, call.message_id, data)
         with st.lock:
             st.calls.append(call)
+        for doc in notifications(message_id=call.message_id, sender=call.sender,
+                                 recipients=rcpts, raw=data):
+            st.feedback.send(sns_envelope(doc))
         return web.json_response({"MessageId": call.message_id})
 
     def _write(self, message_id: str, data: bytes) -> None:
@@ -247,6 +261,13 @@ class Sandbox:
         tmp = self.state.outbox / f".{message_id}.tmp"
         tmp.write_bytes(data)
         tmp.rename(self.state.outbox / f"{message_id}.eml")
+
+    async def list_suppressed(self, request: web.Request) -> web.Response:
+        size = max(1, min(int(request.query.get("PageSize", "100") or 100), 1000))
+        with self.state.lock:
+            listed = dict(self.state.account_suppressed)
+        return web.json_response(suppressed_page(listed, page_size=size,
+                                                 token=request.query.get("NextToken", "")))
 
     async def get_account(self, request: web.Request) -> web.Response:
         st = self.state

@@ -17,11 +17,17 @@ import sys
 import time
 from typing import Callable
 
+from aiohttp import web
+
 from relay import dsn
 from relay.admin import Admin, spool_writable
 from relay.auth import Credentials
 from relay.config import SANDBOX, Config
+from relay.db import Database
 from relay.delivery import DeliveryPool
+from relay.feedback import Applied, FeedbackStore
+from relay.guard import ReputationGuard
+from relay.ingester import SqsIngester, queue_region
 from relay.log import event
 from relay.metrics import Metrics, TimedSender, instrument_ingress
 from relay.ratelimit import RateLimiter
@@ -29,7 +35,10 @@ from relay.retry import RetryPolicy
 from relay.sandbox import Sandbox, SandboxState
 from relay.ses import SesClient
 from relay.smtp import Ingress, IngressHandler
+from relay.sns import SnsEndpoint
 from relay.spool import Envelope, Record, Spool, State
+from relay.suppression import SuppressionList
+from relay.tracking import MessageLog
 
 log = logging.getLogger("relay.service")
 
@@ -66,9 +75,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         credentials = ("sandbox", "sandbox")
         event(log, "sandbox", url=endpoint, outbox=str(config.sandbox_dir))
 
+    # suppression list, message log, feedback ingester, reputation guard (relay.db)
+    feedback = await Feedback.open(config, spool)
+
     dcfg = config.delivery
     reporting_mta = config.smtp.hostname or socket.getfqdn()
-    pool_ref: list[DeliveryPool] = []
+    queued_ref: list[Callable[[str], None]] = []
 
     async def on_failed(record: Record, reason: str) -> None:
         """A permanent failure: tell the envelope sender (RFC 3464) when configured."""
@@ -81,30 +93,37 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         qid = await asyncio.to_thread(spool.accept, env, body)
         event(log, "dsn_queued", queue_id=qid, original_queue_id=record.id,
               recipient=record.envelope.sender)
-        pool_ref[0].notify(qid)
+        queued_ref[0](qid)
 
     async with SesClient(config.ses, endpoint_url=endpoint, static_credentials=credentials,
                          max_connections=dcfg.max_concurrency,
                          stamp_departures=endpoint is not None) as ses:
         metrics = Metrics(spool=spool)
         pool = DeliveryPool(
-            spool=spool, sender=TimedSender(ses, metrics), accounts=ses, listeners=[metrics],
+            spool=spool, sender=TimedSender(ses, metrics), accounts=ses,
             limiter=RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard),
             policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
             max_rate=dcfg.max_rate, max_concurrency=dcfg.max_concurrency,
             ready_queue=dcfg.ready_queue, scan_interval=dcfg.scan_interval,
             throttle_retry=dcfg.throttle_retry, account_refresh=dcfg.account_refresh,
             pause_probe_interval=dcfg.pause_probe_interval, on_failed=on_failed,
+            suppressions=feedback.suppressions, listeners=[feedback.log, metrics],
         )
-        pool_ref.append(pool)
+        queued = feedback.on_queued(pool.notify)
+        queued_ref.append(queued)
+        # before the pool starts: a relay restarted while the guard had paused it stays paused
+        await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials)
         await pool.start()
         auth_users, dkim_signer = _ingress_security(config)
-        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=pool.notify,
+        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=queued,
                                  credentials=auth_users, signer=dkim_signer)
+        if config.smtp.reject_suppressed:
+            handler.rcpt_check = feedback.rcpt_suppressed
         ingress = Ingress(handler, config.smtp)
         # metrics: SMTP sessions and replies, messages accepted, pool gauges
         instrument_ingress(ingress, metrics)
-        handler.on_queued = _counted(metrics, pool.notify)
+        handler.on_queued = _counted(metrics, queued)
+        metrics.use_database(feedback.db, feedback.stats)
         metrics.watch(rate=lambda: pool.limiter.rate(time.monotonic()),
                       configured=lambda: pool.limiter.configured,
                       paused=lambda: pool.paused)
@@ -120,7 +139,13 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
                 problems.append("shutting down")
             return problems
 
-        admin = Admin(checks=checks, metrics=metrics.render)
+        async def database_checks() -> list[str]:
+            problem = await metrics.database_problem()
+            return [problem] if problem else []
+
+        admin = Admin(checks=checks, metrics=metrics.render, refresh=metrics.refresh,
+                      async_checks=database_checks)
+        feedback.add_routes(admin.app)
         admin_addr = ""
         if config.admin.enabled:
             host, port = await admin.start(config.admin.host, config.admin.port)
@@ -134,6 +159,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         await ingress.close(grace=2.0)
         await pool.stop(dcfg.shutdown_timeout)
         await admin.stop()
+        await feedback.stop()
     if sandbox is not None:
         await sandbox.stop()
     event(log, "stopped")
@@ -148,6 +174,130 @@ def _ingress_security(
     credentials = Credentials(config.smtp.auth_file) if config.smtp.auth_file else None
     signer = DkimSigner(config.dkim).sign if config.dkim.enabled else None
     return credentials, signer
+
+
+# -- suppression list, message log, feedback ingester, reputation guard ---------------
+
+
+class Feedback:
+    """The database-backed parts, wired around one delivery pool."""
+
+    def __init__(self, config: Config, spool: Spool, db: Database) -> None:
+        self.config = config
+        self.db = db
+        self.suppressions = SuppressionList(db)
+        self.log = MessageLog(db, spool=spool)
+        self.store = FeedbackStore(db, soft_bounce_limit=config.feedback.soft_bounce_limit)
+        self.ingester: SqsIngester | None = None
+        self.guard: ReputationGuard | None = None
+        self.sns: SnsEndpoint | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(cls, config: Config, spool: Spool) -> Feedback:
+        db = await Database.open(config.database.url, config.spool.dir)
+        return cls(config, spool, db)
+
+    def on_queued(self, notify: Callable[[str], None]) -> Callable[[str], None]:
+        """Ingress callback: write the queued rows, then hand the message to delivery."""
+
+        async def queued(qid: str) -> None:
+            try:
+                await self.log.queued(qid)
+            except Exception as exc:  # noqa: BLE001 - the log must never hold up mail
+                event(log, "log_error", level=logging.WARNING, queue_id=qid, error=str(exc))
+            notify(qid)
+
+        def callback(qid: str) -> None:
+            task = asyncio.get_running_loop().create_task(queued(qid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return callback
+
+    async def rcpt_suppressed(self, address: str) -> bool:
+        """RCPT-time check; on a database error accept (delivery checks again)."""
+        try:
+            return await self.suppressions.is_suppressed(address)
+        except Exception as exc:  # noqa: BLE001 - never a 500 at RCPT
+            event(log, "suppression_check_failed", level=logging.WARNING, error=str(exc))
+            return False
+
+    async def start(self, pool: DeliveryPool, *, ses_endpoint: str | None,
+                    credentials: tuple[str, str] | None) -> None:
+        fcfg = self.config.feedback
+        await self.log.start()
+        self.guard = ReputationGuard(
+            db=self.db, pause=pool.pause, resume=pool.resume,
+            paused_reason=lambda: pool.paused_reason,
+            max_bounce_rate=fcfg.max_bounce_rate, max_complaint_rate=fcfg.max_complaint_rate,
+            min_sample=fcfg.min_sample, window=fcfg.reputation_window,
+            interval=fcfg.guard_interval,
+        )
+        await self.guard.start()
+        queue_url, sqs_endpoint, creds = fcfg.sqs_queue_url, fcfg.sqs_endpoint_url, None
+        if self.config.ses.endpoint_url == SANDBOX and ses_endpoint:
+            # the embedded sandbox serves the simulator's feedback as an SQS queue
+            if not queue_url or sqs_endpoint == SANDBOX:
+                queue_url = queue_url or f"{ses_endpoint}/queue/feedback"
+                sqs_endpoint, creds = ses_endpoint, credentials
+        if queue_url:
+            self.ingester = SqsIngester(
+                store=self.store, queue_url=queue_url,
+                region=queue_region(queue_url, self.config.ses.region),
+                endpoint_url=sqs_endpoint or None, static_credentials=creds,
+                wait_time=fcfg.wait_time, max_messages=fcfg.max_messages,
+                on_applied=self._applied,
+            )
+            await self.ingester.start()
+        if fcfg.sns_endpoint:
+            self.sns = SnsEndpoint(store=self.store, topic_arns=fcfg.topic_arns,
+                                   on_applied=self._applied)
+        self._tasks.add(asyncio.create_task(self._prune()))
+
+    def stats(self) -> dict[str, float]:
+        """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""
+        out: dict[str, float] = {}
+        if self.ingester is not None:
+            out.update({f"feedback_{k}": float(v) for k, v in self.ingester.counts.items()})
+        if self.sns is not None:
+            out["sns_rejected"] = float(self.sns.rejected)
+        if self.guard is not None:
+            rates = self.guard.last
+            out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
+                       reputation_sample=float(rates.sent),
+                       reputation_paused=float(self.guard.paused_reason().startswith("reputation:")))
+        return out
+
+    async def _applied(self, applied: Applied) -> None:
+        if self.guard is not None:
+            self.guard.kick()
+
+    async def _prune(self) -> None:
+        while True:
+            try:
+                removed = await self.log.prune(self.config.database.retention)
+                if removed:
+                    event(log, "log_pruned", rows=removed)
+            except Exception as exc:  # noqa: BLE001
+                event(log, "log_error", level=logging.WARNING, error=str(exc))
+            await asyncio.sleep(3600)
+
+    def add_routes(self, app: web.Application) -> None:
+        if self.sns is not None:
+            app.router.add_post("/sns", self.sns.handle)
+
+    async def stop(self) -> None:
+        for part in (self.ingester, self.guard):
+            if part is not None:
+                await part.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sns is not None:
+            await self.sns.close()
+        await self.log.stop()
+        await self.db.close()
 
 
 def _counted(metrics: Metrics, notify: Callable[[str], None]) -> Callable[[str], None]:

@@ -9,7 +9,7 @@ classes (relay.errors.classify). Built by relay.service; implements the Sender p
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import aioboto3
 import aiohttp
@@ -100,6 +100,18 @@ class SesClient:
             enforcement_status=str(resp.get("EnforcementStatus", "")),
             production_access=bool(resp.get("ProductionAccessEnabled", False)),
         )
+
+    async def suppressed_destinations(self) -> AsyncIterator[tuple[str, str]]:
+        """SES's account-level suppression list (ListSuppressedDestinations), every page."""
+        params: dict[str, Any] = {"PageSize": 1000}
+        while True:
+            resp = await self._call("list_suppressed_destinations", params)
+            for item in resp.get("SuppressedDestinationSummaries", []):
+                yield str(item["EmailAddress"]), str(item.get("Reason", ""))
+            token = resp.get("NextToken")
+            if not token:
+                return
+            params = {"PageSize": 1000, "NextToken": token}
 
     async def _call(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
         if self._client is None:

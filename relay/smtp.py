@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
 
@@ -73,10 +73,14 @@ REWRITES = {
 }
 #: replies that do not count against smtp.max_errors
 NOT_ERRORS = ("421", "452 4.5.3")
+SUPPRESSED = Reply(550, "5.1.1", "Recipient address is on the suppression list")
 
 
 class IngressHandler(AuthHooks):
     """aiosmtpd hooks; each returns the reply line."""
+
+    #: optional RCPT-time check (smtp.reject_suppressed): True answers 550 5.1.1
+    rcpt_check: Callable[[str], Awaitable[bool]] | None = None
 
     def __init__(
         self,
@@ -153,6 +157,8 @@ class IngressHandler(AuthHooks):
             address = addresses.recipient(address)
         except addresses.AddressError as exc:
             return str(self._address_reply(exc, sender=False))
+        if self.rcpt_check is not None and await self.rcpt_check(address):
+            return str(SUPPRESSED)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return str(Reply(250, "2.1.5", "Ok"))

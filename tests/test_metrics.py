@@ -15,6 +15,8 @@ from relay.sandbox import SandboxState, SandboxThread
 from tests.conftest import RelayProcess, wait_for
 from tests.test_spine import SENDER, message, send
 
+SIM = "simulator.amazonses.com"
+
 
 def get(relay: RelayProcess, path: str) -> tuple[int, str]:
     try:
@@ -34,8 +36,8 @@ def scrape(relay: RelayProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     return out
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+def value(samples: dict, metric: str, **labels: str) -> float:
+    return samples[(metric, tuple(sorted(labels.items())))]
 
 
 def test_metrics_carry_every_series(start_relay):
@@ -74,9 +76,34 @@ def test_metrics_carry_every_series(start_relay):
         assert value(m, "relay_send_rate_configured") == 100
         assert 0 < value(m, "relay_send_rate") <= 100
         assert value(m, "relay_paused") == 0
-        assert value(m, "relay_feedback_events_total", type="bounce") == 0
+        assert value(m, "relay_feedback_events", type="bounce") == 0
         assert value(m, "relay_suppressed_recipients_total") == 0
-        assert ("relay_suppressions", ()) in m
+        assert value(m, "relay_suppressions") == 0
+
+
+def test_feedback_events_and_suppressions_from_the_simulator(start_relay):
+    state = SandboxState(max_send_rate=1000, max_24hour_send=-1)
+    with SandboxThread(state) as sb:
+        relay = start_relay(sb.url, feedback={"sqs_queue_url": f"{sb.url}/queue/feedback",
+                                              "sqs_endpoint_url": sb.url, "wait_time": "1s"})
+        send(relay.smtp_port, [f"bounce@{SIM}", f"complaint@{SIM}", f"success@{SIM}"],
+             message("feedback"))
+
+        def settled() -> dict | None:
+            m = scrape(relay)
+            done = (value(m, "relay_suppressions") == 2
+                    and value(m, "relay_feedback_events", type="complaint") == 1)
+            return m if done else None
+
+        m = wait_for(settled, 30)
+        assert value(m, "relay_feedback_events", type="bounce") == 1
+        assert value(m, "relay_feedback_events", type="delivery") >= 1
+        assert value(m, "relay_feedback_state", name="feedback_applied") >= 2
+        # a later message to a suppressed address is dropped at delivery time
+        send(relay.smtp_port, [f"bounce@{SIM}"], message("again"))
+        wait_for(lambda: value(scrape(relay), "relay_suppressed_recipients_total") == 1, 20)
+        assert value(scrape(relay), "relay_recipients_total", outcome="suppressed") == 1
+        assert relay.find("suppressed")
 
 
 def test_readyz_not_ready_while_paused_and_spool_gauges(start_relay):

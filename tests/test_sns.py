@@ -1,0 +1,185 @@
+"""The SNS HTTPS endpoint: signatures v1/v2 from a test CA's certificate, served by an
+injected fetcher for the one allow-listed URL; every rejection is 403, fetches nothing
+when the URL is wrong, and leaves the database unchanged."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import sqlite3
+import urllib.error
+import urllib.request
+import uuid
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+from relay.db import Database
+from relay.feedback import FeedbackStore
+from relay.sns import SnsEndpoint, string_to_sign
+from tests.conftest import wait_for
+from tests.feedback_helpers import notification
+
+TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
+CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem"
+TABLES = ("suppressions", "messages", "feedback_events", "bounce_counts")
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+@pytest.fixture(scope="module")
+def pki():
+    """A test CA and an SNS-like signing certificate it issued."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca = (x509.CertificateBuilder().subject_name(_name("relay test CA")).issuer_name(_name("relay test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(_name("sns.amazonaws.com")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+    return key, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def signed(key, msg: dict, version: str = "1") -> dict:
+    msg = dict(msg, SignatureVersion=version)
+    algo = hashes.SHA1() if version == "1" else hashes.SHA256()
+    msg["Signature"] = base64.b64encode(key.sign(string_to_sign(msg), padding.PKCS1v15(), algo)).decode()
+    return msg
+
+
+def bounce_message(address: str = "x@example.net", **extra) -> dict:
+    doc = notification("ses-notification-bounce-permanent-no-dsn.json", message_id="0100-sns",
+                       destination=[address])
+    return {"Type": "Notification", "MessageId": str(uuid.uuid4()), "TopicArn": TOPIC,
+            "Subject": "Amazon SES Email Event Notification", "Message": json.dumps(doc),
+            "Timestamp": "2026-11-22T00:00:00.000Z", "SigningCertURL": CERT_URL,
+            "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe", **extra}
+
+
+@pytest.fixture
+async def endpoint(tmp_path, pki):
+    _, pem = pki
+    fetched: list[str] = []
+    confirmed: list[str] = []
+
+    async def fetch(url: str) -> bytes:
+        fetched.append(url)
+        assert url == CERT_URL, "only the allow-listed URL may ever be fetched"
+        return pem
+
+    async def confirm(url: str) -> bytes:
+        confirmed.append(url)
+        return b"<ConfirmSubscriptionResponse/>"
+
+    db = await Database.open("", tmp_path)
+    sns = SnsEndpoint(store=FeedbackStore(db), topic_arns=[TOPIC], fetch=fetch, confirm=confirm)
+    app = web.Application()
+    app.router.add_post("/sns", sns.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    session = aiohttp.ClientSession()
+
+    async def post(msg: dict | str) -> int:
+        body = msg if isinstance(msg, str) else json.dumps(msg)
+        async with session.post(f"http://127.0.0.1:{port}/sns", data=body) as resp:
+            return resp.status
+
+    def snapshot() -> dict:
+        with sqlite3.connect(tmp_path / "relay.db") as conn:
+            return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in TABLES}
+
+    yield {"post": post, "fetched": fetched, "confirmed": confirmed, "snapshot": snapshot}
+    await session.close()
+    await runner.cleanup()
+    await db.close()
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+async def test_valid_signature_is_applied(endpoint, pki, version):
+    key, _ = pki
+    assert await endpoint["post"](signed(key, bounce_message(), version)) == 200
+    rows = endpoint["snapshot"]()["suppressions"]
+    assert [r[0] for r in rows] == ["x@example.net"]
+    # cached: a second message fetches nothing more
+    assert await endpoint["post"](signed(key, bounce_message("z@example.net"), version)) == 200
+    assert endpoint["fetched"] == [CERT_URL]
+
+
+async def test_changed_byte_and_wrong_version_are_rejected(endpoint, pki):
+    key, _ = pki
+    before = endpoint["snapshot"]()
+    good = signed(key, bounce_message())
+    tampered = dict(good, Message=good["Message"].replace("x@example.net", "y@example.net"))
+    assert await endpoint["post"](tampered) == 403
+    assert await endpoint["post"](dict(good, SignatureVersion="2")) == 403  # signed as v1
+    assert await endpoint["post"](dict(good, SignatureVersion="3")) == 403
+    sig = bytearray(base64.b64decode(good["Signature"]))
+    sig[10] ^= 1
+    assert await endpoint["post"](dict(good, Signature=base64.b64encode(bytes(sig)).decode())) == 403
+    assert endpoint["snapshot"]() == before
+
+
+@pytest.mark.parametrize("url", [
+    "https://sns.us-east-1.amazonaws.com.evil.example/SimpleNotificationService-0123456789abcdef.pem",
+    "https://s3.amazonaws.com/sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem",
+    "https://sns-us-east-1.s3.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem",
+    "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem",
+    "http://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem",
+    "https://user@sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem",
+    "https://sns.us-east-1.amazonaws.com:443/SimpleNotificationService-0123456789abcdef.pem",
+    "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem?x=1",
+    "https://sns.us-east-1.amazonaws.com/evil/SimpleNotificationService-0123456789abcdef.pem",
+    "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-XYZ.pem",
+])
+async def test_certificate_url_elsewhere_is_rejected_without_fetching(endpoint, pki, url):
+    key, _ = pki
+    before = endpoint["snapshot"]()
+    assert await endpoint["post"](signed(key, bounce_message(SigningCertURL=url))) == 403
+    assert endpoint["fetched"] == []
+    assert endpoint["snapshot"]() == before
+
+
+async def test_unknown_topic_rejected_and_confirmation_only_for_listed_topics(endpoint, pki):
+    key, _ = pki
+    other = "arn:aws:sns:us-east-1:123456789012:someone-else"
+    assert await endpoint["post"](signed(key, bounce_message(TopicArn=other))) == 403
+    assert endpoint["fetched"] == []
+    confirmation = {
+        "Type": "SubscriptionConfirmation", "MessageId": str(uuid.uuid4()), "Token": "2336412f37",
+        "TopicArn": TOPIC, "Message": "You have chosen to subscribe to the topic.",
+        "SubscribeURL": f"https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn={TOPIC}&Token=2336412f37",
+        "Timestamp": "2026-11-22T00:00:00.000Z", "SigningCertURL": CERT_URL,
+    }
+    assert await endpoint["post"](signed(key, dict(confirmation, TopicArn=other),)) == 403
+    assert endpoint["confirmed"] == []
+    assert await endpoint["post"](signed(key, confirmation, "2")) == 200
+    assert endpoint["confirmed"] == [confirmation["SubscribeURL"]]
+    assert await endpoint["post"]("not json") == 400
+
+
+def test_relay_serves_sns_on_the_admin_listener(start_relay, sandbox):
+    relay = start_relay(sandbox.url, feedback={"sns_endpoint": True, "topic_arns": [TOPIC]})
+    # the documentation sample, with its certificate URL moved off SNS: refused unfetched
+    msg = bounce_message(SigningCertURL=CERT_URL.replace(".com/", ".com.evil.example/"),
+                         SignatureVersion="1", Signature="EXAMPLE")
+    req = urllib.request.Request(f"http://127.0.0.1:{relay.admin_port}/sns",
+                                 data=json.dumps(msg).encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 403
+    wait_for(lambda: relay.find("sns_rejected"), 10)

@@ -1,0 +1,206 @@
+"""The suppression list and message log: operator CLI, RCPT-time rejection, normalization,
+the guard's verdict table, retention, and the core's import boundary."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from relay.db import Database
+from relay.guard import Rates, verdict
+from relay.spool import Envelope, Record
+from relay.suppression import normalize, parse_csv
+from relay.tracking import MessageLog, message_id_header
+from tests.conftest import relay_sections, wait_for, write_config
+from tests.feedback_helpers import cli, send, statuses, suppressed
+
+
+@pytest.fixture
+def config(tmp_path):
+    return write_config(tmp_path / "relay.toml", relay_sections(tmp_path, "sandbox"))
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("User@Example.COM", "user@example.com"),
+    (" <a@b.example> ", "a@b.example"),
+    ("x@bücher.example", "x@xn--bcher-kva.example"),
+])
+def test_normalize(raw, norm):
+    assert normalize(raw) == norm
+
+
+def test_cli_add_list_remove_import_export(config, tmp_path):
+    assert "added" in cli(config, "suppression", "add", "Jane@Example.com").stdout
+    assert "already" in cli(config, "suppression", "add", "jane@example.com").stdout
+    rows = suppressed(config)
+    assert list(rows) == ["jane@example.com"] and rows["jane@example.com"]["reason"] == "manual"
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("address,reason,detail\nbob@example.org,complaint,from the old relay\n"
+                        "carol@example.org,,\n")
+    assert "imported 2 addresses (2 new)" in cli(config, "suppression", "import", str(csv_file)).stdout
+    assert suppressed(config)["bob@example.org"]["reason"] == "complaint"
+    exported = cli(config, "suppression", "export").stdout
+    assert exported.splitlines()[0].startswith("address,reason")
+    assert len(exported.splitlines()) == 4
+    cli(config, "suppression", "remove", "BOB@example.org")
+    assert set(suppressed(config)) == {"jane@example.com", "carol@example.org"}
+    text = cli(config, "suppression", "list").stdout
+    assert "carol@example.org\tmanual\timport" in text
+
+
+def test_cli_errors_name_what_is_wrong(config, tmp_path):
+    bad = cli(config, "suppression", "add", "not-an-address", check=False)
+    assert bad.returncode == 1 and "not an email address" in bad.stderr
+    missing = cli(config, "suppression", "remove", "nobody@example.org", check=False)
+    assert missing.returncode == 1 and "not on the suppression list" in missing.stderr
+    csv_file = tmp_path / "bad.csv"
+    csv_file.write_text("address,reason\nok@example.org,manual\nbroken,manual\n")
+    out = cli(config, "suppression", "import", str(csv_file), check=False)
+    assert out.returncode == 1 and "line 3" in out.stderr
+    assert suppressed(config) == {}  # nothing half-imported
+    wrong = cli(config, "suppression", "add", "a@example.org", "--reason", "nope", check=False)
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+    nothing = cli(config, "log", "nobody@example.org", check=False)
+    assert nothing.returncode == 1 and "nothing logged" in nothing.stderr
+
+
+def test_parse_csv_bare_addresses():
+    assert [r["address"] for r in parse_csv("a@example.org\nb@example.org\n\n")] == [
+        "a@example.org", "b@example.org"]
+
+
+def test_reject_suppressed_at_rcpt(start_relay, sandbox):
+    relay = start_relay(sandbox.url, smtp={"reject_suppressed": True})
+    cli(relay, "suppression", "add", "gone@example.net")
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
+        s.ehlo("client.example")
+        s.mail("app@example.com")
+        code, msg = s.rcpt("Gone@Example.net")
+        assert (code, msg[:5]) == (550, b"5.1.1")
+        assert s.rcpt("here@example.net")[0] == 250
+
+
+def test_delivery_time_suppression_without_rcpt_check(start_relay, sandbox):
+    relay = start_relay(sandbox.url, delivery={"max_rate": 1000})
+    cli(relay, "suppression", "add", "gone@example.net")
+    qid = send(relay.smtp_port, ["gone@example.net", "here@example.net"])
+    sent = wait_for(lambda: relay.find("sent", queue_id=qid), 20)
+    calls = sandbox.state.accepted()
+    assert [c.recipients for c in calls] == [["here@example.net"]]
+    assert sent["ses_message_id"] == calls[0].message_id
+    assert statuses(relay, "gone@example.net")[qid] == "suppressed"
+    assert statuses(relay, "here@example.net")[qid] == "sent"
+
+
+@pytest.mark.parametrize("rates,expected", [
+    (Rates(sent=100, bounces=5, complaints=0), "bounce rate 0.0500 above 0.04"),
+    (Rates(sent=100, bounces=4, complaints=0), ""),
+    (Rates(sent=10, bounces=5, complaints=5), ""),  # below the minimum sample
+    (Rates(sent=10000, bounces=0, complaints=9), "complaint rate 0.0009 above 0.0008"),
+    (Rates(sent=10000, bounces=0, complaints=8), ""),
+])
+def test_guard_verdict(rates, expected):
+    reason = verdict(rates, max_bounce_rate=0.04, max_complaint_rate=0.0008, min_sample=100)
+    assert (expected in reason) if expected else reason == ""
+    assert reason.startswith("reputation:") or not reason
+
+
+async def test_log_rows_and_retention(tmp_path):
+    db = await Database.open("", tmp_path)
+    try:
+        log = MessageLog(db)
+        rec = Record(id="Q1", envelope=Envelope("s@example.com", ("A@example.net",), 0.0), size=1)
+        await log.outcome("deferred", rec, ["A@example.net"], error="451 try later")
+        await log.outcome("sent", rec, ["A@example.net"], ses_message_id="M1")
+        rows = await log.rows("a@example.net")
+        assert [(r.status, r.ses_message_id, r.last_error) for r in rows] == [("sent", "M1", "")]
+        assert await log.prune(3600, now=time.time()) == 0
+        assert await log.prune(3600, now=time.time() + 7200) == 1
+        assert await log.rows("a@example.net") == []
+    finally:
+        await db.close()
+
+
+def test_message_id_header():
+    assert message_id_header(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n") == "<a@b>"
+
+
+def test_feedback_modules_import_no_transport():
+    code = (
+        "import sys, relay.suppression, relay.tracking, relay.feedback, relay.guard, relay.db;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('aiosmtpd', 'aioboto3', 'aiobotocore', 'botocore', 'aiohttp')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbox):
+    sandbox.state.account_suppressed.update(
+        {f"old{n}@example.org": ("COMPLAINT" if n % 2 else "BOUNCE") for n in range(2500)})
+    config = write_config(tmp_path / "sync.toml", relay_sections(tmp_path, sandbox.url))
+    out = cli(config, "suppression", "sync").stdout
+    assert "2500 addresses (2500 new)" in out
+    rows = suppressed(config)
+    assert len(rows) == 2500
+    assert rows["old1@example.org"]["reason"] == "complaint"
+    assert rows["old2@example.org"]["reason"] == "bounce"
+    assert rows["old2@example.org"]["source"] == "ses-account"
+    assert "2500 addresses (0 new)" in cli(config, "suppression", "sync").stdout
+
+
+async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
+    from relay.feedback import FeedbackStore, parse
+    from tests.feedback_helpers import notification
+
+    db = await Database.open("", tmp_path)
+    try:
+        doc = notification("ses-notification-bounce-permanent-no-dsn.json", message_id="M9",
+                           destination=["a@example.net", "b@example.net"],
+                           recipients=["a@example.net"])
+        await FeedbackStore(db).apply(parse(json.dumps(doc)))
+        rec = Record(id="Q9", envelope=Envelope("s@example.com", ("a@example.net", "b@example.net"),
+                                                0.0), size=1)
+        await MessageLog(db).outcome("sent", rec, ["a@example.net", "b@example.net"],
+                                     ses_message_id="M9")
+        log = MessageLog(db)
+        assert [r.status for r in await log.rows("a@example.net")] == ["bounced"]
+        assert [r.status for r in await log.rows("b@example.net")] == ["sent"]
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("env,key", [
+    ({"RELAY_FEEDBACK__TOPIC_ARNS": "arn:aws:s3:::bucket"}, "feedback.topic_arns"),
+    ({"RELAY_FEEDBACK__SNS_ENDPOINT": "true"}, "feedback.topic_arns"),
+    ({"RELAY_FEEDBACK__MAX_BOUNCE_RATE": "2"}, "feedback.max_bounce_rate"),
+    ({"RELAY_FEEDBACK__WAIT_TIME": "30s"}, "feedback.wait_time"),
+    ({"RELAY_FEEDBACK__MAX_MESSAGES": "11"}, "feedback.max_messages"),
+    ({"RELAY_FEEDBACK__SOFT_BOUNCE_LIMIT": "0"}, "feedback.soft_bounce_limit"),
+    ({"RELAY_FEEDBACK__SQS_ENDPOINT_URL": "localhost:4566"}, "feedback.sqs_endpoint_url"),
+    ({"RELAY_DATABASE__URL": "mysql://db/relay"}, "database.url"),
+    ({"RELAY_SMTP__REJECT_SUPPRESSED": "maybe"}, "smtp.reject_suppressed"),
+])
+def test_bad_feedback_config_names_the_key(env, key):
+    from relay import config as config_mod
+    from relay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(None, env=env)
+    assert key in str(err.value)
+
+
+def test_operator_commands_at_once_on_a_new_database(config):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: cli(config, "suppression", "add", f"u{n}@example.org",
+                                              check=False), range(4)))
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+    assert len(suppressed(config)) == 4
