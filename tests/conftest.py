@@ -146,9 +146,36 @@ def relay_sections(tmp: Path, endpoint: str, **overrides: dict[str, Any]) -> dic
                      "pause_probe_interval": "0.3s", "shutdown_timeout": "5s"},
         "admin": {"host": "127.0.0.1", "port": 0},
     }
+    if PG_SERVER:
+        sections["database"] = {"url": database_for(tmp)}
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
     return sections
+
+
+#: A PostgreSQL server URL (postgresql://user@host:port/db) to run the suite against:
+#: tests/run.sh sets it for its second pass. Empty: SQLite files in each test's spool.
+PG_SERVER = os.environ.get("RELAY_TEST_DATABASE_URL", "")
+
+
+_databases: dict[str, str] = {}
+
+
+def database_for(tmp: Path) -> str:
+    """database.url for the test using `tmp`: "" (SQLite in its spool directory) or, on
+    the PostgreSQL pass, a database of its own, created on first use."""
+    if not PG_SERVER:
+        return ""
+    key = str(tmp)
+    if key not in _databases:
+        name = f"t_{os.getpid()}_{len(_databases)}"
+        out = subprocess.run(["psql", PG_SERVER, "-v", "ON_ERROR_STOP=1", "-q",
+                              "-c", f'DROP DATABASE IF EXISTS "{name}"',
+                              "-c", f'CREATE DATABASE "{name}"'],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        _databases[key] = PG_SERVER.rsplit("/", 1)[0] + "/" + name
+    return _databases[key]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests.conftest import database_for
 from relay.db import Database
 from relay.feedback import FeedbackStore, Unparseable, parse
 from relay.ingester import SqsIngester
@@ -48,7 +49,7 @@ def envelope(doc: dict) -> str:
 
 
 async def ingester(tmp_path: Path, moto_server: str, url: str) -> tuple[SqsIngester, Database]:
-    db = await Database.open("", tmp_path)
+    db = await Database.open(database_for(tmp_path), tmp_path)
     return SqsIngester(store=FeedbackStore(db), queue_url=url, region="us-east-1",
                        endpoint_url=moto_server, wait_time=0), db
 
@@ -128,7 +129,7 @@ def test_unparseable_bodies(body):
 
 
 async def test_event_kinds_update_the_log(tmp_path):
-    db = await Database.open("", tmp_path)
+    db = await Database.open(database_for(tmp_path), tmp_path)
     store = FeedbackStore(db)
     try:
         from relay.spool import Envelope, Record
@@ -165,7 +166,7 @@ def test_queue_region(url, region):
 
 
 async def test_malformed_but_parseable_notification_is_unparseable(tmp_path):
-    db = await Database.open("", tmp_path)
+    db = await Database.open(database_for(tmp_path), tmp_path)
     try:
         doc = fixture("ses-notification-bounce-permanent-no-dsn.json")
         doc["bounce"] = ["not", "an", "object"]
@@ -181,7 +182,7 @@ async def test_migrations_match_the_models(tmp_path):
 
     from relay.db import Base
 
-    db = await Database.open("", tmp_path)
+    db = await Database.open(database_for(tmp_path), tmp_path)
     try:
         async with db.engine.connect() as conn:
             diff = await conn.run_sync(

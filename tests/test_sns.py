@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.conftest import database_for
 from relay.db import Database
 from relay.feedback import FeedbackStore
 from relay.sns import SnsEndpoint, string_to_sign
@@ -83,7 +84,7 @@ async def endpoint(tmp_path, pki):
         confirmed.append(url)
         return b"<ConfirmSubscriptionResponse/>"
 
-    db = await Database.open("", tmp_path)
+    db = await Database.open(database_for(tmp_path), tmp_path)
     sns = SnsEndpoint(store=FeedbackStore(db), topic_arns=[TOPIC], fetch=fetch, confirm=confirm)
     app = web.Application()
     app.router.add_post("/sns", sns.handle)

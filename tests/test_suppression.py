@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.conftest import database_for
 from relay.db import Database
 from relay.guard import Rates, verdict
 from relay.spool import Envelope, Record
@@ -111,7 +112,7 @@ def test_guard_verdict(rates, expected):
 
 
 async def test_log_rows_and_retention(tmp_path):
-    db = await Database.open("", tmp_path)
+    db = await Database.open(database_for(tmp_path), tmp_path)
     try:
         log = MessageLog(db)
         rec = Record(id="Q1", envelope=Envelope("s@example.com", ("A@example.net",), 0.0), size=1)
@@ -159,7 +160,7 @@ async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
     from relay.feedback import FeedbackStore, parse
     from tests.feedback_helpers import notification
 
-    db = await Database.open("", tmp_path)
+    db = await Database.open(database_for(tmp_path), tmp_path)
     try:
         doc = notification("ses-notification-bounce-permanent-no-dsn.json", message_id="M9",
                            destination=["a@example.net", "b@example.net"],
