@@ -140,11 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     from relay import feedback_cli
 
     feedback_cli.add_parsers(sub, common)
+
+    add_operator_commands(sub, common)
     return parser
+
+
+def add_operator_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`relay queue ...` and `relay sendmail`, defined in their own modules."""
+    from relay import queuecli, sendmail
+
+    queuecli.add_parser(sub, common)
+    sendmail.add_parser(sub, common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sendmail"]:
+        from relay.sendmail import normalize_argv
+
+        argv = ["sendmail", *normalize_argv(argv[1:])]
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -354,6 +354,8 @@ class DeliveryPool:
                 pending = [r for r in pending if r not in dropped]
         while pending:
             await self._unpaused.wait()
+            if not spool.path(State.ACTIVE, qid).is_dir():
+                return  # held or deleted by an operator meanwhile: send nothing more
             cap = min(MAX_DESTINATIONS, self.limiter.capacity(time.monotonic()))
             chunk = pending[:cap]
             granted = self.quota.take(len(chunk))

@@ -29,6 +29,7 @@ from relay.feedback import Applied, FeedbackStore
 from relay.guard import ReputationGuard
 from relay.ingester import SqsIngester, queue_region
 from relay.log import event
+from relay.metrics import Metrics, TimedSender, instrument_ingress
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
 from relay.sandbox import Sandbox, SandboxState
@@ -97,15 +98,16 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     async with SesClient(config.ses, endpoint_url=endpoint, static_credentials=credentials,
                          max_connections=dcfg.max_concurrency,
                          stamp_departures=endpoint is not None) as ses:
+        metrics = Metrics(spool=spool)
         pool = DeliveryPool(
-            spool=spool, sender=ses, accounts=ses,
+            spool=spool, sender=TimedSender(ses, metrics), accounts=ses,
             limiter=RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard),
             policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
             max_rate=dcfg.max_rate, max_concurrency=dcfg.max_concurrency,
             ready_queue=dcfg.ready_queue, scan_interval=dcfg.scan_interval,
             throttle_retry=dcfg.throttle_retry, account_refresh=dcfg.account_refresh,
             pause_probe_interval=dcfg.pause_probe_interval, on_failed=on_failed,
-            suppressions=feedback.suppressions, listeners=[feedback.log],
+            suppressions=feedback.suppressions, listeners=[feedback.log, metrics],
         )
         queued = feedback.on_queued(pool.notify)
         queued_ref.append(queued)
@@ -118,6 +120,13 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         if config.smtp.reject_suppressed:
             handler.rcpt_check = feedback.rcpt_suppressed
         ingress = Ingress(handler, config.smtp)
+        # metrics: SMTP sessions and replies, messages accepted, pool gauges
+        instrument_ingress(ingress, metrics)
+        handler.on_queued = _counted(metrics, queued)
+        metrics.use_database(feedback.db, feedback.stats)
+        metrics.watch(rate=lambda: pool.limiter.rate(time.monotonic()),
+                      configured=lambda: pool.limiter.configured,
+                      paused=lambda: pool.paused)
         smtp_host, smtp_port = await ingress.start()
 
         def checks() -> list[str]:
@@ -130,7 +139,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
                 problems.append("shutting down")
             return problems
 
-        admin = Admin(checks=checks)
+        async def database_checks() -> list[str]:
+            problem = await metrics.database_problem()
+            return [problem] if problem else []
+
+        admin = Admin(checks=checks, metrics=metrics.render, refresh=metrics.refresh,
+                      async_checks=database_checks)
         feedback.add_routes(admin.app)
         admin_addr = ""
         if config.admin.enabled:
@@ -284,3 +298,10 @@ class Feedback:
             await self.sns.close()
         await self.log.stop()
         await self.db.close()
+
+
+def _counted(metrics: Metrics, notify: Callable[[str], None]) -> Callable[[str], None]:
+    def queued(qid: str) -> None:
+        metrics.accepted.inc()
+        notify(qid)
+    return queued

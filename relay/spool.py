@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -247,23 +248,46 @@ class Spool:
 
     # -- state changes --------------------------------------------------------------
 
-    def save(self, state: State, record: Record) -> None:
-        """Replace a message's envelope.json atomically and durably."""
-        path = self.path(state, record.id)
-        tmp = path / (ENVELOPE + ".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    def save(self, state: State, record: Record) -> State:
+        """Replace a message's envelope.json atomically and durably; returns its state.
+
+        The write goes through a descriptor of the message's own directory, so it lands
+        in that directory wherever an operator renamed it meanwhile (hold, release), and
+        never recreates a second copy. A message found in no state raises
+        FileNotFoundError (deleted). An exclusive flock on the directory orders this
+        write with the queue commands' read-modify-write (relay.queue).
+        """
+        for _ in range(5):
             try:
-                os.write(fd, record.to_json())
-                if self.fsync:
-                    os.fsync(fd)
+                fd = os.open(self.path(state, record.id), os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                found = self.locate(record.id)
+                if found is None:
+                    raise
+                state = found
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._save_at(fd, record)
+                return state
+            except OSError as exc:
+                raise SpoolError(f"{record.id}: could not save state: {exc}") from exc
             finally:
                 os.close(fd)
-            os.rename(tmp, path / ENVELOPE)
+        raise SpoolError(f"{record.id}: could not save state: the message keeps moving")
+
+    def _save_at(self, dir_fd: int, record: Record) -> None:
+        tmp = ENVELOPE + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=dir_fd)
+        try:
+            os.write(fd, record.to_json())
             if self.fsync:
-                _fsync_dir(path)
-        except OSError as exc:
-            raise SpoolError(f"{record.id}: could not save state: {exc}") from exc
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, ENVELOPE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if self.fsync:
+            os.fsync(dir_fd)
 
     def move(self, qid: str, src: State, dst: State, *, when: float | None = None) -> None:
         """Rename a message from one state to another; `when` sets its mtime (deferred)."""
