@@ -22,7 +22,6 @@ from relay.errors import (
     ConfigurationError,
     DeliveryError,
     PermanentError,
-    SpoolError,
     ThrottledError,
     TransientError,
 )
@@ -124,7 +123,6 @@ class DeliveryPool:
         self._inflight: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._account_changed = asyncio.Event()
-        self.sent_recipients = 0
         #: time a worker holds one call's work (SES latency plus spool writes), smoothed;
         #: sizes concurrency by Little's law
         self.latency = 0.05
@@ -185,15 +183,6 @@ class DeliveryPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._inflight:
             event(log, "shutdown_abandoned", level=logging.WARNING, inflight=len(self._inflight))
-
-    async def drain(self, timeout: float) -> bool:
-        """Wait until nothing is ready, claimed or due (tests and benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._claimed and self._ready.empty() and not self.spool.count(State.ACTIVE):
-                return True
-            await asyncio.sleep(0.05)
-        return False
 
     # -- account --------------------------------------------------------------------
 
@@ -422,7 +411,6 @@ class DeliveryPool:
                 # durable before anything else: a retry or restart skips these recipients
                 await asyncio.to_thread(spool.save, State.ACTIVE, record)
                 self.latency = 0.9 * self.latency + 0.1 * (time.monotonic() - started)
-                self.sent_recipients += len(chunk)
                 event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
                 await self._tell("sent", record, chunk, ses_message_id=message_id)
             pending = pending[len(chunk):]
@@ -477,4 +465,5 @@ class DeliveryPool:
         self.spool.move(record.id, State.ACTIVE, State.HOLD)
 
 
-__all__ = ["Account", "AccountSource", "DeliveryPool", "Sender", "SpoolError", "MAX_DESTINATIONS"]
+__all__ = ["Account", "AccountSource", "DeliveryPool", "Listener", "MAX_DESTINATIONS", "Sender",
+           "Suppressions"]

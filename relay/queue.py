@@ -16,7 +16,6 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any, Callable, Iterable, Iterator
