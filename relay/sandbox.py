@@ -68,8 +68,9 @@ class SandboxState:
     latency: float = 0.0
     keep_raw: bool = True
     #: faults answered to the next SendEmail calls, in order ("ok" passes one call
-    #: through, "timeout" sleeps 60 s)
+    #: through, "slow" answers it normally after slow_seconds, "timeout" sleeps 60 s)
     faults: deque[str] = field(default_factory=deque)
+    slow_seconds: float = 3.0
     #: SendEmail calls being handled right now
     inflight: int = 0
     #: GetAccount calls answered
@@ -108,7 +109,7 @@ class SandboxState:
 
     def script(self, *faults: str) -> None:
         for f in faults:
-            if f not in FAULTS and f not in ("ok", "timeout"):
+            if f not in FAULTS and f not in ("ok", "slow", "timeout"):
                 raise ValueError(f"unknown fault {f!r}")
         with self.lock:
             self.faults.extend(faults)
@@ -229,6 +230,8 @@ class Sandbox:
             fault = st.faults.popleft() if st.faults else None
         if fault == "timeout":
             await asyncio.sleep(60)
+        elif fault == "slow":
+            await asyncio.sleep(st.slow_seconds)
         error = FAULTS.get(fault or "")
         if error is None and not rcpts:
             error = (400, "BadRequestException", "Destination is required")
