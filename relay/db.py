@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, event
+from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -164,7 +164,31 @@ def _upgrade(connection: Any) -> None:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
+    if connection.dialect.name == "postgresql":
+        # relays starting together on a fresh database: one migrates, the others wait and
+        # then find the schema at head (the lock ends with the migration's transaction)
+        connection.execute(text("SELECT pg_advisory_xact_lock(:space, 0)"),
+                           {"space": LOCK_MIGRATE})
     command.upgrade(cfg, "head")
+
+
+#: Namespaces of the PostgreSQL advisory locks the relay takes (first key of the pair).
+LOCK_SES_MESSAGE = 7001
+LOCK_RATE_BUDGET = 7002
+LOCK_MIGRATE = 7003
+
+
+async def xact_lock(conn: Any, space: int, key: str) -> None:
+    """Hold a lock named (space, key) until the transaction ends, on PostgreSQL.
+
+    SQLite lets one writer at a time in anyway. On PostgreSQL two transactions that each
+    read what the other is about to write (the log writer and a feedback event for the
+    same SES MessageId) would both miss the other; this orders them.
+    """
+    dialect = conn.get_bind().dialect if hasattr(conn, "get_bind") else conn.dialect
+    if dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
+                           {"space": space, "key": key})
 
 
 async def open_database(url: str, spool_dir: str | Path) -> Database:
@@ -172,4 +196,4 @@ async def open_database(url: str, spool_dir: str | Path) -> Database:
 
 
 __all__ = ["Base", "BounceCount", "Database", "FeedbackEvent", "MessageRow", "StateRow",
-           "Suppression", "database_url", "open_database"]
+           "Suppression", "database_url", "open_database", "xact_lock"]
