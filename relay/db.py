@@ -2,8 +2,9 @@
 
 Tables: suppressions (one row per normalized address), messages (the message log, one row
 per message and recipient), feedback_events (every SES event per recipient, keyed for
-idempotency), bounce_counts (consecutive transient bounces) and relay_state (small shared
-flags such as the operator's last `relay resume`). SQLite file in the spool dir by default,
+idempotency), bounce_counts (consecutive transient bounces), relay_state (small shared
+flags such as the operator's last `relay resume`) and rate_slots (the rate budget relays on
+one PostgreSQL database share, relay.budget). SQLite file in the spool dir by default,
 any SQLAlchemy URL by database.url. Schema changes are Alembic migrations in
 relay/migrations, applied by open_database(). Used by the service and the CLI.
 """
@@ -15,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, event, text
+from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, UniqueConstraint, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -97,6 +98,15 @@ class StateRow(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RateSlot(Base):
+    __tablename__ = "rate_slots"
+
+    #: tenths of a second since the epoch: recipients may leave in [slot/10, (slot+1)/10)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    #: recipients leased for this slot, by all relays together
+    granted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 def database_url(url: str, spool_dir: str | Path) -> str:
@@ -195,5 +205,5 @@ async def open_database(url: str, spool_dir: str | Path) -> Database:
     return await Database.open(url, spool_dir)
 
 
-__all__ = ["Base", "BounceCount", "Database", "FeedbackEvent", "MessageRow", "StateRow",
+__all__ = ["Base", "BounceCount", "Database", "FeedbackEvent", "MessageRow", "RateSlot", "StateRow",
            "Suppression", "database_url", "open_database", "xact_lock"]
