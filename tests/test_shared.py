@@ -164,3 +164,12 @@ def test_suppression_added_through_one_relay_stops_delivery_on_the_others(tmp_pa
     delivered = [rc for c in state.accepted() for rc in c.recipients]
     assert "gone@example.net" not in delivered
     assert delivered.count("here@example.net") == 2
+
+
+def test_sidecar_config_loads_and_shares_one_database():
+    from relay import config
+
+    cfg = config.load(ROOT / "conf" / "sidecar.toml", env={})
+    assert cfg.database.url.startswith("postgresql://")
+    assert cfg.database.shared_rate and cfg.delivery.max_rate == 0
+    assert cfg.smtp.allowed_networks == ("127.0.0.0/8", "::1/128")
