@@ -43,7 +43,8 @@ def first_fit(granted: dict[int, int], *, start: int, n: int, want: int,
     """The first slot >= start where n more recipients keep every SPAN consecutive slots
     at or below `rate`, and how many (n..want) it can take; None within the horizon."""
     for s in range(start, start + horizon):
-        worst = max(sum(granted.get(j + i, 0) for i in range(SPAN)) for j in range(s - SPAN + 1, s + 1))
+        worst = max(sum(granted.get(j + i, 0) for i in range(SPAN))
+                    for j in range(s - SPAN + 1, s + 1))
         room = rate - worst
         if room >= n:
             return s, min(want, room)

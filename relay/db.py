@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, UniqueConstraint, event, text
+from sqlalchemy import (BigInteger, Float, Index, Integer, String, Text, UniqueConstraint, event,
+                        text)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column

@@ -18,7 +18,7 @@ from relay.db import Database
 from relay.sandbox import SandboxState, SandboxThread
 from tests.conftest import (PG_SERVER, ROOT, RelayProcess, database_for, relay_sections, wait_for,
                             write_config)
-from tests.feedback_helpers import cli, send, statuses, suppressed
+from tests.feedback_helpers import cli, log_lines, send, statuses, suppressed
 from tests.test_delivery import msg, send_many, spool_empty
 
 needs_pg = pytest.mark.skipif(not PG_SERVER, reason="needs the PostgreSQL pass (tests/run.sh)")
@@ -90,7 +90,10 @@ def test_relays_starting_together_migrate_a_fresh_database_once(tmp_path):
     assert all(out.strip() == "[]" for out, _ in outs)
 
 
-def start_relays(tmp_path: Path, endpoint: str, count: int) -> list[RelayProcess]:
+def start_relays(tmp_path: Path, endpoint: str, count: int,
+                 feedback: dict[str, str] | None = None) -> list[RelayProcess]:
+    """`count` relays, each with its own spool, on one database; the first two poll
+    `feedback` when given."""
     shared = database_for(tmp_path)
     relays = []
     for i in range(count):
@@ -98,6 +101,8 @@ def start_relays(tmp_path: Path, endpoint: str, count: int) -> list[RelayProcess
         work.mkdir()
         sections = relay_sections(work, endpoint)
         sections["database"] = {"url": shared}
+        if feedback and i < 2:
+            sections["feedback"] = feedback
         relays.append(RelayProcess(work, sections))
     try:
         for r in relays:
@@ -173,3 +178,31 @@ def test_sidecar_config_loads_and_shares_one_database():
     assert cfg.database.url.startswith("postgresql://")
     assert cfg.database.shared_rate and cfg.delivery.max_rate == 0
     assert cfg.smtp.allowed_networks == ("127.0.0.0/8", "::1/128")
+
+
+@needs_pg
+def test_feedback_read_by_any_relay_is_seen_by_all(tmp_path):
+    sim = "simulator.amazonses.com"
+    bounce, ok = f"bounce@{sim}", f"success@{sim}"
+    state = SandboxState(max_send_rate=100, max_24hour_send=-1, keep_raw=False)
+    with SandboxThread(state) as sb:
+        relays = start_relays(tmp_path, sb.url, 3, feedback={
+            "sqs_queue_url": f"{sb.url}/queue/feedback", "sqs_endpoint_url": sb.url,
+            "wait_time": "1s"})
+        try:
+            # relays 0 and 1 both poll the queue; relay 2 polls nothing
+            assert relays[2].find("listening")
+            qid = send(relays[2].smtp_port, [bounce, ok])
+            wait_for(lambda: bounce in suppressed(relays[2]), 30)
+            wait_for(lambda: statuses(relays[2], ok).get(qid) == "delivered", 30)
+            assert statuses(relays[2], bounce)[qid] == "bounced"
+            events = [x for x in log_lines(relays[0], bounce) if x["kind"] == "event"]
+            assert [x["status"] for x in events] == ["bounce"]
+            # and the bounce stops delivery through a relay that never saw it
+            again = send(relays[1].smtp_port, [bounce])
+            wait_for(lambda: statuses(relays[1], bounce).get(again) == "suppressed", 30)
+        finally:
+            for r in relays:
+                r.stop()
+    delivered = [rc for c in state.accepted() for rc in c.recipients]
+    assert delivered.count(bounce) == 1 and delivered.count(ok) == 1
