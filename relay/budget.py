@@ -18,6 +18,7 @@ from typing import Callable
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay.db import LOCK_RATE_BUDGET, Database, RateSlot, xact_lock
 from relay.log import event
@@ -32,6 +33,8 @@ SPAN = SLOTS + 1
 HORIZON = 30
 #: A lease for the current slot needs this much of it left (seconds).
 MARGIN = 0.01
+#: Seconds between tries while the database cannot be reached.
+RETRY = 1.0
 
 
 def slot_of(t: float) -> int:
@@ -61,6 +64,7 @@ class SharedBudget:
         self._left = 0
         self._lock = asyncio.Lock()
         self.leases = 0
+        self.unavailable = False
 
     async def take(self, n: int, *, rate: float) -> None:
         async with self._lock:
@@ -73,8 +77,21 @@ class SharedBudget:
                     return
                 start = here if now < (here + 1) / SLOTS - MARGIN else here + 1
                 per_slot = max(1, math.ceil(rate / SLOTS))
-                got = await self._lease(start, n=n, want=max(n, per_slot),
-                                        rate=max(1, math.floor(rate + 1e-9)))
+                try:
+                    got = await self._lease(start, n=n, want=max(n, per_slot),
+                                            rate=max(1, math.floor(rate + 1e-9)))
+                except (SQLAlchemyError, OSError) as exc:
+                    # without the shared count, sending could exceed the account's rate:
+                    # wait for the database instead
+                    if not self.unavailable:
+                        event(log, "rate_budget_unavailable", level=logging.WARNING,
+                              error=str(exc))
+                    self.unavailable = True
+                    await asyncio.sleep(RETRY)
+                    continue
+                if self.unavailable:
+                    event(log, "rate_budget_available")
+                    self.unavailable = False
                 if got is None:
                     await asyncio.sleep(HORIZON / SLOTS / 2)
                     continue

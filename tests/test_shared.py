@@ -78,6 +78,34 @@ async def test_two_budgets_on_one_database_never_exceed_the_rate_together(tmp_pa
 
 
 @needs_pg
+async def test_without_the_database_the_budget_waits_instead_of_granting(tmp_path):
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from relay.db import database_url
+
+    name = f"late_{os.getpid()}_{tmp_path.name}"[:60]
+    url = PG_SERVER.rsplit("/", 1)[0] + "/" + name  # not created yet
+    waiting = Database(create_async_engine(database_url(url, tmp_path)))
+    budget = SharedBudget(waiting)
+    task = asyncio.create_task(budget.take(1, rate=10))
+    try:
+        for _ in range(200):
+            if budget.unavailable or task.done():
+                break
+            await asyncio.sleep(0.1)
+        assert budget.unavailable and not task.done()
+        out = subprocess.run(["psql", PG_SERVER, "-q", "-c", f'CREATE DATABASE "{name}"'],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        await (await Database.open(url, tmp_path)).close()
+        await asyncio.wait_for(task, 30)
+        assert not budget.unavailable and budget.leases == 1
+    finally:
+        task.cancel()
+        await waiting.close()
+
+
+@needs_pg
 def test_relays_starting_together_migrate_a_fresh_database_once(tmp_path):
     config = write_config(tmp_path / "relay.toml", relay_sections(tmp_path, "sandbox"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
