@@ -1,7 +1,15 @@
 # relay as a sidecar: apps in the same pod/network send SMTP to port 2525.
 #   docker build -t relay .
 #   docker run -v relay-spool:/var/spool/relay -e RELAY_SES__REGION=eu-west-1 -p 2525:2525 relay
-# Configure with RELAY_<SECTION>__<KEY> variables or mount a file at /etc/relay/relay.toml.
+# Configure with RELAY_<SECTION>__<KEY> variables or mount a file and point RELAY_CONFIG at it.
+#
+# Sidecar next to every app instance, all sharing one SES account through one PostgreSQL
+# database (suppression list, message log, send rate; see conf/sidecar.toml):
+#   docker run -v relay-spool-$INSTANCE:/var/spool/relay \
+#     -e RELAY_CONFIG=/app/conf/sidecar.toml \
+#     -e RELAY_DATABASE__URL=postgresql://relay:secret@db.internal:5432/relay \
+#     -e RELAY_SES__REGION=eu-west-1 -e RELAY_FEEDBACK__SQS_QUEUE_URL=https://sqs... relay
+# Each sidecar needs its own spool volume; only the database is shared.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,6 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY constraints.txt pyproject.toml README.md ./
 COPY relay ./relay
+COPY conf ./conf
 RUN pip install -c constraints.txt . \
  && useradd --system --uid 10001 --home-dir /var/spool/relay --shell /usr/sbin/nologin relay \
  && mkdir -p /var/spool/relay /etc/relay \

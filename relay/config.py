@@ -142,6 +142,8 @@ class DeliveryConfig:
 class DatabaseConfig:
     url: str = ""
     retention: float = _duration(default=90 * 86400.0)
+    #: on PostgreSQL, share the account's rate with every relay on the same database
+    shared_rate: bool = True
 
     def check(self) -> None:
         if self.url and not re.match(r"(sqlite|postgresql)(\+\w+)?://", self.url):

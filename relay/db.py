@@ -2,8 +2,9 @@
 
 Tables: suppressions (one row per normalized address), messages (the message log, one row
 per message and recipient), feedback_events (every SES event per recipient, keyed for
-idempotency), bounce_counts (consecutive transient bounces) and relay_state (small shared
-flags such as the operator's last `relay resume`). SQLite file in the spool dir by default,
+idempotency), bounce_counts (consecutive transient bounces), relay_state (small shared
+flags such as the operator's last `relay resume`) and rate_slots (the rate budget relays on
+one PostgreSQL database share, relay.budget). SQLite file in the spool dir by default,
 any SQLAlchemy URL by database.url. Schema changes are Alembic migrations in
 relay/migrations, applied by open_database(). Used by the service and the CLI.
 """
@@ -15,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, event
+from sqlalchemy import (BigInteger, Float, Index, Integer, String, Text, UniqueConstraint, event,
+                        text)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -99,6 +101,15 @@ class StateRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class RateSlot(Base):
+    __tablename__ = "rate_slots"
+
+    #: tenths of a second since the epoch: recipients may leave in [slot/10, (slot+1)/10)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    #: recipients leased for this slot, by all relays together
+    granted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
 def database_url(url: str, spool_dir: str | Path) -> str:
     """The async SQLAlchemy URL: default SQLite in the spool dir; drivers made async."""
     if not url:
@@ -164,12 +175,36 @@ def _upgrade(connection: Any) -> None:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
+    if connection.dialect.name == "postgresql":
+        # relays starting together on a fresh database: one migrates, the others wait and
+        # then find the schema at head (the lock ends with the migration's transaction)
+        connection.execute(text("SELECT pg_advisory_xact_lock(:space, 0)"),
+                           {"space": LOCK_MIGRATE})
     command.upgrade(cfg, "head")
+
+
+#: Namespaces of the PostgreSQL advisory locks the relay takes (first key of the pair).
+LOCK_SES_MESSAGE = 7001
+LOCK_RATE_BUDGET = 7002
+LOCK_MIGRATE = 7003
+
+
+async def xact_lock(conn: Any, space: int, key: str) -> None:
+    """Hold a lock named (space, key) until the transaction ends, on PostgreSQL.
+
+    SQLite lets one writer at a time in anyway. On PostgreSQL two transactions that each
+    read what the other is about to write (the log writer and a feedback event for the
+    same SES MessageId) would both miss the other; this orders them.
+    """
+    dialect = conn.get_bind().dialect if hasattr(conn, "get_bind") else conn.dialect
+    if dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
+                           {"space": space, "key": key})
 
 
 async def open_database(url: str, spool_dir: str | Path) -> Database:
     return await Database.open(url, spool_dir)
 
 
-__all__ = ["Base", "BounceCount", "Database", "FeedbackEvent", "MessageRow", "StateRow",
-           "Suppression", "database_url", "open_database"]
+__all__ = ["Base", "BounceCount", "Database", "FeedbackEvent", "MessageRow", "RateSlot", "StateRow",
+           "Suppression", "database_url", "open_database", "xact_lock"]

@@ -21,7 +21,8 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from relay.db import BounceCount, Database, FeedbackEvent, MessageRow
+from relay.db import (LOCK_SES_MESSAGE, BounceCount, Database, FeedbackEvent, MessageRow,
+                      xact_lock)
 from relay.suppression import BOUNCE, COMPLAINT, SOFT_LIMIT, normalize, suppress
 
 log = logging.getLogger("relay.feedback")
@@ -203,6 +204,8 @@ class FeedbackStore:
                     now: float) -> None:
         if not ses_id:
             return
+        # ordered with the log writer recording this MessageId (relay.tracking)
+        await xact_lock(s, LOCK_SES_MESSAGE, ses_id)
         values: dict[str, Any] = {"status": status, "updated_at": now}
         if status != "delivered":
             values["last_error"] = detail

@@ -5,7 +5,8 @@ window of `window` seconds (1 s plus a guard for jitter between leaving the rela
 arriving at SES) exceed the rate, so SES never sees a second above it. A throttle answer
 cuts the rate by a quarter and widens the guard a little; the rate recovers slowly.
 Quota tracks the remaining 24-hour allowance read from GetAccount. Pure: time is passed
-in; only acquire() sleeps. Used by the delivery pool.
+in; only acquire() sleeps. Used by the delivery pool. Relays that share one SES account
+also take each call from a RateBudget (relay.budget on PostgreSQL) at the last moment.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ import contextvars
 import math
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Protocol
 
 #: Wall-clock time at which the current task's call left the limiter. The SES adapter
 #: passes it to SES-compatible test endpoints, which count the rate on it.
 DEPARTURE: contextvars.ContextVar[float] = contextvars.ContextVar("relay_departure")
+
+
+class RateBudget(Protocol):
+    """A rate shared with other relays on the same SES account."""
+
+    async def take(self, n: int, *, rate: float) -> None:
+        """Return once n recipients may leave now without the relays together exceeding
+        `rate` in any one-second window; the caller sends them at once (no await)."""
 
 
 class RateLimiter:
@@ -27,6 +36,7 @@ class RateLimiter:
         self,
         rate: float,
         *,
+        budget: RateBudget | None = None,
         window: float = 1.0,
         guard: float = 0.015,
         recovery_per_second: float = 0.05,
@@ -35,6 +45,8 @@ class RateLimiter:
         if rate <= 0:
             raise ValueError("rate must be above 0")
         self.configured = rate
+        #: the account's rate shared with other relays (None: this relay alone)
+        self.budget = budget
         self.base_window = window
         self.window = window + guard
         self.recovery_per_second = recovery_per_second
@@ -128,6 +140,9 @@ class RateLimiter:
         if delay > 0:
             await asyncio.sleep(delay)
         for _ in range(1000):
+            if self.budget is not None:
+                # last, so nothing waits between the shared grant and the departure
+                await self.budget.take(n, rate=self.rate(self.clock()))
             wait = self.depart(n, self.clock())
             if wait <= 0:
                 DEPARTURE.set(time.time())

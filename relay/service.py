@@ -22,6 +22,7 @@ from aiohttp import web
 from relay import dsn
 from relay.admin import Admin, spool_writable
 from relay.auth import Credentials
+from relay.budget import shared_budget
 from relay.config import SANDBOX, Config
 from relay.db import Database
 from relay.delivery import DeliveryPool
@@ -111,6 +112,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         )
         queued = feedback.on_queued(pool.notify)
         queued_ref.append(queued)
+        # relays on one PostgreSQL database share the account's rate (relay.budget)
+        if config.database.shared_rate:
+            pool.limiter.budget = await shared_budget(feedback.db)
         # before the pool starts: a relay restarted while the guard had paused it stays paused
         await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials)
         await pool.start()

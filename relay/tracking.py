@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relay.db import Database, FeedbackEvent, MessageRow
+from relay.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
 from relay.log import event
 from relay.spool import Record, Spool
 from relay.suppression import normalize
@@ -224,6 +224,8 @@ class MessageLog:
         qid = record.id
 
         async def op(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
+            if ses_message_id:  # ordered with feedback for the same SES message
+                await xact_lock(s, LOCK_SES_MESSAGE, ses_message_id)
             res = await s.execute(update(MessageRow).where(
                 MessageRow.queue_id == qid, MessageRow.recipient.in_(rcpts),
             ).values(**values))

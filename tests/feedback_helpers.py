@@ -88,3 +88,23 @@ def statuses(relay: RelayProcess | Path, address: str) -> dict[str, str]:
     """queue id -> message log status for the address."""
     return {x["queue_id"]: x["status"] for x in log_lines(relay, address)
             if x["kind"] == "message"}
+
+
+TABLES = ("suppressions", "messages", "feedback_events", "bounce_counts")
+
+
+async def snapshot(tmp: Path, tables: tuple[str, ...] = TABLES) -> dict[str, list[tuple]]:
+    """Every row of the feedback tables of the test using `tmp`, on whichever database
+    the pass uses (SQLite in its spool directory or its own PostgreSQL database)."""
+    from sqlalchemy import text
+
+    from relay.db import Database
+    from tests.conftest import database_for
+
+    db = await Database.open(database_for(tmp), tmp, migrate=False)
+    try:
+        async with db.engine.connect() as conn:
+            return {t: sorted(tuple(r) for r in await conn.execute(text(f"SELECT * FROM {t}")))
+                    for t in tables}
+    finally:
+        await db.close()

@@ -3,7 +3,7 @@
 # on SQLite, then on a private PostgreSQL server started here on loopback (stopped at the
 # end). Extra arguments go to pytest.
 #   bash tests/run.sh [pytest args...]
-# RELAY_TEST_POSTGRES=1 adds the PostgreSQL pass (off until the whole suite is database-neutral).
+# RELAY_TEST_POSTGRES=0 skips the PostgreSQL pass (on by default: .ci/run runs both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +13,7 @@ pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 # Debian packages: swaks (a real SMTP client the tests use), PostgreSQL (server + psql).
 need=()
 command -v swaks >/dev/null || need+=(swaks)
-if [ "${RELAY_TEST_POSTGRES:-0}" != 0 ]; then
+if [ "${RELAY_TEST_POSTGRES:-1}" != 0 ]; then
   { [ -n "$(pg_bin)" ] && command -v psql >/dev/null; } || need+=(postgresql postgresql-client)
 fi
 if [ ${#need[@]} -gt 0 ]; then
@@ -29,7 +29,7 @@ PY=${PYTHON:-python3}
 
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
-[ "${RELAY_TEST_POSTGRES:-0}" != 0 ] || exit $status
+[ "${RELAY_TEST_POSTGRES:-1}" != 0 ] || exit $status
 
 # A throwaway PostgreSQL cluster on 127.0.0.1, owned by an unprivileged user.
 PGBIN=$(pg_bin)

@@ -4,7 +4,6 @@ garbage for the redrive policy; and the parser on every documented sample."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from pathlib import Path
 
@@ -15,15 +14,7 @@ from tests.conftest import database_for
 from relay.db import Database
 from relay.feedback import FeedbackStore, Unparseable, parse
 from relay.ingester import SqsIngester
-from tests.feedback_helpers import FIXTURES, fixture, notification
-
-TABLES = ("suppressions", "messages", "feedback_events", "bounce_counts")
-
-
-def snapshot(path: Path) -> dict[str, list[tuple]]:
-    with sqlite3.connect(path) as conn:
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in TABLES}
-
+from tests.feedback_helpers import FIXTURES, fixture, notification, snapshot
 
 @pytest.fixture
 def queue(moto_server, monkeypatch):
@@ -63,7 +54,7 @@ async def test_same_sqs_message_twice_changes_nothing_the_second_time(tmp_path, 
     try:
         async with ing.client() as client:
             assert await ing.poll_once(client) == 1
-            first = snapshot(tmp_path / "relay.db")
+            first = await snapshot(tmp_path)
             assert [r[0] for r in first["suppressions"]] == ["a@example.net"]
             assert in_queue(sqs, url) == 0
             # SQS delivers at least once: the same body again
@@ -71,7 +62,7 @@ async def test_same_sqs_message_twice_changes_nothing_the_second_time(tmp_path, 
             assert await ing.poll_once(client) == 1
     finally:
         await db.close()
-    assert snapshot(tmp_path / "relay.db") == first
+    assert await snapshot(tmp_path) == first
     assert ing.counts["applied"] == 1 and ing.counts["duplicate"] == 1
     assert in_queue(sqs, url) == 0
 
@@ -92,7 +83,7 @@ async def test_garbage_is_counted_and_not_deleted(tmp_path, moto_server, queue):
     assert deleted == 0
     assert ing.counts["unparseable"] >= 3
     assert in_queue(sqs, url) == 3
-    assert snapshot(tmp_path / "relay.db")["feedback_events"] == []
+    assert (await snapshot(tmp_path))["feedback_events"] == []
 
 
 async def test_raw_delivery_body_is_applied(tmp_path, moto_server, queue):
@@ -106,7 +97,7 @@ async def test_raw_delivery_body_is_applied(tmp_path, moto_server, queue):
             assert await ing.poll_once(client) == 1
     finally:
         await db.close()
-    rows = snapshot(tmp_path / "relay.db")["suppressions"]
+    rows = (await snapshot(tmp_path))["suppressions"]
     assert [(r[0], r[1]) for r in rows] == [("c@example.net", "complaint")]
 
 

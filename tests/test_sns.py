@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-import sqlite3
 import urllib.error
 import urllib.request
 import uuid
@@ -26,6 +25,7 @@ from relay.feedback import FeedbackStore
 from relay.sns import SnsEndpoint, string_to_sign
 from tests.conftest import wait_for
 from tests.feedback_helpers import notification
+from tests.feedback_helpers import snapshot as db_snapshot
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
 CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem"
@@ -100,9 +100,8 @@ async def endpoint(tmp_path, pki):
         async with session.post(f"http://127.0.0.1:{port}/sns", data=body) as resp:
             return resp.status
 
-    def snapshot() -> dict:
-        with sqlite3.connect(tmp_path / "relay.db") as conn:
-            return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in TABLES}
+    async def snapshot() -> dict:
+        return await db_snapshot(tmp_path, TABLES)
 
     yield {"post": post, "fetched": fetched, "confirmed": confirmed, "snapshot": snapshot}
     await session.close()
@@ -114,7 +113,7 @@ async def endpoint(tmp_path, pki):
 async def test_valid_signature_is_applied(endpoint, pki, version):
     key, _ = pki
     assert await endpoint["post"](signed(key, bounce_message(), version)) == 200
-    rows = endpoint["snapshot"]()["suppressions"]
+    rows = (await endpoint["snapshot"]())["suppressions"]
     assert [r[0] for r in rows] == ["x@example.net"]
     # cached: a second message fetches nothing more
     assert await endpoint["post"](signed(key, bounce_message("z@example.net"), version)) == 200
@@ -123,7 +122,7 @@ async def test_valid_signature_is_applied(endpoint, pki, version):
 
 async def test_changed_byte_and_wrong_version_are_rejected(endpoint, pki):
     key, _ = pki
-    before = endpoint["snapshot"]()
+    before = await endpoint["snapshot"]()
     good = signed(key, bounce_message())
     tampered = dict(good, Message=good["Message"].replace("x@example.net", "y@example.net"))
     assert await endpoint["post"](tampered) == 403
@@ -132,7 +131,7 @@ async def test_changed_byte_and_wrong_version_are_rejected(endpoint, pki):
     sig = bytearray(base64.b64decode(good["Signature"]))
     sig[10] ^= 1
     assert await endpoint["post"](dict(good, Signature=base64.b64encode(bytes(sig)).decode())) == 403
-    assert endpoint["snapshot"]() == before
+    assert (await endpoint["snapshot"]()) == before
 
 
 @pytest.mark.parametrize("url", [
@@ -149,10 +148,10 @@ async def test_changed_byte_and_wrong_version_are_rejected(endpoint, pki):
 ])
 async def test_certificate_url_elsewhere_is_rejected_without_fetching(endpoint, pki, url):
     key, _ = pki
-    before = endpoint["snapshot"]()
+    before = await endpoint["snapshot"]()
     assert await endpoint["post"](signed(key, bounce_message(SigningCertURL=url))) == 403
     assert endpoint["fetched"] == []
-    assert endpoint["snapshot"]() == before
+    assert (await endpoint["snapshot"]()) == before
 
 
 async def test_unknown_topic_rejected_and_confirmation_only_for_listed_topics(endpoint, pki):
