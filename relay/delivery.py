@@ -278,7 +278,8 @@ class DeliveryPool:
             finally:
                 async with self._slot_freed:
                     self._busy -= 1
-                    self._slot_freed.notify_all()
+                    # one slot freed: wake one waiter, not every idle worker
+                    self._slot_freed.notify(1)
 
     async def _take_one(self) -> None:
         while True:
