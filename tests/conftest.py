@@ -226,3 +226,14 @@ def relayed(raw: bytes) -> bytes:
     m = RECEIVED.match(raw)
     assert m, raw[:300]
     return raw[m.end():]
+
+
+@pytest.fixture
+def ingress(tmp_path: Path) -> Iterator[Any]:
+    """Starts in-process ingress servers (tests/ingress_server.py); stops them after."""
+    from tests.ingress_server import make_ingress
+
+    start = make_ingress(tmp_path)
+    yield start
+    for server in start.started:
+        server.stop()

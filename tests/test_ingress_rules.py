@@ -5,24 +5,15 @@ from __future__ import annotations
 import json
 import smtplib
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from relay import addresses
-from tests.ingress_server import Raw, make_ingress
+from tests.ingress_server import Raw
 
 SENDER = "app@example.com"
 MSG = (b"From: app@example.com\r\nTo: a@example.net\r\nSubject: t\r\n"
        b"Date: Sun, 22 Nov 2026 10:00:00 +0000\r\nMessage-ID: <r@example.com>\r\n\r\nhi\r\n")
-
-
-@pytest.fixture
-def ingress(tmp_path: Path) -> Iterator:
-    start = make_ingress(tmp_path)
-    yield start
-    for server in start.started:
-        server.stop()
 
 
 def test_open_relay_attempt_from_non_allowed_address_is_refused(ingress):

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from relay.limits import AuthThrottle, ConnectionLimiter
-from tests.ingress_server import Raw, make_ingress
-
-
-@pytest.fixture
-def ingress(tmp_path: Path) -> Iterator:
-    start = make_ingress(tmp_path)
-    yield start
-    for server in start.started:
-        server.stop()
+from tests.ingress_server import Raw
 
 
 def _open(port: int, source: str = "127.0.0.1") -> Raw:

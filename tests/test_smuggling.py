@@ -9,12 +9,10 @@ exactly one message, to the first envelope only, and answer exactly one 250 for 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.ingress_server import Raw, make_ingress
+from tests.ingress_server import Raw
 
 SEQUENCES = [
     b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\n.\r",
@@ -22,14 +20,6 @@ SEQUENCES = [
 ]
 SMUGGLED = (b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
             b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\nsmuggled body\r\n")
-
-
-@pytest.fixture
-def ingress(tmp_path: Path) -> Iterator:
-    start = make_ingress(tmp_path)
-    yield start
-    for server in start.started:
-        server.stop()
 
 
 def _until_eof(c: Raw) -> list[bytes]:

@@ -9,8 +9,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-from email.message import EmailMessage
-from pathlib import Path
 
 import boto3
 import pytest
