@@ -24,16 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import cpu_seconds  # noqa: E402
 from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
 from relay.spool import Envelope, Spool  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
 
 def fill(spool_dir: Path, n: int) -> None:
     spool = Spool(spool_dir, fsync=False)

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import cpu_seconds, free_port  # noqa: E402
 from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -51,17 +52,6 @@ start = time.time()
 [t.start() for t in ts]; [t.join() for t in ts]
 json.dump({"start": start, "done": done}, open(out, "w"))
 '''
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], p: float) -> float:
