@@ -25,6 +25,7 @@ from relay.errors import (
     ThrottledError,
     TransientError,
 )
+from relay.commit import GroupCommit
 from relay.log import event
 from relay.ratelimit import Quota, RateLimiter
 from relay.retry import RetryPolicy
@@ -95,8 +96,11 @@ class DeliveryPool:
         suppressions: Suppressions | None = None,
         listeners: Sequence[Listener] = (),
         clock: Callable[[], float] = time.time,
+        commit: GroupCommit | None = None,
     ) -> None:
         self.spool = spool
+        #: spool flushes shared with concurrent calls (and the ingress, when given its)
+        self.commit = commit or GroupCommit(spool)
         self.sender = sender
         self.accounts = accounts
         self.limiter = limiter
@@ -324,12 +328,11 @@ class DeliveryPool:
 
     async def process(self, qid: str) -> None:
         spool = self.spool
-        record = await asyncio.to_thread(spool.load, State.ACTIVE, qid)
+        record, raw = await asyncio.to_thread(self._read, qid)
         now = self.clock()
         if self.policy.expired(record.envelope.received_at, now):
             await self._fail_pending(record, "expired: " + (record.last_error or "no attempt succeeded"))
             return
-        raw = await asyncio.to_thread(spool.read_message, State.ACTIVE, qid)
         pending = record.pending()
         if self.suppressions is not None and pending:
             # checked now, not at acceptance: the list may have changed while mail waited
@@ -338,7 +341,7 @@ class DeliveryPool:
                 at = self.clock()
                 for rcpt in dropped:
                     record.results[rcpt] = {"status": SUPPRESSED, "at": at}
-                await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                await self._save(record)
                 event(log, "suppressed", queue_id=qid, recipients=sorted(dropped))
                 await self._tell("suppressed", record, sorted(dropped))
                 pending = [r for r in pending if r not in dropped]
@@ -384,13 +387,14 @@ class DeliveryPool:
             except AccountPausedError as exc:
                 self.quota.give_back(len(chunk))
                 record.last_error = str(exc)
-                await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                await self._save(record)
                 self.pause(f"SES refused sending for the account: {exc}")
                 return
             except ConfigurationError as exc:
                 self.quota.give_back(len(chunk))
                 record.last_error = str(exc)
                 await asyncio.to_thread(self._hold, record)
+                await self.commit.barrier()
                 event(log, "held", level=logging.ERROR, queue_id=qid, error=str(exc),
                       hint="fix the SES configuration, then: relay queue release " + qid)
                 await self._tell("held", record, pending, error=str(exc))
@@ -401,7 +405,7 @@ class DeliveryPool:
                 for rcpt in chunk:
                     record.results[rcpt] = {"status": FAILED, "at": at, "reason": str(exc)}
                 record.last_error = str(exc)
-                await asyncio.to_thread(spool.save, State.ACTIVE, record)
+                await self._save(record)
                 event(log, "rejected", level=logging.WARNING, queue_id=qid, error=str(exc),
                       recipients=chunk)
                 await self._tell("rejected", record, chunk, error=str(exc))
@@ -409,37 +413,70 @@ class DeliveryPool:
                 at = self.clock()
                 for rcpt in chunk:
                     record.results[rcpt] = {"status": SENT, "at": at, "ses_message_id": message_id}
-                # durable before anything else: a retry or restart skips these recipients
-                await asyncio.to_thread(spool.save, State.ACTIVE, record)
                 self.latency = 0.9 * self.latency + 0.1 * (time.monotonic() - started)
+                done = len(chunk) == len(pending) and not self._failed(record)
+                # durable before anything else: a retry or restart skips these recipients.
+                # When this call finished the message, removing it from active/ is that
+                # record (its envelope.json would be deleted right after being written).
                 event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
+                if done:
+                    try:
+                        await self._discard(record)
+                    except FileNotFoundError:
+                        # held by an operator during the call: the result goes where it is
+                        await self._save(record)
+                else:
+                    await self._save(record)
                 await self._tell("sent", record, chunk, ses_message_id=message_id)
+                if done:
+                    return
             pending = pending[len(chunk):]
         await self._finish(record)
 
+    def _read(self, qid: str) -> tuple[Record, bytes]:
+        return (self.spool.load(State.ACTIVE, qid),
+                self.spool.read_message(State.ACTIVE, qid))
+
+    @staticmethod
+    def _failed(record: Record) -> list[str]:
+        return [r for r, res in record.results.items() if res.get("status") == FAILED]
+
+    async def _save(self, record: Record) -> None:
+        """Replace envelope.json; durable on return (the flush is shared)."""
+        await asyncio.to_thread(self.spool.save, State.ACTIVE, record, durable=False)
+        await self.commit.barrier()
+
+    async def _discard(self, record: Record) -> None:
+        """Remove a finished message from active/; durable on return (shared flush)."""
+        grave = await asyncio.to_thread(self.spool.bury, State.ACTIVE, record.id)
+        await self.commit.barrier(grave)
+
     async def _finish(self, record: Record) -> None:
-        failed = [r for r, res in record.results.items() if res.get("status") == FAILED]
+        failed = self._failed(record)
         if failed:
-            await asyncio.to_thread(self.spool.move, record.id, State.ACTIVE, State.FAILED)
+            await asyncio.to_thread(self.spool.move, record.id, State.ACTIVE, State.FAILED,
+                                    durable=False)
+            await self.commit.barrier()
             event(log, "failed", level=logging.WARNING, queue_id=record.id,
                   error=record.last_error, recipients=failed)
             await self._tell("failed", record, failed, error=record.last_error)
             if self.on_failed is not None:
                 await self.on_failed(record, record.last_error)
         else:
-            await asyncio.to_thread(self.spool.discard, State.ACTIVE, record.id)
+            await self._discard(record)
 
     async def _fail_pending(self, record: Record, reason: str) -> None:
         at = self.clock()
         for rcpt in record.pending():
             record.results[rcpt] = {"status": FAILED, "at": at, "reason": reason}
         record.last_error = reason
-        await asyncio.to_thread(self.spool.save, State.ACTIVE, record)
+        await self._save(record)
         await self._finish(record)
 
     async def _postpone(self, record: Record, error: str, count: bool,
                         wait: float | None = None) -> None:
         await asyncio.to_thread(self._defer, record, error, count, wait)
+        await self.commit.barrier()
         await self._tell("deferred", record, record.pending(), error=error)
 
     def _defer(self, record: Record, error: str, count: bool, wait: float | None = None) -> None:
@@ -456,14 +493,14 @@ class DeliveryPool:
             nxt = now
         record.last_error = error
         record.next_attempt = nxt
-        self.spool.save(State.ACTIVE, record)
-        self.spool.move(record.id, State.ACTIVE, State.DEFERRED, when=nxt)
+        self.spool.save(State.ACTIVE, record, durable=False)
+        self.spool.move(record.id, State.ACTIVE, State.DEFERRED, when=nxt, durable=False)
         event(log, "deferred", queue_id=record.id, error=error, attempts=record.attempts,
               next_attempt=round(nxt, 3))
 
     def _hold(self, record: Record) -> None:
-        self.spool.save(State.ACTIVE, record)
-        self.spool.move(record.id, State.ACTIVE, State.HOLD)
+        self.spool.save(State.ACTIVE, record, durable=False)
+        self.spool.move(record.id, State.ACTIVE, State.HOLD, durable=False)
 
 
 __all__ = ["Account", "AccountSource", "DeliveryPool", "Listener", "MAX_DESTINATIONS", "Sender",

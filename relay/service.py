@@ -23,6 +23,7 @@ from relay import dsn
 from relay.admin import Admin, spool_writable
 from relay.auth import Credentials
 from relay.budget import shared_budget
+from relay.commit import GroupCommit
 from relay.config import SANDBOX, Config
 from relay.db import Database
 from relay.delivery import DeliveryPool
@@ -100,6 +101,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
                          max_connections=dcfg.max_concurrency,
                          stamp_departures=endpoint is not None) as ses:
         metrics = Metrics(spool=spool)
+        # one group commit: sessions and delivery results share every spool flush
+        commit = GroupCommit(spool)
         pool = DeliveryPool(
             spool=spool, sender=TimedSender(ses, metrics), accounts=ses,
             limiter=RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard),
@@ -109,6 +112,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             throttle_retry=dcfg.throttle_retry, account_refresh=dcfg.account_refresh,
             pause_probe_interval=dcfg.pause_probe_interval, on_failed=on_failed,
             suppressions=feedback.suppressions, listeners=[feedback.log, metrics],
+            commit=commit,
         )
         queued = feedback.on_queued(pool.notify)
         queued_ref.append(queued)
@@ -120,7 +124,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         await pool.start()
         auth_users, dkim_signer = _ingress_security(config)
         handler = IngressHandler(spool=spool, config=config.smtp, on_queued=queued,
-                                 credentials=auth_users, signer=dkim_signer)
+                                 credentials=auth_users, signer=dkim_signer, commit=commit)
         if config.smtp.reject_suppressed:
             handler.rcpt_check = feedback.rcpt_suppressed
         ingress = Ingress(handler, config.smtp)

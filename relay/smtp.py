@@ -1,8 +1,9 @@
 """SMTP ingress: an aiosmtpd server that spools each message before answering 250.
 
 handle_DATA hands the bytes as received (but for the header changes of relay.headers and
-the optional DKIM signature) to Spool.accept in a worker thread, shielded from client
-disconnects, and answers 250 only once they are durable; spool
+the optional DKIM signature) to Spool.prepare in a worker thread, then to the shared group
+commit (relay.commit) that flushes them, renames them into active/ and flushes again, all
+shielded from client disconnects; it answers 250 only once they are durable; spool
 errors answer 451 4.3.0 or 452 4.3.1, never 500. Mail is accepted only from
 smtp.allowed_networks or authenticated clients (AUTH over TLS, relay.auth); address rules
 live in relay.addresses, header changes in relay.headers, caps in relay.limits.
@@ -23,6 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
 
 from relay import addresses, headers
 from relay.auth import Credentials, User
+from relay.commit import GroupCommit
 from relay.config import SmtpConfig
 from relay.errors import SpoolError, SpoolFullError
 from relay.limits import AuthThrottle, ConnectionLimiter
@@ -90,8 +92,11 @@ class IngressHandler(AuthHooks):
         on_queued: Callable[[str], None] | None = None,
         credentials: Credentials | None = None,
         signer: Callable[[bytes], bytes] | None = None,
+        commit: GroupCommit | None = None,
     ) -> None:
         self.spool = spool
+        #: flushes shared with the other sessions (and the delivery pool, when given its)
+        self.commit = commit or GroupCommit(spool)
         self.config = config
         self.on_queued = on_queued
         self.credentials = credentials
@@ -178,9 +183,8 @@ class IngressHandler(AuthHooks):
             client=session.peer[0] if session.peer else "",
             helo=session.host_name or "",
         )
-        loop = asyncio.get_running_loop()
         self.busy.add(id(session))
-        commit = loop.run_in_executor(None, lambda: self.spool.accept(env, prepare(data)))
+        commit = asyncio.ensure_future(self._spool(env, data, prepare))
         # The commit runs to the end even if the client hangs up after the final dot;
         # the delivery pool hears about it whether or not this coroutine survives.
         commit.add_done_callback(self._committed)
@@ -254,6 +258,14 @@ class IngressHandler(AuthHooks):
         out[:-1] = [r[:3] + "-" + r[4:] for r in out[:-1]]
         out[-1] = out[-1][:3] + " " + out[-1][4:]
         return out
+
+    async def _spool(self, env: Envelope, data: bytes,
+                     prepare: Callable[[bytes], bytes]) -> str:
+        """Write the message, then wait for the shared flushes that make it durable."""
+        loop = asyncio.get_running_loop()
+        qid = await loop.run_in_executor(None, lambda: self.spool.prepare(env, prepare(data)))
+        await self.commit.publish(qid)
+        return qid
 
     def _committed(self, fut: asyncio.Future[str]) -> None:
         if fut.cancelled() or fut.exception() is not None:

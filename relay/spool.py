@@ -5,10 +5,17 @@ received) and envelope.json (envelope and delivery state). It becomes visible on
 atomic rename out of incoming/, every state change is one rename, and envelope.json is
 replaced by write-temporary, fsync, rename. A deferred message's directory mtime is its
 next attempt time, so a scan needs no parsing. Used by ingress, delivery and the queue CLI.
+
+Durability comes two ways. The plain calls (accept, save, move, discard) are durable when
+they return. The split calls (prepare/publish, and save/move/bury with durable=False) leave
+the flush to the caller, so that many changes share one: relay.commit.GroupCommit calls
+flush() once for every change waiting at that moment (group commit).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import enum
 import errno
 import fcntl
@@ -134,12 +141,37 @@ def new_queue_id() -> str:
     return f"{now:013X}{os.getpid() & 0xFFFFF:05X}"
 
 
+def _load_syncfs() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "syncfs", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+#: Linux syncfs(2): every dirty page and inode of one filesystem, one journal commit
+_syncfs = _load_syncfs()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def as_spool_error(exc: BaseException) -> BaseException:
+    """OSError -> SpoolError (SpoolFullError when out of space); anything else unchanged."""
+    if isinstance(exc, SpoolError) or not isinstance(exc, OSError):
+        return exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(f"spool full: {exc}")
+    return SpoolError(f"spool write failed: {exc}")
 
 
 class Spool:
@@ -173,7 +205,28 @@ class Spool:
         """Make a message durable in active/ and return its queue id.
 
         Returns only after both files, their directory and the new entry in active/ are
-        fsynced. On any failure nothing is left behind and SpoolError is raised.
+        on disk. On any failure nothing is left behind and SpoolError is raised.
+        """
+        qid = self.prepare(envelope, data, qid=qid)
+        try:
+            if self.fsync:
+                self.flush()
+            self.publish(qid)
+            if self.fsync:
+                self.flush()
+        except BaseException as exc:
+            self.abandon(qid)
+            err = as_spool_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
+        return qid
+
+    def prepare(self, envelope: Envelope, data: bytes, *, qid: str | None = None) -> str:
+        """Write a message into incoming/<qid>/ (not yet flushed, not yet visible).
+
+        The first half of a group-committed accept: flush(), publish(qid), flush() follow.
+        On failure nothing is left behind and SpoolError is raised.
         """
         qid = qid or new_queue_id()
         tmp = self.path(State.INCOMING, qid)
@@ -181,23 +234,42 @@ class Spool:
         try:
             self._check_room(len(data))
             tmp.mkdir()
-            self._write(tmp / MESSAGE, data)
-            self._write(tmp / ENVELOPE, record.to_json())
-            if self.fsync:
-                _fsync_dir(tmp)
-            os.rename(tmp, self.path(State.ACTIVE, qid))
-            if self.fsync:
-                _fsync_dir(self.dir(State.ACTIVE))
+            self._write(tmp / MESSAGE, data, sync=False)
+            self._write(tmp / ENVELOPE, record.to_json(), sync=False)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, SpoolError):
+            err = as_spool_error(exc)
+            if err is exc:
                 raise
-            if isinstance(exc, OSError):
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise SpoolFullError(f"spool full: {exc}") from exc
-                raise SpoolError(f"spool write failed: {exc}") from exc
-            raise
+            raise err from exc
         return qid
+
+    def publish(self, qid: str) -> None:
+        """Make a prepared message visible: one rename from incoming/ into active/."""
+        os.rename(self.path(State.INCOMING, qid), self.path(State.ACTIVE, qid))
+
+    def abandon(self, qid: str) -> None:
+        """Remove a prepared message that was never acknowledged, wherever it got to."""
+        for state in (State.INCOMING, State.ACTIVE):
+            shutil.rmtree(self.path(state, qid), ignore_errors=True)
+
+    def flush(self) -> None:
+        """Make every change so far in the spool durable: syncfs(2) on its filesystem.
+
+        One call covers the data, the inodes and the directory entries of every message
+        written, renamed or removed before it, in one journal commit; raises OSError on a
+        write-back error. Without syncfs (not Linux) the whole system is synced.
+        """
+        if _syncfs is None:
+            os.sync()
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs {self.root}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
 
     def _check_room(self, size: int) -> None:
         if self.min_free_bytes <= 0:
@@ -209,14 +281,14 @@ class Spool:
                 f"spool has {free} bytes free, below spool.min_free_bytes={self.min_free_bytes}"
             )
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, path: Path, data: bytes, *, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            if self.fsync:
+            if sync and self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
@@ -248,8 +320,10 @@ class Spool:
 
     # -- state changes --------------------------------------------------------------
 
-    def save(self, state: State, record: Record) -> State:
+    def save(self, state: State, record: Record, *, durable: bool = True) -> State:
         """Replace a message's envelope.json atomically and durably; returns its state.
+
+        With durable=False the caller flushes (group commit) before relying on it.
 
         The write goes through a descriptor of the message's own directory, so it lands
         in that directory wherever an operator renamed it meanwhile (hold, release), and
@@ -268,7 +342,7 @@ class Spool:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                self._save_at(fd, record)
+                self._save_at(fd, record, durable)
                 return state
             except OSError as exc:
                 raise SpoolError(f"{record.id}: could not save state: {exc}") from exc
@@ -276,37 +350,48 @@ class Spool:
                 os.close(fd)
         raise SpoolError(f"{record.id}: could not save state: the message keeps moving")
 
-    def _save_at(self, dir_fd: int, record: Record) -> None:
+    def _save_at(self, dir_fd: int, record: Record, durable: bool = True) -> None:
         tmp = ENVELOPE + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=dir_fd)
+        sync = durable and self.fsync
         try:
             os.write(fd, record.to_json())
-            if self.fsync:
+            if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, ENVELOPE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        if self.fsync:
+        if sync:
             os.fsync(dir_fd)
 
-    def move(self, qid: str, src: State, dst: State, *, when: float | None = None) -> None:
+    def move(self, qid: str, src: State, dst: State, *, when: float | None = None,
+             durable: bool = True) -> None:
         """Rename a message from one state to another; `when` sets its mtime (deferred)."""
         target = self.path(dst, qid)
         os.rename(self.path(src, qid), target)
         if when is not None:
             os.utime(target, (when, when))
-        if self.fsync:
+        if durable and self.fsync:
             if when is not None:
                 _fsync_dir(target)
             _fsync_dir(self.dir(dst))
 
     def discard(self, state: State, qid: str) -> None:
         """Remove a finished message: one rename into incoming/ (garbage), then delete."""
-        grave = self.path(State.INCOMING, f".done-{qid}")
-        os.rename(self.path(state, qid), grave)
+        grave = self.bury(state, qid)
         if self.fsync:
             _fsync_dir(self.dir(state))
         shutil.rmtree(grave, ignore_errors=True)
+
+    def bury(self, state: State, qid: str) -> Path:
+        """The first half of discard: the rename into incoming/ (not yet flushed).
+
+        Once flushed, the message is gone from its state for good; the returned directory
+        is garbage for the caller (or the next start-up) to delete.
+        """
+        grave = self.path(State.INCOMING, f".done-{qid}")
+        os.rename(self.path(state, qid), grave)
+        return grave
 
     # -- scanning -------------------------------------------------------------------
 
