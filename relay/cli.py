@@ -21,11 +21,21 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay import log, service
+    from relay import log, service, workers
 
     cfg = _load(args)
+    workers.check(cfg)
     log.setup(args.log_level)
-    asyncio.run(service.serve(cfg))
+    count = cfg.smtp.workers
+    if args.worker is not None:
+        if not 0 <= args.worker < count:
+            print(f"relay serve: --worker {args.worker}: smtp.workers is {count}", file=sys.stderr)
+            return 2
+        asyncio.run(service.serve(cfg, worker=(args.worker, count)))
+    elif count > 1:
+        return workers.supervise(cfg, config_path=args.config, log_level=args.log_level)
+    else:
+        asyncio.run(service.serve(cfg))
     return 0
 
 
@@ -118,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run the relay")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # started by the supervisor when smtp.workers > 1 (relay.workers)
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", parents=[common], help="validate the config and ask SES for the account")

@@ -57,9 +57,12 @@ class SmtpConfig:
     max_errors: int = 20
     data_timeout: float = _duration(default=600.0)
     reject_suppressed: bool = False
+    workers: int = 1
 
     def check(self) -> None:
         _port("smtp.port", self.port)
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("smtp.workers", "must be between 1 and 64")
         _check_hardening(self)
         for net in self.allowed_networks:
             try:

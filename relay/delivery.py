@@ -97,8 +97,14 @@ class DeliveryPool:
         listeners: Sequence[Listener] = (),
         clock: Callable[[], float] = time.time,
         commit: GroupCommit | None = None,
+        owns: Callable[[str], bool] | None = None,
+        share: float = 1.0,
     ) -> None:
         self.spool = spool
+        #: one worker of several (relay.workers) delivers only its partition of the spool,
+        #: at its share of the account's rate and quota
+        self.owns = owns or (lambda qid: True)
+        self.share = share
         #: spool flushes shared with concurrent calls (and the ingress, when given its)
         self.commit = commit or GroupCommit(spool)
         self.sender = sender
@@ -195,7 +201,7 @@ class DeliveryPool:
             account = await self.accounts.get_account()
         except DeliveryError as exc:
             if self.account is None:
-                fallback = self.max_rate or 1.0
+                fallback = (self.max_rate or 1.0) * self.share
                 self.limiter.set_rate(fallback)
                 event(log, "account_unknown", level=logging.WARNING, error=str(exc), rate=fallback)
             return
@@ -209,8 +215,9 @@ class DeliveryPool:
         rate = account.max_send_rate
         if self.max_rate:
             rate = min(rate, self.max_rate)
-        self.limiter.set_rate(max(rate, 0.01))
-        self.quota.update(account.max_24hour_send, account.sent_last_24hours)
+        self.limiter.set_rate(max(rate * self.share, 0.01))
+        self.quota.update(account.max_24hour_send * self.share,
+                          account.sent_last_24hours * self.share)
         if not account.sending_enabled:
             self.pause("SES sending is disabled for the account (GetAccount SendingEnabled=false)")
         elif self.paused_reason.startswith("SES"):
@@ -249,6 +256,8 @@ class DeliveryPool:
         """Move due deferred mail to active/, then fill the ready queue from active/."""
         now = self.clock()
         for qid in self.spool.due(now):
+            if not self.owns(qid):
+                continue
             try:
                 self.spool.move(qid, State.DEFERRED, State.ACTIVE)
             except FileNotFoundError:
@@ -260,7 +269,7 @@ class DeliveryPool:
             if self._ready.full():
                 self._rescan.set()
                 return
-            if qid not in self._claimed:
+            if qid not in self._claimed and self.owns(qid):
                 self._claimed.add(qid)
                 self._ready.put_nowait(qid)
 

@@ -38,14 +38,17 @@ from relay.sandbox import Sandbox, SandboxState
 from relay.ses import SesClient
 from relay.smtp import Ingress, IngressHandler
 from relay.sns import SnsEndpoint
-from relay.spool import Envelope, Record, Spool, State
+from relay.spool import Envelope, Record, Spool, State, partition, set_worker
 from relay.suppression import SuppressionList
 from relay.tracking import MessageLog
 
 log = logging.getLogger("relay.service")
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
+async def serve(config: Config, *, stop: asyncio.Event | None = None,
+                worker: tuple[int, int] = (0, 1)) -> None:
+    """Run the relay; `worker` = (index, count) when relay.workers started this process."""
+    index, count = worker
     # Spool work runs in threads; a short GIL switch interval keeps the event loop from
     # waiting up to 5 ms for one of them right after a call left the rate limiter.
     sys.setswitchinterval(0.001)
@@ -61,8 +64,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
 
     spool = Spool(config.spool.dir, fsync=config.spool.fsync,
                   min_free_bytes=config.spool.min_free_bytes)
-    garbage = await asyncio.to_thread(spool.recover)
-    event(log, "recovered", spool=str(spool.root), incoming_removed=garbage)
+    if count > 1:
+        # the supervisor recovered the spool before starting the workers
+        set_worker(index, count)
+    else:
+        garbage = await asyncio.to_thread(spool.recover)
+        event(log, "recovered", spool=str(spool.root), incoming_removed=garbage)
 
     sandbox: Sandbox | None = None
     endpoint = config.ses.endpoint_url or None
@@ -112,7 +119,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             throttle_retry=dcfg.throttle_retry, account_refresh=dcfg.account_refresh,
             pause_probe_interval=dcfg.pause_probe_interval, on_failed=on_failed,
             suppressions=feedback.suppressions, listeners=[feedback.log, metrics],
-            commit=commit,
+            commit=commit, share=1.0 / count,
+            owns=(lambda qid: partition(qid, count) == index) if count > 1 else None,
         )
         queued = feedback.on_queued(pool.notify)
         queued_ref.append(queued)
@@ -120,7 +128,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         if config.database.shared_rate:
             pool.limiter.budget = await shared_budget(feedback.db)
         # before the pool starts: a relay restarted while the guard had paused it stays paused
-        await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials)
+        await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials,
+                             ingest=index == 0)
         await pool.start()
         auth_users, dkim_signer = _ingress_security(config)
         handler = IngressHandler(spool=spool, config=config.smtp, on_queued=queued,
@@ -128,6 +137,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         if config.smtp.reject_suppressed:
             handler.rcpt_check = feedback.rcpt_suppressed
         ingress = Ingress(handler, config.smtp)
+        ingress.reuse_port = count > 1
         # metrics: SMTP sessions and replies, messages accepted, pool gauges
         instrument_ingress(ingress, metrics)
         handler.on_queued = _counted(metrics, queued)
@@ -155,11 +165,11 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
                       async_checks=database_checks)
         feedback.add_routes(admin.app)
         admin_addr = ""
-        if config.admin.enabled:
+        if config.admin.enabled and index == 0:
             host, port = await admin.start(config.admin.host, config.admin.port)
             admin_addr = f"{host}:{port}"
         smtps = ":".join(map(str, ingress.tls_address)) if ingress.tls_address else ""
-        event(log, "listening", smtp=f"{smtp_host}:{smtp_port}", admin=admin_addr,
+        event(log, "listening", smtp=f"{smtp_host}:{smtp_port}", admin=admin_addr, worker=index,
               rate=pool.limiter.configured, config=config.source, smtps=smtps)
 
         await stop.wait()
@@ -232,7 +242,8 @@ class Feedback:
             return False
 
     async def start(self, pool: DeliveryPool, *, ses_endpoint: str | None,
-                    credentials: tuple[str, str] | None) -> None:
+                    credentials: tuple[str, str] | None, ingest: bool = True) -> None:
+        """Message log and reputation guard; with `ingest`, the feedback ingester too."""
         fcfg = self.config.feedback
         await self.log.start()
         self.guard = ReputationGuard(
@@ -249,7 +260,7 @@ class Feedback:
             if not queue_url or sqs_endpoint == SANDBOX:
                 queue_url = queue_url or f"{ses_endpoint}/queue/feedback"
                 sqs_endpoint, creds = ses_endpoint, credentials
-        if queue_url:
+        if queue_url and ingest:
             self.ingester = SqsIngester(
                 store=self.store, queue_url=queue_url,
                 region=queue_region(queue_url, self.config.ses.region),
@@ -258,10 +269,11 @@ class Feedback:
                 on_applied=self._applied,
             )
             await self.ingester.start()
-        if fcfg.sns_endpoint:
+        if fcfg.sns_endpoint and ingest:
             self.sns = SnsEndpoint(store=self.store, topic_arns=fcfg.topic_arns,
                                    on_applied=self._applied)
-        self._tasks.add(asyncio.create_task(self._prune()))
+        if ingest:
+            self._tasks.add(asyncio.create_task(self._prune()))
 
     def stats(self) -> dict[str, float]:
         """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""

@@ -284,6 +284,8 @@ class Ingress:
         self.tls_server: asyncio.base_events.Server | None = None
         self.tls_address: tuple[str, int] | None = None
         self.sessions: set[SMTP] = set()
+        #: several worker processes listen on one port; the kernel spreads connections
+        self.reuse_port = False
         self.tls_context = server_context(config)
         self.limiter = ConnectionLimiter(total=config.max_connections,
                                          per_client=config.max_connections_per_client)
@@ -380,13 +382,15 @@ class Ingress:
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            self._protocol, host=self.config.host, port=self.config.port, reuse_address=True
+            self._protocol, host=self.config.host, port=self.config.port, reuse_address=True,
+            reuse_port=self.reuse_port or None
         )
         host, port = self.server.sockets[0].getsockname()[:2]
         if self.config.implicit_tls and self.tls_context is not None:
             self.tls_server = await loop.create_server(
                 lambda: self._protocol(implicit_tls=True), host=self.config.host,
                 port=self.config.tls_port, reuse_address=True, ssl=self.tls_context,
+                reuse_port=self.reuse_port or None,
             )
             self.tls_address = self.tls_server.sockets[0].getsockname()[:2]
         return host, port

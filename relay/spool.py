@@ -126,6 +126,31 @@ class CorruptMessage(SpoolError):
 
 _id_lock = threading.Lock()
 _id_last = 0
+#: (index, count) of this worker process among `relay serve`'s workers (relay.workers)
+_worker = (0, 1)
+
+
+def set_worker(index: int, count: int) -> None:
+    """Make this process's queue ids fall in partition `index` of `count` (see partition)."""
+    global _worker
+    if not 0 <= index < count:
+        raise ValueError(f"worker {index} of {count}")
+    _worker = (index, count)
+
+
+def partition(qid: str, count: int) -> int:
+    """Which of `count` worker processes delivers a message: its id's last 5 hex digits mod count.
+
+    Every id maps to exactly one worker; a worker's own ids map to itself, so it delivers
+    what it accepted without asking anyone. Ids from elsewhere (sendmail, DSNs) land on
+    whichever worker the formula names.
+    """
+    if count <= 1:
+        return 0
+    try:
+        return int(qid[-5:], 16) % count
+    except ValueError:
+        return sum(qid.encode()) % count
 
 
 def new_queue_id() -> str:
@@ -133,12 +158,21 @@ def new_queue_id() -> str:
 
     13 hex digits of microseconds since the epoch, then 5 of the process id. Within one
     process the microsecond part is made strictly increasing, so two ids never collide.
+    A worker of several (set_worker) rounds the process id part to its own partition:
+    still distinct between the workers; a clash with another process would need the same
+    microsecond and is refused by the exclusive mkdir, never merged.
     """
     global _id_last
     with _id_lock:
         now = max(time.time_ns() // 1000, _id_last + 1)
         _id_last = now
-    return f"{now:013X}{os.getpid() & 0xFFFFF:05X}"
+    tag = os.getpid() & 0xFFFFF
+    index, count = _worker
+    if count > 1:
+        tag = tag - tag % count + index
+        if tag > 0xFFFFF:
+            tag -= count
+    return f"{now:013X}{tag:05X}"
 
 
 def _load_syncfs() -> Any:

@@ -1,0 +1,107 @@
+"""smtp.workers > 1: several processes on one port and one spool, one account rate.
+
+Real `relay serve` processes (a supervisor and its workers), a real SMTP client, the
+sandbox counting every call against its rate.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+
+from relay.sandbox import SandboxState, SandboxThread
+from relay.spool import partition
+from tests.conftest import ROOT, RelayProcess, relay_sections, wait_for
+
+SENDER = "app@example.com"
+
+
+def msg(n: int) -> bytes:
+    return (f"From: {SENDER}\r\nTo: r{n}@example.net\r\nSubject: w{n}\r\n"
+            f"Message-ID: <w{n}@example.com>\r\n\r\nbody {n}\r\n").encode()
+
+
+def send_collect(port: int, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+            s.ehlo("client.example")
+            s.mail(SENDER)
+            assert s.rcpt(f"r{n}@example.net")[0] == 250
+            code, reply = s.data(msg(n))
+            assert code == 250, (code, reply)
+            ids.append(reply.decode().rsplit(" ", 1)[1])
+    return ids
+
+
+def two_workers(tmp_path, url: str) -> RelayProcess:
+    relay = RelayProcess(tmp_path, relay_sections(tmp_path, url, smtp={"workers": 2}))
+    relay.start()
+    wait_for(lambda: len(relay.events("listening")) == 2, 30)
+    return relay
+
+
+def test_two_workers_share_the_port_the_spool_and_the_rate(tmp_path):
+    state = SandboxState(max_send_rate=40, max_24hour_send=-1, latency=0.05, keep_raw=False)
+    with SandboxThread(state) as sb:
+        relay = two_workers(tmp_path, sb.url)
+        try:
+            listening = relay.events("listening")
+            assert {line["worker"] for line in listening} == {0, 1}
+            assert len({line["smtp"] for line in listening}) == 1  # one port
+            assert [bool(line["admin"]) for line in sorted(listening, key=lambda x: x["worker"])] \
+                == [True, False]
+            state.sending_enabled = False  # queue first, then drain at the account's rate
+            ids = send_collect(relay.smtp_port, 200)
+            # both workers accepted mail, each into its own partition of the spool
+            assert {partition(qid, 2) for qid in ids} == {0, 1}
+            wait_for(lambda: len(relay.events("paused")) >= 2, 20)
+            state.sending_enabled = True
+            wait_for(lambda: state.recipients_sent() >= 200, 60)
+            wait_for(lambda: not relay.queued("active") and not relay.queued("deferred"), 20)
+        finally:
+            assert relay.stop() == 0
+    assert state.throttles == 0
+    assert state.max_window(1.0) <= 40
+    delivered = sorted(r for c in state.accepted() for r in c.recipients)
+    assert delivered == sorted(f"r{n}@example.net" for n in range(200))
+    assert len(relay.events("sent")) == 200
+
+
+def test_a_killed_worker_is_restarted_and_its_mail_delivered_once(tmp_path):
+    state = SandboxState(max_send_rate=200, max_24hour_send=-1, keep_raw=False)
+    with SandboxThread(state) as sb:
+        relay = two_workers(tmp_path, sb.url)
+        try:
+            state.sending_enabled = False
+            ids = send_collect(relay.smtp_port, 40)
+            pids = relay.find("workers")["pids"]
+            os.kill(pids[1], signal.SIGKILL)
+            wait_for(lambda: relay.find("worker_restarted", worker=1), 20)
+            wait_for(lambda: len(relay.events("listening")) == 3, 30)
+            state.sending_enabled = True
+            wait_for(lambda: state.recipients_sent() >= 40, 60)
+            wait_for(lambda: not relay.queued("active"), 20)
+        finally:
+            assert relay.stop() == 0
+    assert {partition(qid, 2) for qid in ids} == {0, 1}
+    delivered = sorted(r for c in state.accepted() for r in c.recipients)
+    assert delivered == sorted(f"r{n}@example.net" for n in range(40))
+    # the supervisor's SIGTERM stopped every worker
+    for pid in pids[:1]:
+        assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+
+
+def test_workers_need_a_real_endpoint_and_a_sane_count(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env["PYTHONPATH"] = str(ROOT)
+    for value, endpoint in (("2", "sandbox"), ("0", "http://127.0.0.1:9")):
+        out = subprocess.run(
+            [sys.executable, "-m", "relay", "serve"], cwd=tmp_path, timeout=60,
+            env=dict(env, RELAY_SMTP__WORKERS=value, RELAY_SES__ENDPOINT_URL=endpoint,
+                     RELAY_SPOOL__DIR=str(tmp_path / "spool")),
+            capture_output=True, text=True)
+        assert out.returncode == 2 and "smtp.workers" in out.stderr, out.stderr
