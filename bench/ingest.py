@@ -137,7 +137,7 @@ class Relay:
         url = json.loads(sandbox.stdout.readline())["url"]
         cfg = self.tmp / "relay.toml"
         cfg.write_text(
-            f'[smtp]\nport = {self.port}\nmax_connections = 1000\n'
+            f'[smtp]\nport = {self.port}\nmax_connections = 1000\nworkers = {self.workers}\n'
             f'max_connections_per_client = 1000\n'
             f'[spool]\ndir = "{self.tmp / "spool"}"\nmin_free_bytes = 0\n'
             f'[ses]\nendpoint_url = "{url}"\n'
@@ -167,14 +167,17 @@ def main() -> int:
     parser.add_argument("--sessions", default="20,100")
     parser.add_argument("--size", type=int, default=5120)
     parser.add_argument("--skip-postfix", action="store_true")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="relay worker processes (smtp.workers; default: the cores)")
     args = parser.parse_args()
     if not shutil.which("smtp-source"):
         raise SystemExit("smtp-source not found: apt-get install postfix")
-    print(f"{args.messages} messages of {args.size} bytes, fsync before 250 on both sides")
+    print(f"{args.messages} messages of {args.size} bytes, fsync before 250 on both sides, "
+          f"relay workers: {args.workers}")
     print(f"{'sessions':>8} {'relay msg/s':>12} {'postfix msg/s':>14} {'relay/postfix':>14}")
     for sessions in (int(s) for s in args.sessions.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            relay = Relay(Path(tmp), workers=1)
+            relay = Relay(Path(tmp), workers=args.workers)
             relay.start()
             try:
                 relay_rate = args.messages / smtp_source(relay.port, args.messages, sessions,

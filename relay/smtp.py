@@ -111,6 +111,16 @@ class IngressHandler(AuthHooks):
         #: sessions inside handle_DATA: never cut off during a commit
         self.busy: set[int] = set()
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd looks its hooks up with dir()/inspect.getmembers() on every connection:
+        # list just the hook names, found once per class
+        names = type(self).__dict__.get("_hook_names")
+        if names is None:
+            names = sorted({n for c in type(self).__mro__ for n in vars(c)
+                            if n.startswith(("handle_", "auth_"))})
+            type(self)._hook_names = names
+        return names
+
     def allowed(self, session: Session) -> bool:
         peer = session.peer
         if not peer or isinstance(peer, str):
@@ -286,6 +296,7 @@ class Ingress:
         self.sessions: set[SMTP] = set()
         #: several worker processes listen on one port; the kernel spreads connections
         self.reuse_port = False
+        self._classes: dict[bool, type[SMTP]] = {}
         self.tls_context = server_context(config)
         self.limiter = ConnectionLimiter(total=config.max_connections,
                                          per_client=config.max_connections_per_client)
@@ -302,6 +313,27 @@ class Ingress:
         return any(addr in net for net in self.plain_auth_networks)
 
     def _protocol(self, implicit_tls: bool = False) -> SMTP:
+        cls = self._classes.get(implicit_tls)
+        if cls is None:
+            cls = self._classes[implicit_tls] = self._session_class(implicit_tls)
+        exclude = None if self.handler.credentials is not None else ["PLAIN", "LOGIN"]
+        return cls(
+            self.handler,
+            data_size_limit=self.config.max_message_size,
+            # parsed as UTF-8 so non-ASCII addresses get 553 5.6.7; never advertised
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.handler.hostname,
+            ident="relay ESMTP",
+            timeout=self.config.timeout,
+            tls_context=None if implicit_tls else self.tls_context,
+            require_starttls=self.config.require_tls and not implicit_tls,
+            auth_require_tls=True,
+            auth_exclude_mechanism=exclude,
+        )
+
+    def _session_class(self, implicit_tls: bool) -> type[SMTP]:
+        """The aiosmtpd protocol class for this listener, built once (not per connection)."""
         ingress = self
         config = self.config
 
@@ -358,26 +390,22 @@ class Ingress:
                 self._reset_timeout(config.data_timeout)
                 await super().smtp_DATA(arg)
 
+            def __dir__(self) -> list[str]:
+                # aiosmtpd builds its verb and AUTH tables from dir() (and getattr on every
+                # name) on each connection: list just those names, found once per class
+                names = type(self).__dict__.get("_verb_names")
+                if names is None:
+                    names = sorted({n for c in type(self).__mro__ for n in vars(c)
+                                    if n.startswith(("smtp_", "auth_"))})
+                    type(self)._verb_names = names
+                return names
+
             def _timeout_cb(self) -> None:
                 if isinstance(self.transport, asyncio.WriteTransport):
                     self.transport.write(f"{TIMEOUT}\r\n".encode())
                 super()._timeout_cb()
 
-        exclude = None if self.handler.credentials is not None else ["PLAIN", "LOGIN"]
-        return _SMTP(
-            self.handler,
-            data_size_limit=self.config.max_message_size,
-            # parsed as UTF-8 so non-ASCII addresses get 553 5.6.7; never advertised
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=self.handler.hostname,
-            ident="relay ESMTP",
-            timeout=self.config.timeout,
-            tls_context=None if implicit_tls else self.tls_context,
-            require_starttls=self.config.require_tls and not implicit_tls,
-            auth_require_tls=True,
-            auth_exclude_mechanism=exclude,
-        )
+        return _SMTP
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
