@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_seconds, free_port  # noqa: E402
+from common import free_port, tree_cpu_seconds  # noqa: E402
 from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -65,6 +65,8 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=5120)
     parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="relay worker processes (smtp.workers; default: the cores)")
     args = parser.parse_args()
     n = args.messages
     state = SandboxState(max_send_rate=1e6, max_24hour_send=-1, latency=args.latency)
@@ -73,7 +75,7 @@ def main() -> int:
         port = free_port()
         cfg = tmpdir / "relay.toml"
         cfg.write_text(
-            f'[smtp]\nport = {port}\nmax_connections_per_client = 1000\n'
+            f'[smtp]\nport = {port}\nmax_connections_per_client = 1000\nworkers = {args.workers}\n'
             f'[spool]\ndir = "{tmpdir / "spool"}"\nmin_free_bytes = 0\n'
             f'[ses]\nendpoint_url = "{sb.url}"\n'
             f'[delivery]\nmax_rate = 1000000\nmax_concurrency = 500\n[admin]\nenabled = false\n'
@@ -91,7 +93,8 @@ def main() -> int:
                 break
             except OSError:
                 time.sleep(0.1)
-        cpu0 = cpu_seconds(relay.pid)
+        time.sleep(1.0)  # every worker up
+        cpu0 = tree_cpu_seconds(relay.pid)
         out = tmpdir / "load.json"
         load = subprocess.Popen([sys.executable, "-c", LOAD, str(port), str(n), str(args.sessions),
                                  str(args.size), str(out)])
@@ -99,7 +102,7 @@ def main() -> int:
         deadline = time.monotonic() + 600
         while len(state.accepted()) < n and time.monotonic() < deadline:
             time.sleep(0.1)
-        cpu = cpu_seconds(relay.pid) - cpu0
+        cpu = tree_cpu_seconds(relay.pid) - cpu0
         relay.terminate()
         relay.wait(timeout=60)
         loaded = json.loads(out.read_text())
@@ -112,7 +115,7 @@ def main() -> int:
     lat = [accepted[i] - done[i] for i in done if i in accepted]
     elapsed = max(accepted.values()) - loaded["start"]
     print(f"{n} messages of ~{args.size} bytes, {args.sessions} SMTP sessions, "
-          f"SES latency {args.latency * 1000:.0f} ms, rate cap off")
+          f"SES latency {args.latency * 1000:.0f} ms, rate cap off, relay workers: {args.workers}")
     print(f"{'delivered':>9} {'e2e msg/s':>10} {'ingest msg/s':>12} {'CPU ms/msg':>10} "
           f"{'250->SES p50 ms':>15} {'p99 ms':>8}")
     ingest = n / (max(done.values()) - loaded["start"])
