@@ -427,7 +427,6 @@ class DeliveryPool:
                 # durable before anything else: a retry or restart skips these recipients.
                 # When this call finished the message, removing it from active/ is that
                 # record (its envelope.json would be deleted right after being written).
-                event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
                 if done:
                     try:
                         await self._discard(record)
@@ -436,6 +435,8 @@ class DeliveryPool:
                         await self._save(record)
                 else:
                     await self._save(record)
+                # logged once recorded: a "sent" line is never followed by a second call
+                event(log, "sent", queue_id=qid, ses_message_id=message_id, recipients=chunk)
                 await self._tell("sent", record, chunk, ses_message_id=message_id)
                 if done:
                     return

@@ -85,8 +85,9 @@ def test_deferred_message_replayed_with_retry(start_relay, tmp_path):
         assert calls[0].recipients == ["a@example.net", "b@example.org"]
         # logged outcomes, recipients hashed
         assert relay.find("accepted", queue_id=qid) and relay.find("deferred", queue_id=qid)
-        sent = relay.find("sent", queue_id=qid)
-        assert sent and sent["ses_message_id"] == calls[0].message_id
+        # the message leaves active/ first (its record), then the line is logged
+        sent = wait_for(lambda: relay.find("sent", queue_id=qid), 5)
+        assert sent["ses_message_id"] == calls[0].message_id
         assert "a@example.net" not in json.dumps(relay.lines)
 
         gone = relay_cli(relay, "queue", "retry", qid)
