@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, Session, syntax
 
 from relay import addresses, headers
 from relay.auth import Credentials, User
@@ -30,6 +30,7 @@ from relay.errors import SpoolError, SpoolFullError
 from relay.limits import AuthThrottle, ConnectionLimiter
 from relay.log import event
 from relay.smtp_auth import AuthHooks
+from relay.smtp_data import NOMINAL, TOO_LONG, read_data
 from relay.spool import Envelope, Spool
 from relay.tls import server_context
 
@@ -385,10 +386,38 @@ class Ingress:
                     await super().push(str(TOO_MANY_ERRORS))
                     self.transport.close()
 
+            @syntax("DATA")
             async def smtp_DATA(self, arg: str) -> None:
+                """aiosmtpd's DATA with the upload read in blocks (relay.smtp_data)."""
                 # the whole DATA phase, upload and spool commit, gets smtp.data_timeout
                 self._reset_timeout(config.data_timeout)
-                await super().smtp_DATA(arg)
+                if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+                    return
+                assert self.envelope is not None
+                if not self.envelope.rcpt_tos:
+                    await self.push("503 Error: need RCPT command")
+                    return
+                if arg:
+                    await self.push("501 Syntax: DATA")
+                    return
+                await self.push("354 End data with <CR><LF>.<CR><LF>")
+                try:
+                    data, state = await read_data(self._reader, self.data_size_limit,
+                                                  self.line_length_limit)
+                except asyncio.IncompleteReadError:
+                    return  # the client went away mid-message: nothing was accepted
+                except asyncio.CancelledError:
+                    self._writer.close()
+                    raise
+                if state != NOMINAL:
+                    await self.push("500 Line too long (see RFC5321 4.5.3.1.6)"
+                                    if state == TOO_LONG else "552 Error: Too much mail data")
+                    self._set_post_data_state()
+                    return
+                self.envelope.content = self.envelope.original_content = data
+                status = await self._call_handler_hook("DATA")
+                self._set_post_data_state()
+                await self.push("250 OK" if status is MISSING else status)
 
             def __dir__(self) -> list[str]:
                 # aiosmtpd builds its verb and AUTH tables from dir() (and getattr on every
