@@ -8,6 +8,8 @@ by relay.smtp.IngressHandler; relay.smtp turns each AddressError kind into a rep
 
 from __future__ import annotations
 
+import functools
+
 import email_validator
 
 NON_ASCII = "non_ascii"  #: 553 5.6.7
@@ -23,6 +25,23 @@ class AddressError(ValueError):
 
 
 def _validate(address: str, *, test_environment: bool) -> str:
+    result = _checked(address, test_environment)
+    if isinstance(result, AddressError):
+        raise AddressError(result.kind, result.reason)
+    return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked(address: str, test_environment: bool) -> str | AddressError:
+    """The outcome for one address, remembered: senders and recipients repeat a lot, and
+    email-validator costs about 0.1 ms per call."""
+    try:
+        return _check(address, test_environment=test_environment)
+    except AddressError as exc:
+        return exc
+
+
+def _check(address: str, *, test_environment: bool) -> str:
     local, at, _ = address.rpartition("@")
     if not at or not local:
         raise AddressError(SYNTAX, "address must be local-part@domain")
