@@ -244,11 +244,9 @@ async def test_a_wrong_signature_is_refused_by_the_verifying_endpoint():
 
 
 @pytest.fixture
-def sandbox_state():
-    state = SandboxState(max_send_rate=1000, max_24hour_send=-1)
-    with SandboxThread(state) as sb:
-        state.url = sb.url  # type: ignore[attr-defined]
-        yield state
+def sb():
+    with SandboxThread(SandboxState(max_send_rate=1000, max_24hour_send=-1)) as thread:
+        yield thread
 
 
 def params(raw: bytes = RAW) -> dict[str, Any]:
@@ -256,29 +254,29 @@ def params(raw: bytes = RAW) -> dict[str, Any]:
             "Content": {"Raw": {"Data": raw}}}
 
 
-async def test_lean_path_delivers_the_same_bytes_and_destinations(sandbox_state):
+async def test_lean_path_delivers_the_same_bytes_and_destinations(sb):
     big = RAW + bytes(range(256)) * 4000  # every byte value, about 1 MB
-    async with SesClient(SesConfig(configuration_set="cs"), endpoint_url=sandbox_state.url,
+    async with SesClient(SesConfig(configuration_set="cs"), endpoint_url=sb.url,
                          static_credentials=("a", "b")) as ses:
         mid = await ses.send_raw(sender="s@example.com", recipients=["x@example.net", "y@example.org"],
                                  raw=big)
-    call = sandbox_state.accepted()[0]
+    call = sb.state.accepted()[0]
     assert call.message_id == mid and call.raw == big
     assert call.recipients == ["x@example.net", "y@example.org"]
     assert call.sender == "s@example.com" and call.configuration_set == "cs"
 
 
-async def test_departure_stamp_goes_to_custom_endpoints_only(sandbox_state):
+async def test_departure_stamp_goes_to_custom_endpoints_only(sb):
     departed = time.time() - 1.5
     token = DEPARTURE.set(departed)
     try:
         for stamp in (True, False):
-            async with SesClient(SesConfig(), endpoint_url=sandbox_state.url,
+            async with SesClient(SesConfig(), endpoint_url=sb.url,
                                  static_credentials=("a", "b"), stamp_departures=stamp) as ses:
                 await ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW)
     finally:
         DEPARTURE.reset(token)
-    stamped, plain = sandbox_state.accepted()
+    stamped, plain = sb.state.accepted()
     # the sandbox counts a call at its departure stamp when there is one
     assert abs(stamped.at - departed) < 1e-5 and stamped.arrived > departed + 1
     assert plain.at == plain.arrived
@@ -295,10 +293,10 @@ async def _error(coro: Any) -> DeliveryError:
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-async def test_every_scripted_fault_maps_as_the_aioboto3_client_maps_it(sandbox_state, fault):
-    async with SesClient(SesConfig(), endpoint_url=sandbox_state.url,
+async def test_every_scripted_fault_maps_as_the_aioboto3_client_maps_it(sb, fault):
+    async with SesClient(SesConfig(), endpoint_url=sb.url,
                          static_credentials=("a", "b")) as ses:
-        sandbox_state.script(fault, fault)
+        sb.state.script(fault, fault)
         sdk = await _error(ses._call("send_email", params()))
         lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"],
                                          raw=RAW))
@@ -306,25 +304,25 @@ async def test_every_scripted_fault_maps_as_the_aioboto3_client_maps_it(sandbox_
     assert lean.code == FAULTS[fault][1]
 
 
-async def test_quota_and_too_many_recipients_map_as_the_aioboto3_client_maps_them(sandbox_state):
+async def test_quota_and_too_many_recipients_map_as_the_aioboto3_client_maps_them(sb):
     rcpts = [f"r{i}@example.net" for i in range(51)]
-    async with SesClient(SesConfig(), endpoint_url=sandbox_state.url,
+    async with SesClient(SesConfig(), endpoint_url=sb.url,
                          static_credentials=("a", "b")) as ses:
         sdk = await _error(ses._call("send_email", dict(params(), Destination={"ToAddresses": rcpts})))
         lean = await _error(ses.send_raw(sender="a@example.com", recipients=rcpts, raw=RAW))
         assert (type(lean), lean.code, lean.message) == (type(sdk), sdk.code, sdk.message)
-        sandbox_state.max_24hour_send = 0
+        sb.state.max_24hour_send = 0
         sdk = await _error(ses._call("send_email", params()))
         lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW))
         assert (type(lean), lean.code, lean.message) == (type(sdk), sdk.code, sdk.message)
         assert lean.code == "ThrottlingException" and "quota" in lean.message.lower()
 
 
-async def test_read_timeout_and_refused_connection_are_transient_as_before(sandbox_state):
+async def test_read_timeout_and_refused_connection_are_transient_as_before(sb):
     cfg = SesConfig(read_timeout=0.3)
-    sandbox_state.slow_seconds = 1.0
-    async with SesClient(cfg, endpoint_url=sandbox_state.url, static_credentials=("a", "b")) as ses:
-        sandbox_state.script("slow", "slow")
+    sb.state.slow_seconds = 1.0
+    async with SesClient(cfg, endpoint_url=sb.url, static_credentials=("a", "b")) as ses:
+        sb.state.script("slow", "slow")
         sdk = await _error(ses._call("send_email", params()))
         lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW))
     assert type(lean) is type(sdk) is TransientError and lean.code == sdk.code == "ReadTimeoutError"
@@ -339,13 +337,13 @@ async def test_read_timeout_and_refused_connection_are_transient_as_before(sandb
     assert lean.code == sdk.code == "EndpointConnectionError"
 
 
-async def test_no_credentials_holds_the_mail_as_before(sandbox_state, monkeypatch, tmp_path):
+async def test_no_credentials_holds_the_mail_as_before(sb, monkeypatch, tmp_path):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    async with SesClient(SesConfig(), endpoint_url=sandbox_state.url) as ses:
+    async with SesClient(SesConfig(), endpoint_url=sb.url) as ses:
         sdk = await _error(ses._call("send_email", params()))
         lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW))
     assert (type(lean), lean.code, lean.message) == (type(sdk), sdk.code, sdk.message)
