@@ -9,13 +9,14 @@ punycode) so one mailbox has one row. Built by relay.service and relay.cli.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.db import Database, Suppression
@@ -75,25 +76,79 @@ async def suppress(session: AsyncSession, address: str, *, reason: str, source: 
     return False
 
 
+#: The delivery-time check: one SELECT for any number of addresses.
+_SUPPRESSED = select(Suppression.address).where(
+    Suppression.address.in_(bindparam("addresses", expanding=True)))
+#: Addresses per SELECT (SQLite's bound-parameter limit is 999 on old builds).
+CHUNK = 500
+
+
+@dataclass
+class _Check:
+    """One coalesced lookup: the addresses asked for and the future their hits go to."""
+
+    addresses: set[str]
+    done: asyncio.Future[set[str]]
+
+
 class SuppressionList:
     """Implements relay.delivery.Suppressions over the database."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        #: the lookup gathering addresses; it runs once the one in flight (if any) is done
+        self._next: _Check | None = None
+        self._runner: asyncio.Task[None] | None = None
 
     async def suppressed(self, recipients: Sequence[str]) -> set[str]:
-        """The recipients (as given) whose normalized address is on the list."""
+        """The recipients (as given) whose normalized address is on the list.
+
+        Exact at the time of the call: the answer comes from a SELECT that starts after
+        the call does, so a suppression committed before it is seen. Calls arriving in
+        the same loop iteration, or while a SELECT is in flight, share the next SELECT.
+        """
         by_norm: dict[str, list[str]] = {}
         for rcpt in recipients:
             by_norm.setdefault(normalize(rcpt), []).append(rcpt)
         if not by_norm:
             return set()
+        check = self._next
+        if check is None:
+            check = self._next = _Check(set(), asyncio.get_running_loop().create_future())
+            if self._runner is None:
+                self._runner = asyncio.create_task(self._run(), name="suppression-check")
+        check.addresses.update(by_norm)
+        # shielded: one caller cancelled must not cancel the others' answer
+        hits = await asyncio.shield(check.done)
+        return {orig for norm in hits if norm in by_norm for orig in by_norm[norm]}
+
+    async def _run(self) -> None:
+        """Run gathered lookups one after the other until none is waiting."""
+        try:
+            while self._next is not None:
+                check, self._next = self._next, None
+                try:
+                    hits = await self._select(check.addresses)
+                except Exception as exc:  # noqa: BLE001 - every caller of this check gets it
+                    check.done.set_exception(exc)
+                    check.done.exception()  # retrieved: callers that left must not warn
+                except BaseException:
+                    check.done.cancel()
+                    raise
+                else:
+                    check.done.set_result(hits)
+        finally:
+            self._runner = None
+            if self._next is not None:  # cancelled with callers waiting: they are told
+                self._next.done.cancel()
+                self._next = None
+
+    async def _select(self, addresses: set[str]) -> set[str]:
+        names, hits = sorted(addresses), set[str]()
         async with self.db.engine.connect() as conn:
-            rows = await conn.scalars(
-                select(Suppression.address).where(Suppression.address.in_(list(by_norm)))
-            )
-            hits = set(rows)
-        return {orig for norm in hits for orig in by_norm[norm]}
+            for i in range(0, len(names), CHUNK):
+                hits.update(await conn.scalars(_SUPPRESSED, {"addresses": names[i:i + CHUNK]}))
+        return hits
 
     async def is_suppressed(self, address: str) -> bool:
         return bool(await self.suppressed([address]))

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -29,8 +31,6 @@ from relay.suppression import normalize
 
 log = logging.getLogger("relay.tracking")
 
-#: One queued write: runs inside the writer's transaction.
-Op = Callable[[AsyncConnection, list[tuple[str, str, list[str]]]], Awaitable[None]]
 #: How long the writer gathers writes before one commit.
 BATCH_WINDOW = 0.05
 
@@ -71,12 +71,72 @@ def upsert_queued(dialect: str) -> Any:
     )
 
 
+@functools.cache
+def upsert_outcome(dialect: str, keys: tuple[str, ...], attempts: str) -> Any:
+    """INSERT of outcome rows that updates `keys` of a row already there.
+
+    attempts: "add" counts one more attempt, "set" takes the record's count (bound as
+    set_attempts), "" leaves it alone. A new row gets 1 attempt or 0 (see outcome()).
+    """
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(MessageRow)
+    set_: dict[str, Any] = {k: stmt.excluded[k] for k in keys}
+    if attempts == "add":
+        set_["attempts"] = MessageRow.attempts + 1
+    elif attempts == "set":
+        set_["attempts"] = bindparam("set_attempts")
+    return stmt.on_conflict_do_update(
+        index_elements=[MessageRow.queue_id, MessageRow.recipient], set_=set_)
+
+
+@dataclass(frozen=True)
+class Write:
+    """One queued write: rows for one statement, applied inside the writer's transaction.
+
+    Consecutive writes of the same statement go to the database as one executemany.
+    """
+
+    #: ("queued",) or ("outcome", attempts mode, *columns set on an existing row)
+    statement: tuple[str, ...]
+    rows: list[dict[str, Any]]
+    #: an SES MessageId: feedback for it is ordered after this commit (PostgreSQL)
+    ses_message_id: str = ""
+    #: (queue id, SES MessageId, recipients) of a sent call, for early feedback
+    sent: tuple[str, str, list[str]] | None = None
+
+    def compiled(self, dialect: str) -> Any:
+        if self.statement[0] == "queued":
+            return upsert_queued(dialect)
+        return upsert_outcome(dialect, self.statement[2:], self.statement[1])
+
+
+#: A Message-ID header line; only trusted when every line before it is a plain header line
+_MESSAGE_ID = re.compile(rb"^message-id:([^\n]*)$", re.IGNORECASE | re.MULTILINE)
+_HEADER_LINES = re.compile(rb"(?:(?:[\041-\071\073-\176]*:|[\t ])[^\n]*\n)*")
+
+
+def _plain_message_id(head: bytes) -> str | None:
+    """The Message-ID of a plain ASCII header block without the email parser, or None
+    when the block has anything the parser might read differently."""
+    m = _MESSAGE_ID.search(head)
+    if (m is None or not head.isascii() or head.count(b"\r") != head.count(b"\r\n")
+            or head[m.end() + 1:m.end() + 2] in (b" ", b"\t")  # folded onto the next line
+            or not _HEADER_LINES.fullmatch(head, 0, m.start())):
+        return None
+    return m.group(1).decode("ascii").strip()[:998]
+
+
 def message_id_header(data: bytes) -> str:
     """The Message-ID header of raw MIME (headers only are parsed)."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         end = data.find(b"\n\n")
     head = data if end < 0 else data[: end + 2]
+    plain = _plain_message_id(head)
+    if plain is not None:
+        return plain
     value = BytesHeaderParser().parsebytes(head).get("Message-ID", "")
     return str(value).strip()[:998]
 
@@ -100,7 +160,7 @@ class MessageLog:
         self.db = db
         self.spool = spool
         #: once start()ed, writes are queued and committed in batches by one writer task
-        self._ops: asyncio.Queue[Op] | None = None
+        self._ops: asyncio.Queue[Write] | None = None
         self._writer: asyncio.Task[None] | None = None
 
     # -- the writer -------------------------------------------------------------------
@@ -122,7 +182,7 @@ class MessageLog:
         if self._ops is not None:
             await self._ops.join()
 
-    async def _submit(self, op: Op) -> None:
+    async def _submit(self, op: Write) -> None:
         if self._ops is not None:
             self._ops.put_nowait(op)
         else:
@@ -143,27 +203,43 @@ class MessageLog:
                 for _ in batch:
                     self._ops.task_done()
 
-    async def _commit(self, batch: list[Op]) -> None:
+    async def _commit(self, batch: list[Write]) -> None:
         try:
-            async with self.db.engine.begin() as s:
-                sent: list[tuple[str, str, list[str]]] = []
-                for op in batch:
-                    await op(s, sent)
-                await self._early_feedback(s, sent)
+            async with self.db.engine.begin() as conn:
+                await self._apply(conn, batch)
             return
         except IntegrityError:
             pass  # another writer (a second relay, a race) added a row: one at a time
         for op in batch:
             for attempt in range(3):
                 try:
-                    async with self.db.engine.begin() as s:
-                        sent = []
-                        await op(s, sent)
-                        await self._early_feedback(s, sent)
+                    async with self.db.engine.begin() as conn:
+                        await self._apply(conn, [op])
                     break
                 except IntegrityError:
                     if attempt == 2:
                         raise
+
+    async def _apply(self, conn: AsyncConnection, batch: list[Write]) -> None:
+        """The writes in order; runs of the same statement as one executemany each."""
+        dialect = conn.dialect.name
+        sent: list[tuple[str, str, list[str]]] = []
+        run: list[dict[str, Any]] = []
+        last: Write | None = None
+        for op in batch:
+            if last is not None and op.statement != last.statement:
+                # executemany applies its rows in order, as the writes came
+                await conn.execute(last.compiled(dialect), run)
+                run = []
+            if op.ses_message_id:  # ordered with feedback for the same SES message
+                await xact_lock(conn, LOCK_SES_MESSAGE, op.ses_message_id)
+            run += op.rows
+            if op.sent is not None:
+                sent.append(op.sent)
+            last = op
+        if last is not None and run:
+            await conn.execute(last.compiled(dialect), run)
+        await self._early_feedback(conn, sent)
 
     # -- writes ---------------------------------------------------------------------
 
@@ -182,11 +258,8 @@ class MessageLog:
                  "status": "queued", "attempts": 0, "created_at": now, "updated_at": now}
                 for r in rcpts]
 
-        async def op(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
-            # an outcome may have been written first: keep it, fill in the header
-            await s.execute(upsert_queued(s.dialect.name), rows)
-
-        await self._submit(op)
+        # an outcome may have been written first: the upsert keeps it, fills in the header
+        await self._submit(Write(("queued",), rows))
 
     def _read(self, qid: str) -> tuple[Record, str] | None:
         assert self.spool is not None
@@ -216,30 +289,20 @@ class MessageLog:
             values["last_error"] = ""
         elif error:
             values["last_error"] = error[:2000]
-        if kind in ("sent", "rejected"):
-            values["attempts"] = MessageRow.attempts + 1
-        elif kind == "deferred":
-            values["attempts"] = record.attempts
+        attempts = "add" if kind in ("sent", "rejected") else "set" if kind == "deferred" else ""
         rcpts = list(dict.fromkeys(normalize(r) for r in recipients))
         qid = record.id
-
-        async def op(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
-            if ses_message_id:  # ordered with feedback for the same SES message
-                await xact_lock(s, LOCK_SES_MESSAGE, ses_message_id)
-            res = await s.execute(update(MessageRow).where(
-                MessageRow.queue_id == qid, MessageRow.recipient.in_(rcpts),
-            ).values(**values))
-            if res.rowcount < len(rcpts):  # type: ignore[attr-defined]
-                have = set(await s.scalars(select(MessageRow.recipient).where(
-                    MessageRow.queue_id == qid, MessageRow.recipient.in_(rcpts))))
-                new = [self._row(qid, r, values, status or "queued", now)
-                       for r in rcpts if r not in have]
-                if new:
-                    await s.execute(insert(MessageRow), new)
-            if ses_message_id:
-                sent.append((qid, ses_message_id, rcpts))
-
-        await self._submit(op)
+        # a row not there yet (no queued row) is inserted: status or "queued", 1 attempt
+        # for an outcome that counts attempts, else 0
+        rows = [{"queue_id": qid, "recipient": r, "created_at": now, **values,
+                 "status": status or "queued", "attempts": 1 if attempts else 0}
+                for r in rcpts]
+        if attempts == "set":
+            for row in rows:
+                row["set_attempts"] = record.attempts
+        await self._submit(Write(
+            ("outcome", attempts, *values), rows, ses_message_id,
+            (qid, ses_message_id, rcpts) if ses_message_id else None))
 
     @staticmethod
     async def _early_feedback(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
@@ -258,14 +321,6 @@ class MessageLog:
             await s.execute(update(MessageRow).where(
                 MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,
             ).values(status=status, **extra))
-
-    @staticmethod
-    def _row(qid: str, rcpt: str, values: dict[str, Any], status: str,
-             now: float) -> dict[str, Any]:
-        row: dict[str, Any] = {"queue_id": qid, "recipient": rcpt, "status": status,
-                               "created_at": now, "attempts": 1 if "attempts" in values else 0}
-        row.update((k, v) for k, v in values.items() if k != "attempts")
-        return row
 
     async def prune(self, retention: float, *, now: float | None = None) -> int:
         """Delete message rows and events older than `retention` seconds."""

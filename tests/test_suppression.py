@@ -3,6 +3,7 @@ the guard's verdict table, retention, and the core's import boundary."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import smtplib
 import subprocess
@@ -10,12 +11,13 @@ import sys
 import time
 
 import pytest
+from sqlalchemy import event as sa_event
 
 from tests.conftest import database_for
 from relay.db import Database
 from relay.guard import Rates, verdict
 from relay.spool import Envelope, Record
-from relay.suppression import normalize, parse_csv
+from relay.suppression import SuppressionList, normalize, parse_csv
 from relay.tracking import MessageLog, message_id_header
 from tests.conftest import relay_sections, wait_for, write_config
 from tests.feedback_helpers import cli, send, statuses, suppressed
@@ -123,6 +125,92 @@ async def test_log_rows_and_retention(tmp_path):
         assert await log.prune(3600, now=time.time()) == 0
         assert await log.prune(3600, now=time.time() + 7200) == 1
         assert await log.rows("a@example.net") == []
+    finally:
+        await db.close()
+
+
+def count_suppression_selects(db: Database) -> list[list[str]]:
+    """The address lists of every delivery-time check (SELECT ... FROM suppressions WHERE
+    address IN (...)) as the database received them."""
+    seen: list[list[str]] = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if "FROM suppressions" in statement and ".address IN (" in statement:
+            flat = parameters.values() if isinstance(parameters, dict) else parameters
+            seen.append(sorted(str(p) for p in flat))
+
+    sa_event.listen(db.engine.sync_engine, "before_cursor_execute", before)
+    return seen
+
+
+async def test_concurrent_delivery_checks_share_one_select(tmp_path):
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    try:
+        sl = SuppressionList(db)
+        await sl.add("Gone@Example.net", reason="bounce")
+        await sl.add("angry@example.org", reason="complaint")
+        selects = count_suppression_selects(db)
+        asks = [[f"ok{i}@example.net", "GONE@example.net"] if i % 3 == 0 else [f"ok{i}@example.net"]
+                for i in range(20)] + [["Angry@Example.org", "x@example.org"]]
+        answers = await asyncio.gather(*(sl.suppressed(a) for a in asks))
+        assert answers == [{"GONE@example.net"} if i % 3 == 0 else set() for i in range(20)] \
+            + [{"Angry@Example.org"}]
+        assert len(selects) == 1  # 21 calls in one loop iteration, one query
+        assert len(selects[0]) == 23  # every distinct normalized address, once
+        # one at a time, each call has its own query
+        assert await sl.suppressed(["gone@example.net"]) == {"gone@example.net"}
+        assert await sl.is_suppressed("nobody@example.net") is False
+        assert len(selects) == 3
+    finally:
+        await db.close()
+
+
+async def test_a_suppression_committed_while_a_check_is_in_flight_stops_the_next_check(tmp_path):
+    """Invariant 5: a caller never gets the answer of a query that began before its call."""
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    try:
+        sl = SuppressionList(db)
+        selects = count_suppression_selects(db)
+        later: list[asyncio.Task[set[str]]] = []
+
+        async def suppress_then_check() -> set[str]:
+            await sl.add("late@example.net", reason="complaint")
+            return await sl.suppressed(["late@example.net", "fine@example.net"])
+
+        def during_first_select(conn, cursor, statement, parameters, context, executemany):
+            if "FROM suppressions" in statement and not later:
+                later.append(asyncio.get_running_loop().create_task(suppress_then_check()))
+
+        sa_event.listen(db.engine.sync_engine, "before_cursor_execute", during_first_select)
+        first = await sl.suppressed(["late@example.net"])
+        assert await later[0] == {"late@example.net"}
+        # the first check's query may or may not have seen the row (it raced the commit);
+        # the later one must, so it had a query of its own
+        assert first in (set(), {"late@example.net"})
+        assert len([s for s in selects if "fine@example.net" in s]) == 1
+        assert len(selects) == 2
+    finally:
+        await db.close()
+
+
+async def test_a_failed_check_fails_every_caller_and_the_next_check_works(tmp_path):
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    try:
+        sl = SuppressionList(db)
+        await sl.add("gone@example.net", reason="bounce")
+        fail = [True]
+
+        def broken_once(conn, cursor, statement, parameters, context, executemany):
+            if "FROM suppressions" in statement and fail:
+                fail.clear()
+                raise RuntimeError("database went away")
+
+        sa_event.listen(db.engine.sync_engine, "before_cursor_execute", broken_once)
+        answers = await asyncio.gather(sl.suppressed(["a@example.net"]),
+                                       sl.suppressed(["gone@example.net"]),
+                                       return_exceptions=True)
+        assert [type(a) for a in answers] == [RuntimeError, RuntimeError]
+        assert await sl.suppressed(["gone@example.net"]) == {"gone@example.net"}
     finally:
         await db.close()
 
