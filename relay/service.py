@@ -216,18 +216,21 @@ class Feedback:
         db = await Database.open(config.database.url, config.spool.dir)
         return cls(config, spool, db)
 
-    def on_queued(self, notify: Callable[[str], None]) -> Callable[[str], None]:
-        """Ingress callback: write the queued rows, then hand the message to delivery."""
+    def on_queued(self, notify: Callable[[str], None]) -> Callable[..., None]:
+        """Ingress callback: write the queued rows, then hand the message to delivery.
 
-        async def queued(qid: str) -> None:
+        Called as (qid) or, by the ingress, (qid, envelope, first bytes of the message).
+        """
+
+        async def queued(qid: str, envelope: Envelope | None, head: bytes | None) -> None:
             try:
-                await self.log.queued(qid)
+                await self.log.queued(qid, envelope=envelope, head=head)
             except Exception as exc:  # noqa: BLE001 - the log must never hold up mail
                 event(log, "log_error", level=logging.WARNING, queue_id=qid, error=str(exc))
             notify(qid)
 
-        def callback(qid: str) -> None:
-            task = asyncio.get_running_loop().create_task(queued(qid))
+        def callback(qid: str, envelope: Envelope | None = None, head: bytes | None = None) -> None:
+            task = asyncio.get_running_loop().create_task(queued(qid, envelope, head))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -320,8 +323,8 @@ class Feedback:
         await self.db.close()
 
 
-def _counted(metrics: Metrics, notify: Callable[[str], None]) -> Callable[[str], None]:
-    def queued(qid: str) -> None:
+def _counted(metrics: Metrics, notify: Callable[..., None]) -> Callable[..., None]:
+    def queued(qid: str, *more: object) -> None:
         metrics.accepted.inc()
-        notify(qid)
+        notify(qid, *more)
     return queued

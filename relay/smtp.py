@@ -79,6 +79,10 @@ NOT_ERRORS = ("421", "452 4.5.3")
 SUPPRESSED = Reply(550, "5.1.1", "Recipient address is on the suppression list")
 
 
+#: bytes of a message handed on with it for its header fields (relay.tracking)
+HEAD = 64 * 1024
+
+
 class IngressHandler(AuthHooks):
     """aiosmtpd hooks; each returns the reply line."""
 
@@ -90,7 +94,7 @@ class IngressHandler(AuthHooks):
         *,
         spool: Spool,
         config: SmtpConfig,
-        on_queued: Callable[[str], None] | None = None,
+        on_queued: Callable[..., None] | None = None,
         credentials: Credentials | None = None,
         signer: Callable[[bytes], bytes] | None = None,
         commit: GroupCommit | None = None,
@@ -195,10 +199,9 @@ class IngressHandler(AuthHooks):
             helo=session.host_name or "",
         )
         self.busy.add(id(session))
-        commit = asyncio.ensure_future(self._spool(env, data, prepare))
         # The commit runs to the end even if the client hangs up after the final dot;
         # the delivery pool hears about it whether or not this coroutine survives.
-        commit.add_done_callback(self._committed)
+        commit = asyncio.ensure_future(self._spool(env, data, prepare))
         try:
             qid = await asyncio.shield(commit)
         except SpoolFullError as exc:
@@ -274,15 +277,17 @@ class IngressHandler(AuthHooks):
                      prepare: Callable[[bytes], bytes]) -> str:
         """Write the message, then wait for the shared flushes that make it durable."""
         loop = asyncio.get_running_loop()
-        qid = await loop.run_in_executor(None, lambda: self.spool.prepare(env, prepare(data)))
-        await self.commit.publish(qid)
-        return qid
 
-    def _committed(self, fut: asyncio.Future[str]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
+        def write() -> tuple[str, bytes]:
+            body = prepare(data)
+            return self.spool.prepare(env, body), body[:HEAD]
+
+        qid, head = await loop.run_in_executor(None, write)
+        await self.commit.publish(qid)
         if self.on_queued is not None:
-            self.on_queued(fut.result())
+            # the envelope and the header block, so nobody reads them back from the spool
+            self.on_queued(qid, env, head)
+        return qid
 
 
 class Ingress:

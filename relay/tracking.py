@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relay.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
 from relay.log import event
-from relay.spool import Record, Spool
+from relay.spool import Envelope, Record, Spool
 from relay.suppression import normalize
 
 log = logging.getLogger("relay.tracking")
@@ -243,15 +243,24 @@ class MessageLog:
 
     # -- writes ---------------------------------------------------------------------
 
-    async def queued(self, qid: str) -> None:
-        """Write a "queued" row per recipient of a message just committed to the spool."""
-        if self.spool is None:
-            return
-        loaded = await asyncio.to_thread(self._read, qid)
-        if loaded is None:
-            return  # already delivered and gone: its outcome rows exist
-        record, header = loaded
-        rcpts = list(dict.fromkeys(normalize(r) for r in record.envelope.recipients))
+    async def queued(self, qid: str, *, envelope: Envelope | None = None,
+                     head: bytes | None = None) -> None:
+        """Write a "queued" row per recipient of a message just committed to the spool.
+
+        The ingress passes the envelope and the message's first bytes; otherwise (sendmail,
+        DSNs) they are read back from the spool.
+        """
+        if envelope is not None and head is not None:
+            header = message_id_header(head)
+        else:
+            if self.spool is None:
+                return
+            loaded = await asyncio.to_thread(self._read, qid)
+            if loaded is None:
+                return  # already delivered and gone: its outcome rows exist
+            record, header = loaded
+            envelope = record.envelope
+        rcpts = list(dict.fromkeys(normalize(r) for r in envelope.recipients))
         now = time.time()
 
         rows = [{"queue_id": qid, "recipient": r, "message_id_header": header,
