@@ -24,30 +24,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_seconds  # noqa: E402
+from common import tree_cpu_seconds  # noqa: E402
 from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
-from relay.spool import Envelope, Spool  # noqa: E402
+from relay.spool import Envelope, Spool, set_worker  # noqa: E402
 
-def fill(spool_dir: Path, n: int) -> None:
+def fill(spool_dir: Path, n: int, workers: int) -> None:
     spool = Spool(spool_dir, fsync=False)
     spool.ensure()
     body = b"From: bench@example.com\r\nSubject: bench\r\n\r\n" + b"x" * 5000 + b"\r\n"
     now = time.time()
     for i in range(n):
+        # ids spread over the workers' partitions, as if each had accepted its share
+        set_worker(i % workers, workers)
         spool.accept(Envelope("bench@example.com", (f"r{i}@example.net",), now), body)
+    set_worker(0, 1)
 
 
-def run(rate: float, seconds: float, latency: float) -> dict[str, float]:
+def run(rate: float, seconds: float, latency: float, workers: int) -> dict[str, float]:
     n = max(200, int(rate * seconds))
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        fill(tmpdir / "spool", n)
+        fill(tmpdir / "spool", n, workers)
         state = SandboxState(max_send_rate=rate, max_24hour_send=-1, latency=latency,
                              keep_raw=False)
         with SandboxThread(state) as sb:
             cfg = tmpdir / "relay.toml"
             cfg.write_text(
-                f'[smtp]\nport = 0\n[spool]\ndir = "{tmpdir / "spool"}"\nmin_free_bytes = 0\n'
+                f'[smtp]\nport = 0\nworkers = {workers}\n[spool]\ndir = "{tmpdir / "spool"}"\nmin_free_bytes = 0\n'
                 f'[ses]\nendpoint_url = "{sb.url}"\n'
                 f'[delivery]\nmax_concurrency = 500\nscan_interval = "0.2s"\n'
                 f'[admin]\nenabled = false\n'
@@ -64,12 +67,12 @@ def run(rate: float, seconds: float, latency: float) -> dict[str, float]:
             while not state.accepted() and time.monotonic() < deadline:
                 time.sleep(0.01)
             # CPU from the first delivery on: start-up (imports, recovery) is not per message
-            cpu0, sent0 = cpu_seconds(proc.pid), state.recipients_sent()
+            cpu0, sent0 = tree_cpu_seconds(proc.pid), state.recipients_sent()
             while state.recipients_sent() < n and time.monotonic() < deadline:
                 if proc.poll() is not None:
                     raise SystemExit("relay exited:\n" + "".join(errors[-20:]))
                 time.sleep(0.1)
-            cpu = cpu_seconds(proc.pid) - cpu0
+            cpu = tree_cpu_seconds(proc.pid) - cpu0
             proc.terminate()
             proc.wait(timeout=30)
         times = sorted(c.at for c in state.accepted())
@@ -93,12 +96,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="relay worker processes (smtp.workers), each at rate/workers")
     args = parser.parse_args()
     rows = []
+    print(f"relay workers: {args.workers}")
     print(f"{'rate/s':>7} {'msgs':>6} {'delivered':>9} {'achieved/s':>10} {'%':>6} "
           f"{'worst 1s':>8} {'(arrival)':>9} {'throttles':>9} {'CPU ms/msg':>10}")
     for rate in (float(r) for r in args.rates.split(",")):
-        r = run(rate, args.seconds, args.latency)
+        r = run(rate, args.seconds, args.latency, args.workers)
         rows.append(r)
         print(f"{r['rate']:>7.0f} {r['messages']:>6} {r['delivered']:>9} {r['achieved']:>10.1f} "
               f"{100 * r['achieved'] / r['rate']:>6.1f} {r['worst_window']:>8} {r['worst_arrival']:>9} "
