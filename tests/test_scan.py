@@ -8,13 +8,15 @@ spool left by a stopped relay to mail at the sandbox, is the last test.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import time
 from typing import Any
 
 import pytest
 
-from relay.delivery import DeliveryPool
+from relay.delivery import ACTIVATE_BATCH, DeliveryPool
 from relay.ratelimit import RateLimiter
 from relay.retry import RetryPolicy
 from relay.spool import Envelope, Spool, State
@@ -64,10 +66,23 @@ def settle(spool: Spool) -> None:
 def test_a_pass_moves_due_mail_and_notes_the_earliest_next_attempt_left(spool):
     due, soon, later = deferred(spool, 100.0), deferred(spool, 200.0), deferred(spool, 300.0)
     pool = pool_on(spool, Clock(150.0))
-    assert pool._promote_due() == 1
+    assert pool._promote_due()[0] == 1
     assert list(spool.scan(State.ACTIVE)) == [due]
     assert sorted(spool.scan(State.DEFERRED)) == sorted([soon, later])
     assert pool._next_due == 200.0
+
+
+async def test_due_mail_beyond_one_batch_is_all_moved_and_the_scanner_told(spool):
+    n = ACTIVATE_BATCH * 2 + 7
+    for _ in range(n):
+        deferred(spool, 100.0)
+    pool = pool_on(spool, Clock(150.0))
+    pool._loop = asyncio.get_running_loop()
+    assert (await asyncio.to_thread(pool._promote_due))[0] == n
+    assert pool._rescan.is_set()
+    assert sum(1 for _ in spool.scan(State.ACTIVE)) == n
+    assert list(spool.scan(State.DEFERRED)) == []
+    assert pool._next_due == math.inf
 
 
 def test_quiet_deferred_is_not_read_again_until_its_next_attempt(spool):
@@ -107,7 +122,7 @@ def test_a_pass_stops_when_the_pool_stops(spool):
     qid = deferred(spool, 100.0)
     pool = pool_on(spool, Clock(150.0))
     pool._stopping = True
-    assert pool._promote_due() == 0
+    assert pool._promote_due()[0] == 0
     assert list(spool.scan(State.DEFERRED)) == [qid]
 
 
