@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol, Sequence
@@ -35,6 +36,14 @@ log = logging.getLogger("relay.delivery")
 
 #: SES accepts at most 50 destinations per SendEmail call.
 MAX_DESTINATIONS = 50
+#: A pass over deferred/ stats every message there; reading it takes at most this share
+#: of the time (with a million deferred, one pass reads for seconds).
+DEFERRED_PASS_SHARE = 0.1
+#: Due deferred messages moved back to active/ per fsync of active/.
+ACTIVATE_BATCH = 256
+#: A directory modified this recently may change again within the same timestamp tick,
+#: leaving its mtime as it was: such an mtime is not trusted to mean "unchanged".
+MTIME_SETTLE = 1.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,13 @@ class DeliveryPool:
         self._ready: asyncio.Queue[str] = asyncio.Queue(maxsize=ready_queue)
         self._claimed: set[str] = set()
         self._rescan = asyncio.Event()
+        #: the ready queue was found full: refill once workers have drained half of it
+        self._want_room = False
+        #: the earliest next attempt the last pass over deferred/ left there (0: unknown)
+        self._next_due = 0.0
+        #: deferred/'s mtime when that pass began, if settled (see MTIME_SETTLE)
+        self._deferred_seen: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._stopping = False
@@ -171,8 +187,10 @@ class DeliveryPool:
 
     async def start(self) -> None:
         await self.refresh_account()
+        self._loop = asyncio.get_running_loop()
         self._tasks = [
             asyncio.create_task(self._scanner(), name="scanner"),
+            asyncio.create_task(self._promoter(), name="promoter"),
             asyncio.create_task(self._account_monitor(), name="account"),
             *(
                 asyncio.create_task(self._worker(), name=f"worker-{i}")
@@ -184,7 +202,7 @@ class DeliveryPool:
         """Stop taking messages; let in-flight ones finish within `timeout` seconds."""
         self._stopping = True
         for task in self._tasks:
-            if task.get_name() in ("scanner", "account"):
+            if task.get_name() in ("scanner", "promoter", "account"):
                 task.cancel()
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=timeout)
@@ -241,37 +259,103 @@ class DeliveryPool:
     # -- scheduling -----------------------------------------------------------------
 
     async def _scanner(self) -> None:
+        """Keep the ready queue filled from active/. Woken by ingress, by the promoter,
+        by a worker that drained a full queue to half, and every scan_interval (work
+        placed by the queue CLI)."""
         self._rescan.set()
         while True:
-            try:
-                await asyncio.to_thread(self._scan_once)
-            except OSError as exc:
-                event(log, "scan_error", level=logging.ERROR, error=str(exc))
+            self._rescan.clear()
+            if not self.paused:
+                try:
+                    await self._fill()
+                except OSError as exc:
+                    event(log, "scan_error", level=logging.ERROR, error=str(exc))
             try:
                 await asyncio.wait_for(self._rescan.wait(), timeout=self.scan_interval)
             except asyncio.TimeoutError:
                 pass
 
-    def _scan_once(self) -> None:
-        """Move due deferred mail to active/, then fill the ready queue from active/."""
-        now = self.clock()
-        for qid in self.spool.due(now):
-            if not self.owns(qid):
-                continue
-            try:
-                self.spool.move(qid, State.DEFERRED, State.ACTIVE)
-            except FileNotFoundError:
-                continue
-        self._rescan.clear()
-        if self.paused:
-            return
+    async def _fill(self) -> None:
+        room = self._ready.maxsize - self._ready.qsize()
+        if room > 0:
+            for qid in await asyncio.to_thread(self._unclaimed, room):
+                if self._ready.full():
+                    break
+                if qid not in self._claimed:
+                    self._claimed.add(qid)
+                    self._ready.put_nowait(qid)
+        if self._ready.full():
+            # more may wait in active/: read it again once there is room, not in a loop
+            self._want_room = True
+
+    def _unclaimed(self, room: int) -> list[str]:
+        """Up to `room` queue ids in active/ that no worker holds or waits for."""
+        out: list[str] = []
         for qid in self.spool.scan(State.ACTIVE):
-            if self._ready.full():
-                self._rescan.set()
-                return
             if qid not in self._claimed and self.owns(qid):
-                self._claimed.add(qid)
-                self._ready.put_nowait(qid)
+                out.append(qid)
+                if len(out) >= room:
+                    break
+        return out
+
+    async def _promoter(self) -> None:
+        """Move due deferred mail to active/. A pass stats every message in deferred/, so
+        it runs only when something there can be due (the earliest next attempt the last
+        pass saw has come, or deferred/ changed since), and reading deferred/ takes at
+        most DEFERRED_PASS_SHARE of the time (moving due mail is work, not counted)."""
+        while True:
+            rest = self.scan_interval
+            try:
+                if self._deferred_may_be_due():
+                    started = time.monotonic()
+                    moved, moving = await asyncio.to_thread(self._promote_due)
+                    took = time.monotonic() - started
+                    rest = max(rest, (took - moving) * (1 / DEFERRED_PASS_SHARE - 1))
+                    if moved:
+                        event(log, "deferred_due", moved=moved, seconds=round(took, 3))
+            except OSError as exc:
+                event(log, "scan_error", level=logging.ERROR, error=str(exc))
+            await asyncio.sleep(rest)
+
+    def _deferred_may_be_due(self) -> bool:
+        if self.clock() >= self._next_due:
+            return True
+        return os.stat(self.spool.dir(State.DEFERRED)).st_mtime_ns != self._deferred_seen
+
+    def _promote_due(self) -> tuple[int, float]:
+        """One pass over deferred/: due messages to active/ (the scanner is told after
+        each batch); notes the earliest next attempt left. Returns the count moved and
+        the seconds spent moving them."""
+        seen = os.stat(self.spool.dir(State.DEFERRED))
+        settled = time.time() - seen.st_mtime > MTIME_SETTLE
+        now = self.clock()
+        later = math.inf
+        batch: list[str] = []
+        moved, moving = 0, 0.0
+        for qid, at in self.spool.next_attempts(State.DEFERRED):
+            if self._stopping:
+                return moved, moving
+            if not self.owns(qid):
+                continue  # another worker's partition (relay.workers)
+            if at > now:
+                later = min(later, at)
+                continue
+            batch.append(qid)
+            if len(batch) >= ACTIVATE_BATCH:
+                n, took = self._activate(batch)
+                moved, moving, batch = moved + n, moving + took, []
+        n, took = self._activate(batch)
+        self._next_due = later
+        self._deferred_seen = seen.st_mtime_ns if settled else None
+        return moved + n, moving + took
+
+    def _activate(self, qids: list[str]) -> tuple[int, float]:
+        """Move a batch to active/ and tell the scanner; the count moved, and how long."""
+        started = time.monotonic()
+        moved = len(self.spool.activate(qids)) if qids else 0
+        if moved and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._rescan.set)
+        return moved, time.monotonic() - started
 
     @property
     def target_concurrency(self) -> int:
@@ -297,6 +381,7 @@ class DeliveryPool:
     async def _take_one(self) -> None:
         while True:
             qid = await self._ready.get()
+            self._taken()
             if self.paused or self._stopping:
                 self._claimed.discard(qid)
                 continue
@@ -308,6 +393,13 @@ class DeliveryPool:
                 self._inflight.discard(task)
                 self._claimed.discard(qid)
             return
+
+    def _taken(self) -> None:
+        """A message left the ready queue: once a queue found full is down to half, the
+        scanner reads active/ again."""
+        if self._want_room and self._ready.qsize() <= self._ready.maxsize // 2:
+            self._want_room = False
+            self._rescan.set()
 
     async def _process_guarded(self, qid: str) -> None:
         try:

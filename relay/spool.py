@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from relay.errors import SpoolError, SpoolFullError
 
@@ -436,17 +436,39 @@ class Spool:
                 if not entry.name.startswith("."):
                     yield entry.name
 
-    def due(self, now: float, state: State = State.DEFERRED) -> Iterator[str]:
-        """Queue ids whose directory mtime (next attempt) is at or before now."""
+    def next_attempts(self, state: State = State.DEFERRED) -> Iterator[tuple[str, float]]:
+        """(queue id, directory mtime) for each message in a state: one stat each, no read.
+        In deferred/ the mtime is the next attempt."""
         with os.scandir(self.dir(state)) as it:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
                 try:
-                    if entry.stat().st_mtime <= now:
-                        yield entry.name
+                    yield entry.name, entry.stat().st_mtime
                 except FileNotFoundError:
                     continue
+
+    def due(self, now: float, state: State = State.DEFERRED) -> Iterator[str]:
+        """Queue ids whose directory mtime (next attempt) is at or before now."""
+        return (qid for qid, at in self.next_attempts(state) if at <= now)
+
+    def activate(self, qids: Iterable[str]) -> list[str]:
+        """Due deferred mail back to active/: a rename each, one fsync of active/ for all.
+
+        A rename that a crash undoes leaves the message in deferred/, still due, so none
+        waits for an fsync of its own. Returns the ids moved; one gone meanwhile (held,
+        deleted, or taken by another scanner) is skipped.
+        """
+        moved = []
+        for qid in qids:
+            try:
+                os.rename(self.path(State.DEFERRED, qid), self.path(State.ACTIVE, qid))
+            except FileNotFoundError:
+                continue
+            moved.append(qid)
+        if moved and self.fsync:
+            _fsync_dir(self.dir(State.ACTIVE))
+        return moved
 
     def count(self, state: State) -> int:
         return sum(1 for _ in self.scan(state))

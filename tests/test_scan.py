@@ -1,0 +1,182 @@
+"""Scheduling on a large spool: passes over deferred/ only when something can be due,
+due mail back to active/ in batches, and the ready queue refilled without a busy loop.
+
+The pool here is built on a real spool but never sends: these tests drive its scanning
+steps directly (the sender and account source raise if called). The whole path, from a
+spool left by a stopped relay to mail at the sandbox, is the last test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from typing import Any
+
+import pytest
+
+from relay.delivery import ACTIVATE_BATCH, DeliveryPool
+from relay.ratelimit import RateLimiter
+from relay.retry import RetryPolicy
+from relay.spool import Envelope, Spool, State
+from tests.conftest import wait_for
+
+ENV = Envelope(sender="a@example.com", recipients=("b@example.net",), received_at=1000.0)
+
+
+class NeverCalled:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"{name} called: these tests never send")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool", fsync=False)
+    s.ensure()
+    return s
+
+
+def pool_on(spool: Spool, clock: Clock, ready_queue: int = 1000) -> DeliveryPool:
+    return DeliveryPool(spool=spool, sender=NeverCalled(), accounts=NeverCalled(),
+                        limiter=RateLimiter(10.0), policy=RetryPolicy(), clock=clock,
+                        ready_queue=ready_queue)
+
+
+def deferred(spool: Spool, when: float) -> str:
+    qid = spool.accept(ENV, b"Subject: x\r\n\r\nx\r\n")
+    spool.move(qid, State.ACTIVE, State.DEFERRED, when=when)
+    return qid
+
+
+def settle(spool: Spool) -> None:
+    """Date deferred/ back, as if nothing had changed there for a minute."""
+    old = time.time() - 60
+    os.utime(spool.dir(State.DEFERRED), (old, old))
+
+
+def test_a_pass_moves_due_mail_and_notes_the_earliest_next_attempt_left(spool):
+    due, soon, later = deferred(spool, 100.0), deferred(spool, 200.0), deferred(spool, 300.0)
+    pool = pool_on(spool, Clock(150.0))
+    assert pool._promote_due()[0] == 1
+    assert list(spool.scan(State.ACTIVE)) == [due]
+    assert sorted(spool.scan(State.DEFERRED)) == sorted([soon, later])
+    assert pool._next_due == 200.0
+
+
+async def test_due_mail_beyond_one_batch_is_all_moved_and_the_scanner_told(spool):
+    n = ACTIVATE_BATCH * 2 + 7
+    for _ in range(n):
+        deferred(spool, 100.0)
+    pool = pool_on(spool, Clock(150.0))
+    pool._loop = asyncio.get_running_loop()
+    assert (await asyncio.to_thread(pool._promote_due))[0] == n
+    assert pool._rescan.is_set()
+    assert sum(1 for _ in spool.scan(State.ACTIVE)) == n
+    assert list(spool.scan(State.DEFERRED)) == []
+    assert pool._next_due == math.inf
+
+
+def test_quiet_deferred_is_not_read_again_until_its_next_attempt(spool):
+    deferred(spool, 200.0)
+    deferred(spool, 300.0)
+    clock = Clock(150.0)
+    pool = pool_on(spool, clock)
+    settle(spool)
+    pool._promote_due()
+    assert not pool._deferred_may_be_due()
+    clock.now = 199.9
+    assert not pool._deferred_may_be_due()
+    clock.now = 200.0
+    assert pool._deferred_may_be_due()
+
+
+def test_mail_deferred_after_a_pass_brings_the_next_pass(spool):
+    deferred(spool, 1000.0)
+    pool = pool_on(spool, Clock(150.0))
+    settle(spool)
+    pool._promote_due()
+    assert not pool._deferred_may_be_due()
+    # e.g. another relay process deferring mail for a second after a throttle
+    deferred(spool, 151.0)
+    assert pool._deferred_may_be_due()
+
+
+def test_a_recently_changed_deferred_dir_is_read_again(spool):
+    # changed within the same timestamp tick, a later rename would leave the mtime alone
+    deferred(spool, 1000.0)
+    pool = pool_on(spool, Clock(150.0))
+    pool._promote_due()
+    assert pool._deferred_may_be_due()
+
+
+def test_a_pass_stops_when_the_pool_stops(spool):
+    qid = deferred(spool, 100.0)
+    pool = pool_on(spool, Clock(150.0))
+    pool._stopping = True
+    assert pool._promote_due()[0] == 0
+    assert list(spool.scan(State.DEFERRED)) == [qid]
+
+
+async def test_a_full_ready_queue_is_refilled_when_half_drained_not_in_a_loop(spool):
+    ids = {spool.accept(ENV, b"m") for _ in range(10)}
+    pool = pool_on(spool, Clock(150.0), ready_queue=4)
+    await pool._fill()
+    assert pool._ready.qsize() == 4
+    assert not pool._rescan.is_set()  # a full queue does not ask for another scan at once
+    taken = [pool._ready.get_nowait()]
+    pool._taken()
+    assert not pool._rescan.is_set()
+    taken.append(pool._ready.get_nowait())
+    pool._taken()
+    assert pool._rescan.is_set()  # half drained: read active/ again
+    pool._rescan.clear()
+    await pool._fill()
+    queued = [pool._ready.get_nowait() for _ in range(pool._ready.qsize())]
+    assert len(queued) == 4 and not set(queued) & set(taken)  # claimed ones not queued twice
+    assert set(queued) | set(taken) <= ids
+
+
+def test_next_attempts_and_activate(spool):
+    a, b = deferred(spool, 100.0), deferred(spool, 200.0)
+    assert dict(spool.next_attempts()) == {a: 100.0, b: 200.0}
+    assert list(spool.due(150.0)) == [a]
+    spool.discard(State.DEFERRED, b)  # gone meanwhile: skipped
+    assert spool.activate([a, b]) == [a]
+    assert list(spool.scan(State.ACTIVE)) == [a]
+    assert list(spool.scan(State.DEFERRED)) == []
+
+
+def test_a_restarted_relay_sends_active_and_due_mail_and_keeps_the_rest(
+        start_relay, sandbox, tmp_path):
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.ensure()
+    now = time.time()
+    sent = [spool.accept(Envelope("a@example.com", (f"active{i}@example.net",), now), b"m")
+            for i in range(3)]
+    for i in range(3):
+        qid = spool.accept(Envelope("a@example.com", (f"due{i}@example.net",), now), b"m")
+        spool.move(qid, State.ACTIVE, State.DEFERRED, when=now - 60)
+        sent.append(qid)
+    later = []
+    for i in range(3):
+        qid = spool.accept(Envelope("a@example.com", (f"later{i}@example.net",), now), b"m")
+        spool.move(qid, State.ACTIVE, State.DEFERRED, when=now + 3600)
+        later.append(qid)
+    relay = start_relay(sandbox.url, delivery={"ready_queue": 2})
+    wait_for(lambda: sandbox.state.recipients_sent() >= 6)
+    assert wait_for(lambda: relay.find("deferred_due"))["moved"] == 3
+    got = sorted(r for c in sandbox.state.accepted() for r in c.recipients)
+    assert got == sorted([f"active{i}@example.net" for i in range(3)]
+                         + [f"due{i}@example.net" for i in range(3)])
+    wait_for(lambda: relay.queued("active") == [])
+    assert relay.queued("deferred") == sorted(later)
+    assert relay.stop() == 0
