@@ -402,9 +402,12 @@ class Spool:
              durable: bool = True) -> None:
         """Rename a message from one state to another; `when` sets its mtime (deferred)."""
         target = self.path(dst, qid)
+        if when is not None:
+            # set before the rename: a scan of dst never sees it with a stale (due) mtime
+            os.utime(self.path(src, qid), (when, when))
         os.rename(self.path(src, qid), target)
         if when is not None:
-            os.utime(target, (when, when))
+            os.utime(target, (when, when))  # again, where a rename touches the mtime
         if durable and self.fsync:
             if when is not None:
                 _fsync_dir(target)
