@@ -92,6 +92,7 @@ class GroupCommit:
     def _commit(self, batch: _Batch, loop: asyncio.AbstractEventLoop) -> None:
         """In a worker thread: flush, publish, flush; answer everyone; then clean up."""
         spool = self.spool
+        futures = [fut for _, fut in batch.publish] + batch.waiters
         outcome: dict[int, BaseException | None] = {}
         try:
             spool.flush()
@@ -105,24 +106,16 @@ class GroupCommit:
             if published:
                 spool.flush()
             self.flushes += 2 if published else 1
-        except OSError as exc:
-            err = as_spool_error(exc)
-            for qid, fut in batch.publish:
-                outcome[id(fut)] = err
-            for fut in batch.waiters:
-                outcome[id(fut)] = err
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear something
-            for _, fut in batch.publish:
-                outcome[id(fut)] = exc
-            for fut in batch.waiters:
-                outcome[id(fut)] = exc
-        self.changes += len(batch.publish) + len(batch.waiters)
+            # OSError -> SpoolError (SpoolFullError when out of space); the rest as is
+            err = as_spool_error(exc)
+            outcome = {id(fut): err for fut in futures}
+        self.changes += len(futures)
         for qid, fut in batch.publish:
             if outcome.get(id(fut)) is not None:
                 # never acknowledged: take it back out of active/ if it got there
                 spool.abandon(qid)
-        loop.call_soon_threadsafe(_resolve, [f for _, f in batch.publish] + batch.waiters,
-                                  outcome)
+        loop.call_soon_threadsafe(_resolve, futures, outcome)
         for grave in batch.graves:
             shutil.rmtree(grave, ignore_errors=True)
 
