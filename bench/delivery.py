@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import tree_cpu_seconds  # noqa: E402
-from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
-from relay.spool import Envelope, Spool, set_worker  # noqa: E402
+
+from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
+from relay.spool.spool import Envelope, Spool, set_worker  # noqa: E402
+
 
 def fill(spool_dir: Path, n: int, workers: int) -> None:
     spool = Spool(spool_dir, fsync=False)

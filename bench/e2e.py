@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import free_port, tree_cpu_seconds  # noqa: E402
-from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
+
+from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

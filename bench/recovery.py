@@ -43,8 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import cpu_seconds, free_port  # noqa: E402
-from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
-from relay.spool import Envelope, Spool, State  # noqa: E402
+
+from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
+from relay.spool.spool import Envelope, Spool, State  # noqa: E402
 
 #: group -> share of the spool; the rest is deferred with the next attempt ahead
 MIX = {"active": 0.08, "due": 0.05, "hold": 0.01, "failed": 0.01}

@@ -19,16 +19,16 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from relay.config import SesConfig  # noqa: E402
-from relay.sandbox import SandboxState, SandboxThread  # noqa: E402
-from relay.ses import SesClient  # noqa: E402
+from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
+from relay.ses.client import SesClient  # noqa: E402
 
 
 def serve(conn: Any) -> None:

@@ -11,7 +11,7 @@
         ├── ConfigurationError hold the mail: the relay or account is misconfigured
         └── AccountPausedError pause the whole pool until GetAccount says sending is enabled
 
-Only relay.ses raises DeliveryError subclasses, using classify(); this module imports no
+Only relay.ses.client raises DeliveryError subclasses, using classify(); this module imports no
 AWS or SMTP library so that the core and its tests stay transport-free.
 """
 

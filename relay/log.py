@@ -12,7 +12,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 RECIPIENT_KEYS = ("recipient", "recipients", "sender")
 

@@ -10,44 +10,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import signal
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from relay import dsn
-from relay.admin import Admin, spool_writable
-from relay.auth import Credentials
-from relay.budget import shared_budget
-from relay.commit import GroupCommit
 from relay.config import SANDBOX, Config
-from relay.db import Database
-from relay.delivery import DeliveryPool
-from relay.feedback import Applied, FeedbackStore
-from relay.guard import ReputationGuard
-from relay.ingester import SqsIngester, queue_region
+from relay.delivery import dsn
+from relay.delivery.pool import DeliveryPool
+from relay.delivery.ratelimit import RateLimiter
+from relay.delivery.retry import RetryPolicy
+from relay.feedback.events import Applied, FeedbackStore
+from relay.feedback.guard import ReputationGuard
+from relay.feedback.sns import SnsEndpoint
+from relay.feedback.sqs import SqsIngester, queue_region
+from relay.ingress.credentials import Credentials
+from relay.ingress.server import Ingress, IngressHandler
 from relay.log import event
-from relay.metrics import Metrics, TimedSender, instrument_ingress
-from relay.ratelimit import RateLimiter
-from relay.retry import RetryPolicy
-from relay.sandbox import Sandbox, SandboxState
-from relay.ses import SesClient
-from relay.smtp import Ingress, IngressHandler
-from relay.sns import SnsEndpoint
-from relay.spool import Envelope, Record, Spool, State, partition, set_worker
-from relay.suppression import SuppressionList
-from relay.tracking import MessageLog
+from relay.ops.admin import Admin, spool_writable
+from relay.ops.metrics import Metrics, TimedSender, instrument_ingress
+from relay.sandbox.server import Sandbox, SandboxState
+from relay.ses.client import SesClient
+from relay.spool.commit import GroupCommit
+from relay.spool.spool import Envelope, Record, Spool, State, partition, set_worker
+from relay.store.budget import shared_budget
+from relay.store.db import Database
+from relay.store.messages import MessageLog
+from relay.store.suppression import SuppressionList
 
 log = logging.getLogger("relay.service")
 
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None,
                 worker: tuple[int, int] = (0, 1)) -> None:
-    """Run the relay; `worker` = (index, count) when relay.workers started this process."""
+    """Run the relay; `worker` = (index, count) when relay.ops.workers started this process."""
     index, count = worker
     # Spool work runs in threads; a short GIL switch interval keeps the event loop from
     # waiting up to 5 ms for one of them right after a call left the rate limiter.
@@ -84,7 +84,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         credentials = ("sandbox", "sandbox")
         event(log, "sandbox", url=endpoint, outbox=str(config.sandbox_dir))
 
-    # suppression list, message log, feedback ingester, reputation guard (relay.db)
+    # suppression list, message log, feedback ingester, reputation guard (relay.store.db)
     feedback = await Feedback.open(config, spool)
 
     dcfg = config.delivery
@@ -124,7 +124,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         )
         queued = feedback.on_queued(pool.notify)
         queued_ref.append(queued)
-        # relays on one PostgreSQL database share the account's rate (relay.budget)
+        # relays on one PostgreSQL database share the account's rate (relay.store.budget)
         if config.database.shared_rate:
             pool.limiter.budget = await shared_budget(feedback.db)
         # before the pool starts: a relay restarted while the guard had paused it stays paused
@@ -187,7 +187,7 @@ def _ingress_security(
     config: Config,
 ) -> tuple[Credentials | None, Callable[[bytes], bytes] | None]:
     """AUTH credentials and the DKIM signer for the ingress, when configured."""
-    from relay.dkim import DkimSigner
+    from relay.ingress.dkim import DkimSigner
 
     credentials = Credentials(config.smtp.auth_file) if config.smtp.auth_file else None
     signer = DkimSigner(config.dkim).sign if config.dkim.enabled else None

@@ -14,12 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from relay.sandbox import SandboxState, SandboxThread
+from relay.sandbox.server import SandboxState, SandboxThread
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -98,7 +98,7 @@ async def snapshot(tmp: Path, tables: tuple[str, ...] = TABLES) -> dict[str, lis
     the pass uses (SQLite in its spool directory or its own PostgreSQL database)."""
     from sqlalchemy import text
 
-    from relay.db import Database
+    from relay.store.db import Database
     from tests.conftest import database_for
 
     db = await Database.open(database_for(tmp), tmp, migrate=False)

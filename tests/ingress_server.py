@@ -13,13 +13,14 @@ import ipaddress
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from relay.config import SmtpConfig
-from relay.smtp import Ingress, IngressHandler
-from relay.spool import Spool
+from relay.ingress.server import Ingress, IngressHandler
+from relay.spool.spool import Spool
 
 
 class IngressThread:
@@ -126,7 +127,7 @@ def make_ca(tmp_path: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

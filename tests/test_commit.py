@@ -16,14 +16,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from relay.commit import GroupCommit
 from relay.config import SesConfig, SmtpConfig
-from relay.delivery import DeliveryPool
-from relay.ratelimit import RateLimiter
-from relay.retry import RetryPolicy
-from relay.sandbox import SandboxState, SandboxThread
-from relay.ses import SesClient
-from relay.spool import Envelope, Spool, State
+from relay.delivery.pool import DeliveryPool
+from relay.delivery.ratelimit import RateLimiter
+from relay.delivery.retry import RetryPolicy
+from relay.sandbox.server import SandboxState, SandboxThread
+from relay.ses.client import SesClient
+from relay.spool.commit import GroupCommit
+from relay.spool.spool import Envelope, Spool, State
 from tests.conftest import wait_for
 from tests.ingress_server import IngressThread
 

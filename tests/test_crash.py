@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from relay.sandbox import SandboxState, SandboxThread
+from relay.sandbox.server import SandboxState, SandboxThread
 from tests.conftest import RelayProcess, relay_sections, wait_for
 
 KILLS = 10

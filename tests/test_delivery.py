@@ -9,7 +9,7 @@ import socket
 import urllib.error
 import urllib.request
 
-from relay.sandbox import SandboxState, SandboxThread
+from relay.sandbox.server import SandboxState, SandboxThread
 from tests.conftest import relayed, wait_for
 
 SENDER = "app@example.com"

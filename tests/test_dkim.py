@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.config import DkimConfig
-from relay.dkim import DkimSigner
 from relay.errors import ConfigError
+from relay.ingress.dkim import DkimSigner
 from tests.conftest import wait_for
 
 MSG = (b"From: App <app@example.com>\r\nTo: to@example.net\r\nSubject: signed\r\n"

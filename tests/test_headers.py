@@ -9,7 +9,7 @@ import smtplib
 
 import pytest
 
-from relay import headers
+from relay.ingress import headers
 from tests.conftest import wait_for
 
 RECEIVED = "Received: from c.example ([127.0.0.1])\n\tby relay.example (relay) with ESMTP;\n\tX"

@@ -10,11 +10,12 @@ from pathlib import Path
 import boto3
 import pytest
 
+from relay.feedback.events import FeedbackStore, Unparseable, parse
+from relay.feedback.sqs import SqsIngester
+from relay.store.db import Database
 from tests.conftest import database_for
-from relay.db import Database
-from relay.feedback import FeedbackStore, Unparseable, parse
-from relay.ingester import SqsIngester
 from tests.feedback_helpers import FIXTURES, fixture, notification, snapshot
+
 
 @pytest.fixture
 def queue(moto_server, monkeypatch):
@@ -123,8 +124,8 @@ async def test_event_kinds_update_the_log(tmp_path):
     db = await Database.open(database_for(tmp_path), tmp_path)
     store = FeedbackStore(db)
     try:
-        from relay.spool import Envelope, Record
-        from relay.tracking import MessageLog
+        from relay.spool.spool import Envelope, Record
+        from relay.store.messages import MessageLog
 
         record = Record(id="Q1", envelope=Envelope("s@example.com", ("r@example.net",), 0.0), size=1)
         await MessageLog(db).outcome("sent", record, ["r@example.net"], ses_message_id="M1")
@@ -151,7 +152,7 @@ async def test_event_kinds_update_the_log(tmp_path):
     ("http://127.0.0.1:4566/000000000000/q", "us-east-1"),
 ])
 def test_queue_region(url, region):
-    from relay.ingester import queue_region
+    from relay.feedback.sqs import queue_region
 
     assert queue_region(url, "us-east-1") == region
 
@@ -171,7 +172,7 @@ async def test_migrations_match_the_models(tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from relay.db import Base
+    from relay.store.db import Base
 
     db = await Database.open(database_for(tmp_path), tmp_path)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import addresses
+from relay.ingress import addresses
 from tests.ingress_server import Raw
 
 SENDER = "app@example.com"
@@ -31,7 +31,7 @@ def test_open_relay_attempt_from_non_allowed_address_is_refused(ingress):
 
 
 def test_not_allowed_client_gets_530_when_auth_is_available(ingress, tmp_path):
-    from relay.auth import Credentials, set_password
+    from relay.ingress.credentials import Credentials, set_password
 
     set_password(tmp_path / "users", "u", "pw")
     server = ingress(handler_kw={"credentials": Credentials(tmp_path / "users")},

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from relay.limits import AuthThrottle, ConnectionLimiter
+from relay.ingress.limits import AuthThrottle, ConnectionLimiter
 from tests.ingress_server import Raw
 
 

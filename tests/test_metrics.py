@@ -8,10 +8,15 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.metrics import call_outcome
-from relay.errors import (AccountPausedError, ConfigurationError, PermanentError,
-                          ThrottledError, TransientError)
-from relay.sandbox import SandboxState, SandboxThread
+from relay.errors import (
+    AccountPausedError,
+    ConfigurationError,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from relay.ops.metrics import call_outcome
+from relay.sandbox.server import SandboxState, SandboxThread
 from tests.conftest import RelayProcess, wait_for
 from tests.test_spine import SENDER, message, send
 

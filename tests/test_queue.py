@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.queue import Queue, arrival, bucket
-from relay.sandbox import SandboxState, SandboxThread
-from relay.spool import Envelope, Spool, State
+from relay.sandbox.server import SandboxState, SandboxThread
+from relay.spool.queue import Queue, arrival, bucket
+from relay.spool.spool import Envelope, Spool, State
 from tests.conftest import ROOT, RelayProcess, relayed, wait_for
 from tests.test_spine import message, send
 

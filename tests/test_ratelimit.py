@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from relay.ratelimit import Quota, RateLimiter
+from relay.delivery.ratelimit import Quota, RateLimiter
 
 
 def max_in_window(grants: list[tuple[float, int]], width: float = 1.0) -> int:
@@ -97,7 +97,7 @@ def test_late_departure_pushes_the_next_call():
 
 
 def test_sandbox_counts_every_window_even_out_of_order():
-    from relay.sandbox import SandboxState
+    from relay.sandbox.server import SandboxState
 
     st = SandboxState(max_send_rate=3)
     assert st._admit(1, 10.0) is None

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from relay.retry import RetryPolicy
+from relay.delivery.retry import RetryPolicy
 
 P = RetryPolicy(min_backoff=300, max_backoff=4000, max_lifetime=5 * 86400)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from relay.sandbox import SandboxState, SandboxThread
+from relay.sandbox.server import SandboxState, SandboxThread
 from tests.conftest import wait_for
 from tests.feedback_helpers import cli, log_lines, send, statuses, suppressed
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from relay.delivery import ACTIVATE_BATCH, DeliveryPool
-from relay.ratelimit import RateLimiter
-from relay.retry import RetryPolicy
-from relay.spool import Envelope, Spool, State
+from relay.delivery.pool import ACTIVATE_BATCH, DeliveryPool
+from relay.delivery.ratelimit import RateLimiter
+from relay.delivery.retry import RetryPolicy
+from relay.spool.spool import Envelope, Spool, State
 from tests.conftest import wait_for
 
 ENV = Envelope(sender="a@example.com", recipients=("b@example.net",), received_at=1000.0)

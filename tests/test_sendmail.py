@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.sendmail import header_recipients, normalize_argv, read_message
+from relay.ingress.sendmail import header_recipients, normalize_argv, read_message
 from tests.conftest import ROOT, RelayProcess, relayed, wait_for
 
 MESSAGE = (
@@ -28,16 +28,16 @@ MESSAGE = (
     "Bcc: this line is body, not a header\n"
 )
 WITHOUT_BCC = (
-    "From: Reports <reports@example.com>\r\n"
-    "To: Ann <ann@example.net>\r\n"
-    "Cc: \"Bo, B.\" <bo@example.net>\r\n"
-    "Subject: nightly report\r\n"
-    "Date: Mon, 23 Nov 2026 00:00:00 +0000\r\n"
-    "Message-ID: <nightly-1@example.com>\r\n"
-    "\r\n"
-    "Totals: 3\r\n"
-    "Bcc: this line is body, not a header\r\n"
-).encode()
+    b"From: Reports <reports@example.com>\r\n"
+    b"To: Ann <ann@example.net>\r\n"
+    b"Cc: \"Bo, B.\" <bo@example.net>\r\n"
+    b"Subject: nightly report\r\n"
+    b"Date: Mon, 23 Nov 2026 00:00:00 +0000\r\n"
+    b"Message-ID: <nightly-1@example.com>\r\n"
+    b"\r\n"
+    b"Totals: 3\r\n"
+    b"Bcc: this line is body, not a header\r\n"
+)
 LOCAL_RECEIVED = re.compile(
     rb"Received: from [^\r\n]+\r\n\tby [^\r\n]+ \(relay\) with local;\r\n\t[^\r\n]+\r\n")
 ALL = ["ann@example.net", "bo@example.net", "secret@example.org", "other@example.org"]

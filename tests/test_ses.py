@@ -28,11 +28,11 @@ from botocore.session import get_session
 from multidict import CIMultiDict
 
 from relay.config import SesConfig
+from relay.delivery.ratelimit import DEPARTURE
 from relay.errors import ConfigurationError, DeliveryError, TransientError
-from relay.ratelimit import DEPARTURE
-from relay.sandbox import FAULTS, SandboxState, SandboxThread
-from relay.ses import SesClient, error_of, send_email_body
-from relay.sigv4 import Signer
+from relay.sandbox.server import FAULTS, SandboxState, SandboxThread
+from relay.ses.client import SesClient, error_of, send_email_body
+from relay.ses.signer import Signer
 
 RAW = b"From: a@example.com\r\nSubject: t\r\n\r\n.dot line\r\n\xe9 8-bit\r\n"
 

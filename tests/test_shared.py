@@ -13,11 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from relay.budget import SPAN, SharedBudget, first_fit, slot_of
-from relay.db import Database
-from relay.sandbox import SandboxState, SandboxThread
-from tests.conftest import (PG_SERVER, ROOT, RelayProcess, database_for, relay_sections, wait_for,
-                            write_config)
+from relay.sandbox.server import SandboxState, SandboxThread
+from relay.store.budget import SPAN, SharedBudget, first_fit, slot_of
+from relay.store.db import Database
+from tests.conftest import (
+    PG_SERVER,
+    ROOT,
+    RelayProcess,
+    database_for,
+    relay_sections,
+    wait_for,
+    write_config,
+)
 from tests.feedback_helpers import cli, log_lines, send, statuses, suppressed
 from tests.test_delivery import msg, send_many, spool_empty
 
@@ -81,7 +88,7 @@ async def test_two_budgets_on_one_database_never_exceed_the_rate_together(tmp_pa
 async def test_without_the_database_the_budget_waits_instead_of_granting(tmp_path):
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from relay.db import database_url
+    from relay.store.db import database_url
 
     name = f"late_{os.getpid()}_{tmp_path.name}"[:60]
     url = PG_SERVER.rsplit("/", 1)[0] + "/" + name  # not created yet

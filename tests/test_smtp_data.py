@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from relay.smtp_data import NOMINAL, TOO_LONG, TOO_MUCH, read_data
+from relay.ingress.data import NOMINAL, TOO_LONG, TOO_MUCH, read_data
 
 LIMIT = 1001  # aiosmtpd's line_length_limit and StreamReader limit
 NEXT = b"QUIT\r\n"

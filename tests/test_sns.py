@@ -19,11 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import database_for
-from relay.db import Database
-from relay.feedback import FeedbackStore
-from relay.sns import SnsEndpoint, string_to_sign
-from tests.conftest import wait_for
+from relay.feedback.events import FeedbackStore
+from relay.feedback.sns import SnsEndpoint, string_to_sign
+from relay.store.db import Database
+from tests.conftest import database_for, wait_for
 from tests.feedback_helpers import notification
 from tests.feedback_helpers import snapshot as db_snapshot
 
@@ -39,7 +38,7 @@ def _name(cn: str) -> x509.Name:
 @pytest.fixture(scope="module")
 def pki():
     """A test CA and an SNS-like signing certificate it issued."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca = (x509.CertificateBuilder().subject_name(_name("relay test CA")).issuer_name(_name("relay test CA"))
           .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)

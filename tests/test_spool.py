@@ -8,7 +8,7 @@ import os
 import pytest
 
 from relay.errors import SpoolFullError
-from relay.spool import CorruptMessage, Envelope, Record, Spool, State, new_queue_id
+from relay.spool.spool import CorruptMessage, Envelope, Record, Spool, State, new_queue_id
 
 ENV = Envelope(sender="a@example.com", recipients=("b@example.net", "c@example.net", "b@example.net"),
                received_at=1000.0, client="127.0.0.1", helo="h")

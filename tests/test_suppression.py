@@ -13,13 +13,12 @@ import time
 import pytest
 from sqlalchemy import event as sa_event
 
-from tests.conftest import database_for
-from relay.db import Database
-from relay.guard import Rates, verdict
-from relay.spool import Envelope, Record
-from relay.suppression import SuppressionList, normalize, parse_csv
-from relay.tracking import MessageLog, message_id_header
-from tests.conftest import relay_sections, wait_for, write_config
+from relay.feedback.guard import Rates, verdict
+from relay.spool.spool import Envelope, Record
+from relay.store.db import Database
+from relay.store.messages import MessageLog, message_id_header
+from relay.store.suppression import SuppressionList, normalize, parse_csv
+from tests.conftest import database_for, relay_sections, wait_for, write_config
 from tests.feedback_helpers import cli, send, statuses, suppressed
 
 
@@ -221,7 +220,7 @@ def test_message_id_header():
 
 def test_feedback_modules_import_no_transport():
     code = (
-        "import sys, relay.suppression, relay.tracking, relay.feedback, relay.guard, relay.db;"
+        "import sys, relay.store.suppression, relay.store.messages, relay.feedback.events, relay.feedback.guard, relay.store.db;"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('aiosmtpd', 'aioboto3', 'aiobotocore', 'botocore', 'aiohttp')];"
         "print(bad); sys.exit(1 if bad else 0)"
@@ -245,7 +244,7 @@ def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbo
 
 
 async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
-    from relay.feedback import FeedbackStore, parse
+    from relay.feedback.events import FeedbackStore, parse
     from tests.feedback_helpers import notification
 
     db = await Database.open(database_for(tmp_path), tmp_path)

@@ -9,13 +9,13 @@ import smtplib
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from relay import auth
 from relay.errors import ConfigError
+from relay.ingress import credentials as auth
 from tests.conftest import ROOT
 from tests.ingress_server import Raw, client_context, make_ca, make_ingress
 
@@ -113,7 +113,7 @@ def test_plaintext_client_cannot_speak_tls_listener(ingress, tls):
 
 def test_modern_tls_settings_only(ingress, tls):
     from relay.config import SmtpConfig
-    from relay.tls import server_context
+    from relay.ingress.tls import server_context
 
     ctx = server_context(SmtpConfig(tls_cert=tls["cert"], tls_key=tls["key"]))
     assert ctx is not None and ctx.minimum_version == ssl.TLSVersion.TLSv1_2

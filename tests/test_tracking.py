@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
 
-from relay.db import Database, MessageRow
-from relay.spool import Envelope, Record
-from relay.tracking import MessageLog, Write, message_id_header
+from relay.spool.spool import Envelope, Record
+from relay.store.db import Database, MessageRow
+from relay.store.messages import MessageLog, Write, message_id_header
 from tests.conftest import database_for
 
 RCPTS = ("A@example.net", "b@example.net", "c@example.net", "d@example.net")
@@ -50,7 +50,7 @@ EXPECTED = {
 
 
 async def queued_rows(db: Database, qid: str) -> None:
-    from relay.tracking import upsert_queued
+    from relay.store.messages import upsert_queued
 
     async with db.engine.begin() as conn:
         await conn.execute(upsert_queued(conn.dialect.name), [
@@ -118,7 +118,7 @@ def test_message_id_header_reads_what_the_email_parser_reads():
 
 
 def test_a_plain_header_block_is_read_without_the_email_parser():
-    from relay.tracking import _plain_message_id
+    from relay.store.messages import _plain_message_id
 
     head = (b"Received: from client (localhost [127.0.0.1])\r\n\tby relay (relay) with ESMTP;\r\n"
             b"\tMon, 23 Nov 2026 00:00:00 +0000\r\nFrom: a@example.com\r\n"

@@ -12,8 +12,8 @@ import smtplib
 import subprocess
 import sys
 
-from relay.sandbox import SandboxState, SandboxThread
-from relay.spool import partition
+from relay.sandbox.server import SandboxState, SandboxThread
+from relay.spool.spool import partition
 from tests.conftest import ROOT, RelayProcess, relay_sections, wait_for
 
 SENDER = "app@example.com"

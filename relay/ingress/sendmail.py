@@ -1,0 +1,213 @@
+"""`relay sendmail`: a /usr/sbin/sendmail stand-in for applications that pipe mail to it.
+
+Reads one message on stdin and queues it: through the running relay over SMTP
+(smtp.host:smtp.port) so it gets the same checks and is sent at once, or, when nothing
+listens there, straight into the spool with Spool.accept (incoming/ -> active/, fsynced)
+after the ingress's own rules and header changes; the relay picks it up at its next scan.
+Either way it exits 0 only once the message is durable. -t takes recipients from
+To/Cc/Bcc and removes Bcc, working on the raw bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+import smtplib
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from email.utils import getaddresses
+from typing import Any
+
+from relay import config as config_mod
+from relay.errors import SpoolError
+from relay.ingress import addresses, headers
+from relay.spool.spool import Envelope, Spool
+
+#: sysexits.h codes that sendmail callers understand
+EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_IOERR = 64, 65, 69, 75, 74
+
+_HEADER_END = re.compile(rb"\r?\n(\r?\n)")
+
+
+def read_message(stream: Any, *, dot_ends: bool) -> bytes:
+    """stdin up to EOF, or (without -i) up to a line holding a single dot, in CRLF."""
+    lines = []
+    for line in stream:
+        if dot_ends and line.rstrip(b"\r\n") == b".":
+            break
+        lines.append(line)
+    data = b"".join(lines)
+    # bare LF (how programs write) becomes CRLF; existing CRLF is left alone
+    return re.sub(rb"(?<!\r)\n", b"\r\n", data)
+
+
+def split_headers(data: bytes) -> tuple[list[bytes], bytes]:
+    """Header fields (each with its folded continuation lines and line ending) and the rest."""
+    m = _HEADER_END.search(data)
+    head, rest = (data[: m.start(1)], data[m.start(1):]) if m else (data, b"")
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields, rest
+
+
+def header_recipients(data: bytes, *, strip_bcc: bool = True) -> tuple[list[str], bytes]:
+    """Addresses in To, Cc and Bcc, and the message with its Bcc fields removed."""
+    fields, rest = split_headers(data)
+    values: list[str] = []
+    kept: list[bytes] = []
+    for f in fields:
+        name, colon, value = f.partition(b":")
+        key = name.strip().lower()
+        if colon and key in (b"to", b"cc", b"bcc"):
+            values.append(re.sub(r"\r?\n[ \t]", " ", value.decode("utf-8", "replace")).strip())
+        if colon and key == b"bcc" and strip_bcc:
+            continue
+        kept.append(f)
+    rcpts = [addr for _, addr in getaddresses(values) if "@" in addr]
+    return rcpts, b"".join(kept) + rest if fields else data
+
+
+def from_address(data: bytes) -> str:
+    for f in split_headers(data)[0]:
+        name, colon, value = f.partition(b":")
+        if colon and name.strip().lower() == b"from":
+            found = getaddresses([value.decode("utf-8", "replace")])
+            if found and "@" in found[0][1]:
+                return found[0][1]
+    return ""
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """sendmail's old-style options: -oi is -i; -odb, -bm, -oem and friends are ignored."""
+    out: list[str] = []
+    for arg in argv:
+        if arg == "-oi":
+            out.append("-i")
+        elif arg in ("-bm", "-U") or (arg.startswith("-o") and len(arg) > 2):
+            continue
+        elif arg.startswith("-f") and len(arg) > 2:
+            out += ["-f", arg[2:]]
+        else:
+            out.append(arg)
+    return out
+
+
+def via_smtp(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -> str | None:
+    """Hand the message to the running relay; None when nothing listens (use the spool)."""
+    try:
+        client = smtplib.SMTP(host, port, timeout=60)
+    except (TimeoutError, ConnectionRefusedError, OSError):
+        return None
+    try:
+        client.ehlo("localhost")
+        refused = client.sendmail(sender, rcpts, data)  # raises unless some were taken
+    finally:
+        _quit(client)
+    for rcpt, (code, text) in refused.items():
+        print(f"relay sendmail: {rcpt} refused: {code} {text.decode(errors='replace')}",
+              file=sys.stderr)
+    return "smtp-partial" if refused else "smtp"
+
+
+def accept_locally(cfg: config_mod.Config, sender: str, rcpts: list[str],
+                   data: bytes) -> tuple[str, list[str], bytes]:
+    """What the SMTP ingress does before its spool write, for a message that bypasses it:
+    the same address rules and size limit, Bcc out, Date/Message-ID in, a Received
+    line, and the DKIM signature when dkim.enabled."""
+    sender = addresses.sender(sender, allowed_domains=cfg.smtp.allowed_sender_domains)
+    rcpts = [addresses.recipient(r) for r in rcpts]
+    if len(rcpts) > cfg.smtp.max_recipients:
+        raise ValueError(f"{len(rcpts)} recipients, above smtp.max_recipients")
+    if len(data) > cfg.smtp.max_message_size:
+        raise ValueError(f"message of {len(data)} bytes, above smtp.max_message_size")
+    hostname = cfg.smtp.hostname or socket.getfqdn()
+    now = time.time()
+    received = headers.received_line(helo=getpass.getuser(), client="127.0.0.1",
+                                     hostname=hostname, protocol="local", now=now)
+    data = headers.prepare(data, received=received, hostname=hostname, now=now)
+    if cfg.dkim.enabled:
+        from relay.ingress.dkim import DkimSigner
+
+        data = DkimSigner(cfg.dkim).sign(data)
+    return sender, rcpts, data
+
+
+def _quit(client: smtplib.SMTP) -> None:
+    """Once the relay said 250 the message is its own: a failed QUIT changes nothing."""
+    try:
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        client.close()
+
+
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    data = read_message(sys.stdin.buffer, dot_ends=not args.i)
+    if not data.strip():
+        print("relay sendmail: no message on stdin", file=sys.stderr)
+        return EX_DATAERR
+    rcpts = list(args.recipients)
+    if args.t:
+        found, data = header_recipients(data)
+        rcpts = found + [r for r in rcpts if r not in found]
+    if not rcpts:
+        print("relay sendmail: no recipients (name them, or use -t to read To/Cc/Bcc)",
+              file=sys.stderr)
+        return EX_USAGE
+    bad = [r for r in rcpts if "@" not in r or r.startswith("@") or r.endswith("@")]
+    if bad:
+        print(f"relay sendmail: not an address: {', '.join(bad)}", file=sys.stderr)
+        return EX_DATAERR
+    sender = args.f or from_address(data) or f"{getpass.getuser()}@{socket.getfqdn()}"
+    host = "127.0.0.1" if cfg.smtp.host in ("0.0.0.0", "::", "") else cfg.smtp.host
+    try:
+        how = via_smtp(host, cfg.smtp.port, sender, rcpts, data) if cfg.smtp.port else None
+    except smtplib.SMTPResponseException as exc:
+        print(f"relay sendmail: the relay answered {exc.smtp_code} {exc.smtp_error!r}",
+              file=sys.stderr)
+        return EX_TEMPFAIL if 400 <= exc.smtp_code < 500 else EX_UNAVAILABLE
+    except (smtplib.SMTPException, OSError) as exc:
+        # the relay was reached but the exchange broke: not known to be queued
+        print(f"relay sendmail: SMTP to {host}:{cfg.smtp.port} failed: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    if how is None:
+        try:
+            sender, rcpts, data = accept_locally(cfg, sender, rcpts, data)
+        except (addresses.AddressError, ValueError) as exc:
+            print(f"relay sendmail: {exc}", file=sys.stderr)
+            return EX_DATAERR
+        spool = Spool(cfg.spool.dir, fsync=cfg.spool.fsync, min_free_bytes=cfg.spool.min_free_bytes)
+        try:
+            spool.ensure()
+            qid = spool.accept(Envelope(sender=sender, recipients=tuple(rcpts),
+                                        received_at=time.time(), client="127.0.0.1",
+                                        helo=getpass.getuser()), data)
+        except (SpoolError, OSError) as exc:
+            print(f"relay sendmail: cannot queue in {cfg.spool.dir}: {exc}", file=sys.stderr)
+            return EX_TEMPFAIL
+        if args.verbose:
+            print(f"queued as {qid} in {spool.root}", file=sys.stderr)
+    elif how == "smtp-partial":
+        return EX_DATAERR
+    elif args.verbose:
+        print(f"queued by the relay at {host}:{cfg.smtp.port}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("sendmail", parents=[common],
+                       help="queue a message read on stdin (sendmail-compatible)")
+    p.add_argument("-t", action="store_true", help="recipients from To, Cc, Bcc (Bcc removed)")
+    p.add_argument("-i", action="store_true", help="a lone dot does not end the message")
+    p.add_argument("-f", default="", metavar="FROM", help="envelope sender")
+    p.add_argument("-F", default="", metavar="NAME", help="ignored (full name)")
+    p.add_argument("-v", "--verbose", action="store_true", help="say how it was queued")
+    p.add_argument("recipients", nargs="*", metavar="RCPT")
+    p.set_defaults(func=cmd_sendmail)

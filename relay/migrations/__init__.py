@@ -1,1 +1,0 @@
-"""Alembic migrations for the relay's database (applied at start-up by relay.db)."""

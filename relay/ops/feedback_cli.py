@@ -1,0 +1,171 @@
+"""Operator commands on the database: `relay suppression ...`, `relay log`, `relay resume`.
+
+suppression list [--json] | add ADDR [--reason R] | remove ADDR | import CSV | export |
+sync (imports SES's account-level suppression list, ListSuppressedDestinations, paged);
+log ADDRESS (every message row and feedback event for the address, newest first);
+resume (writes relay_state "resumed_at"; a running relay's reputation guard polls it).
+Each opens the database of the -c config (migrating it if new). Registered by relay.ops.cli.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from relay import config as config_mod
+from relay.store.db import Database
+from relay.store.suppression import MANUAL, REASONS, SuppressionList, parse_csv, to_csv, valid
+
+
+def _fmt(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
+
+
+def _run(args: argparse.Namespace, body: Callable[[Database, config_mod.Config], Awaitable[int]]) -> int:
+    cfg = config_mod.load(args.config)
+
+    async def main() -> int:
+        db = await Database.open(cfg.database.url, cfg.spool.dir)
+        try:
+            return await body(db, cfg)
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
+
+
+def _err(msg: str) -> int:
+    print(f"relay: {msg}", file=sys.stderr)
+    return 1
+
+
+def cmd_suppression(args: argparse.Namespace) -> int:
+    action = args.action
+    rows: list[dict[str, str]] = []
+    if action == "import":
+        try:
+            with open(args.csv, encoding="utf-8") as fh:
+                rows = parse_csv(fh.read())
+        except OSError as exc:
+            return _err(f"cannot read {args.csv}: {exc.strerror}")
+        except ValueError as exc:
+            return _err(f"{args.csv}: {exc}")
+
+    async def body(db: Database, cfg: config_mod.Config) -> int:
+        sl = SuppressionList(db)
+        if action == "list":
+            entries = await sl.entries()
+            if args.json:
+                print(json.dumps([e.as_dict() for e in entries], indent=1))
+            else:
+                for e in entries:
+                    print(f"{e.address}\t{e.reason}\t{e.source}\t{_fmt(e.updated_at)}\t{e.detail}")
+                print(f"{len(entries)} suppressed", file=sys.stderr)
+            return 0
+        if action == "add":
+            if not valid(args.address):
+                return _err(f"not an email address: {args.address!r}")
+            new = await sl.add(args.address, reason=args.reason, detail=args.detail)
+            print(f"{'added' if new else 'already suppressed'}: {args.address}")
+            return 0
+        if action == "remove":
+            if not await sl.remove(args.address):
+                return _err(f"not on the suppression list: {args.address}")
+            print(f"removed: {args.address}")
+            return 0
+        if action == "import":
+            added = await sl.import_rows(rows)
+            print(f"imported {len(rows)} addresses ({added} new)")
+            return 0
+        if action == "export":
+            sys.stdout.write(to_csv(await sl.entries()))
+            return 0
+        return await _sync(sl, cfg)
+
+    return _run(args, body)
+
+
+async def _sync(sl: SuppressionList, cfg: config_mod.Config) -> int:
+    from relay.config import SANDBOX
+    from relay.errors import DeliveryError
+    from relay.ses.client import SesClient
+
+    if cfg.ses.endpoint_url == SANDBOX:
+        return _err("ses.endpoint_url is the embedded sandbox, which runs inside `relay serve`; "
+                    "point ses.endpoint_url at a running sandbox or SES")
+    rows: list[dict[str, str]] = []
+    try:
+        async with SesClient(cfg.ses) as ses:
+            async for address, reason in ses.suppressed_destinations():
+                rows.append({"address": address, "detail": f"SES account list: {reason}",
+                             "reason": "complaint" if reason == "COMPLAINT" else "bounce"})
+    except DeliveryError as exc:
+        return _err(f"ListSuppressedDestinations failed: {exc}")
+    added = await sl.import_rows(rows, source="ses-account")
+    print(f"SES account suppression list: {len(rows)} addresses ({added} new)")
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from relay.store.messages import MessageLog
+
+    async def body(db: Database, cfg: config_mod.Config) -> int:
+        lines = await MessageLog(db).history(args.address)
+        if args.json:
+            print(json.dumps([line.__dict__ for line in lines], indent=1))
+            return 0
+        if not lines:
+            print(f"nothing logged for {args.address}", file=sys.stderr)
+            return 1
+        for line in lines:
+            what = f"queue {line.queue_id}" if line.kind == "message" else "SES event"
+            print(f"{_fmt(line.at)}  {line.status:<18} {what}  ses {line.ses_message_id or '-'}"
+                  f"  {line.detail}".rstrip())
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from relay.feedback.guard import REASON_PREFIX, request_resume
+
+    async def body(db: Database, cfg: config_mod.Config) -> int:
+        await request_resume(db)
+        print("resume requested: a relay paused by its reputation guard "
+              f"(reason starting {REASON_PREFIX!r}) resumes within feedback.guard_interval "
+              f"({cfg.feedback.guard_interval:g}s) and counts only feedback from now on")
+        return 0
+
+    return _run(args, body)
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("suppression", parents=[common], help="the suppression list")
+    acts = p.add_subparsers(dest="action", required=True)
+    a = acts.add_parser("list", parents=[common], help="every suppressed address")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("add", parents=[common], help="suppress an address")
+    a.add_argument("address")
+    a.add_argument("--reason", default=MANUAL, choices=REASONS)
+    a.add_argument("--detail", default="")
+    a = acts.add_parser("remove", parents=[common], help="stop suppressing an address")
+    a.add_argument("address")
+    a = acts.add_parser("import", parents=[common], help="add addresses from a CSV file")
+    a.add_argument("csv")
+    acts.add_parser("export", parents=[common], help="write the list as CSV to stdout")
+    acts.add_parser("sync", parents=[common], help="import SES's account-level suppression list")
+    p.set_defaults(func=cmd_suppression)
+
+    p = sub.add_parser("log", parents=[common], help="what happened to mail for an address")
+    p.add_argument("address")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("resume", parents=[common],
+                       help="resume delivery paused by the reputation guard")
+    p.set_defaults(func=cmd_resume)

@@ -1,0 +1,374 @@
+"""The message log: one row per message and recipient, and what became of it.
+
+Writes the `messages` table: a "queued" row per recipient once ingress has committed the
+message (read from the spool), then every delivery outcome (the pool's Listener port),
+batched by one writer task so delivery never waits for a commit (the spool stays the
+record of truth); SES feedback updates rows too (relay.feedback.events). Reads it and
+`feedback_events` for `relay log ADDRESS` and the guard. Rows older than
+database.retention are pruned. Built by relay.service; read by relay.ops.feedback_cli.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relay.log import event
+from relay.spool.spool import Envelope, Record, Spool
+from relay.store.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
+from relay.store.suppression import normalize
+
+log = logging.getLogger("relay.tracking")
+
+#: How long the writer gathers writes before one commit.
+BATCH_WINDOW = 0.05
+
+#: Delivery outcome kind -> message log status (None: keep the status, note the error).
+STATUS_OF = {
+    "sent": "sent",
+    "suppressed": "suppressed",
+    "rejected": "failed",
+    "failed": "failed",
+    "expired": "failed",
+    "deferred": "deferred",
+    "throttled": None,
+    "held": None,
+}
+
+#: Feedback event kind -> the message log status it sets (relay.feedback.events writes both).
+EVENT_STATUS = {
+    "bounce": "bounced",
+    "soft-bounce": "bounced",
+    "complaint": "complained",
+    "delivery": "delivered",
+    "reject": "failed",
+    "rendering-failure": "failed",
+}
+
+
+@functools.cache
+def upsert_queued(dialect: str) -> Any:
+    """INSERT of queued rows that leaves an existing row's status alone (SQLite, PostgreSQL)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(MessageRow)
+    return stmt.on_conflict_do_update(
+        index_elements=[MessageRow.queue_id, MessageRow.recipient],
+        set_={"message_id_header": stmt.excluded.message_id_header},
+        where=MessageRow.message_id_header == "",
+    )
+
+
+@functools.cache
+def upsert_outcome(dialect: str, keys: tuple[str, ...], attempts: str) -> Any:
+    """INSERT of outcome rows that updates `keys` of a row already there.
+
+    attempts: "add" counts one more attempt, "set" takes the record's count (bound as
+    set_attempts), "" leaves it alone. A new row gets 1 attempt or 0 (see outcome()).
+    """
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(MessageRow)
+    set_: dict[str, Any] = {k: stmt.excluded[k] for k in keys}
+    if attempts == "add":
+        set_["attempts"] = MessageRow.attempts + 1
+    elif attempts == "set":
+        set_["attempts"] = bindparam("set_attempts")
+    return stmt.on_conflict_do_update(
+        index_elements=[MessageRow.queue_id, MessageRow.recipient], set_=set_)
+
+
+@dataclass(frozen=True)
+class Write:
+    """One queued write: rows for one statement, applied inside the writer's transaction.
+
+    Consecutive writes of the same statement go to the database as one executemany.
+    """
+
+    #: ("queued",) or ("outcome", attempts mode, *columns set on an existing row)
+    statement: tuple[str, ...]
+    rows: list[dict[str, Any]]
+    #: an SES MessageId: feedback for it is ordered after this commit (PostgreSQL)
+    ses_message_id: str = ""
+    #: (queue id, SES MessageId, recipients) of a sent call, for early feedback
+    sent: tuple[str, str, list[str]] | None = None
+
+    def compiled(self, dialect: str) -> Any:
+        if self.statement[0] == "queued":
+            return upsert_queued(dialect)
+        return upsert_outcome(dialect, self.statement[2:], self.statement[1])
+
+
+#: A Message-ID header line; only trusted when every line before it is a plain header line
+_MESSAGE_ID = re.compile(rb"^message-id:([^\n]*)$", re.IGNORECASE | re.MULTILINE)
+_HEADER_LINES = re.compile(rb"(?:(?:[\041-\071\073-\176]*:|[\t ])[^\n]*\n)*")
+
+
+def _plain_message_id(head: bytes) -> str | None:
+    """The Message-ID of a plain ASCII header block without the email parser, or None
+    when the block has anything the parser might read differently."""
+    m = _MESSAGE_ID.search(head)
+    if (m is None or not head.isascii() or head.count(b"\r") != head.count(b"\r\n")
+            or head[m.end() + 1:m.end() + 2] in (b" ", b"\t")  # folded onto the next line
+            or not _HEADER_LINES.fullmatch(head, 0, m.start())):
+        return None
+    return m.group(1).decode("ascii").strip()[:998]
+
+
+def message_id_header(data: bytes) -> str:
+    """The Message-ID header of raw MIME (headers only are parsed)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = data.find(b"\n\n")
+    head = data if end < 0 else data[: end + 2]
+    plain = _plain_message_id(head)
+    if plain is not None:
+        return plain
+    value = BytesHeaderParser().parsebytes(head).get("Message-ID", "")
+    return str(value).strip()[:998]
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of `relay log ADDRESS`: a message row or a feedback event."""
+
+    at: float
+    kind: str  # "message" or "event"
+    status: str
+    queue_id: str
+    ses_message_id: str
+    detail: str
+
+
+class MessageLog:
+    """Implements relay.delivery.pool.Listener; also writes queued rows and answers lookups."""
+
+    def __init__(self, db: Database, *, spool: Spool | None = None) -> None:
+        self.db = db
+        self.spool = spool
+        #: once start()ed, writes are queued and committed in batches by one writer task
+        self._ops: asyncio.Queue[Write] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- the writer -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Batch writes: delivery never waits for a commit (the spool is the record)."""
+        self._ops = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_loop(), name="message-log")
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        if self._ops is not None and self._writer is not None:
+            await self._ops.join()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._ops = self._writer = None
+
+    async def flush(self) -> None:
+        if self._ops is not None:
+            await self._ops.join()
+
+    async def _submit(self, op: Write) -> None:
+        if self._ops is not None:
+            self._ops.put_nowait(op)
+        else:
+            await self._commit([op])
+
+    async def _write_loop(self) -> None:
+        assert self._ops is not None
+        while True:
+            batch = [await self._ops.get()]
+            await asyncio.sleep(BATCH_WINDOW)
+            while not self._ops.empty() and len(batch) < 500:
+                batch.append(self._ops.get_nowait())
+            try:
+                await self._commit(batch)
+            except Exception as exc:  # noqa: BLE001 - the log must never stop delivery
+                event(log, "log_error", level=logging.WARNING, error=str(exc), rows=len(batch))
+            finally:
+                for _ in batch:
+                    self._ops.task_done()
+
+    async def _commit(self, batch: list[Write]) -> None:
+        try:
+            async with self.db.engine.begin() as conn:
+                await self._apply(conn, batch)
+            return
+        except IntegrityError:
+            pass  # another writer (a second relay, a race) added a row: one at a time
+        for op in batch:
+            for attempt in range(3):
+                try:
+                    async with self.db.engine.begin() as conn:
+                        await self._apply(conn, [op])
+                    break
+                except IntegrityError:
+                    if attempt == 2:
+                        raise
+
+    async def _apply(self, conn: AsyncConnection, batch: list[Write]) -> None:
+        """The writes in order; runs of the same statement as one executemany each."""
+        dialect = conn.dialect.name
+        sent: list[tuple[str, str, list[str]]] = []
+        run: list[dict[str, Any]] = []
+        last: Write | None = None
+        for op in batch:
+            if last is not None and op.statement != last.statement:
+                # executemany applies its rows in order, as the writes came
+                await conn.execute(last.compiled(dialect), run)
+                run = []
+            if op.ses_message_id:  # ordered with feedback for the same SES message
+                await xact_lock(conn, LOCK_SES_MESSAGE, op.ses_message_id)
+            run += op.rows
+            if op.sent is not None:
+                sent.append(op.sent)
+            last = op
+        if last is not None and run:
+            await conn.execute(last.compiled(dialect), run)
+        await self._early_feedback(conn, sent)
+
+    # -- writes ---------------------------------------------------------------------
+
+    async def queued(self, qid: str, *, envelope: Envelope | None = None,
+                     head: bytes | None = None) -> None:
+        """Write a "queued" row per recipient of a message just committed to the spool.
+
+        The ingress passes the envelope and the message's first bytes; otherwise (sendmail,
+        DSNs) they are read back from the spool.
+        """
+        if envelope is not None and head is not None:
+            header = message_id_header(head)
+        else:
+            if self.spool is None:
+                return
+            loaded = await asyncio.to_thread(self._read, qid)
+            if loaded is None:
+                return  # already delivered and gone: its outcome rows exist
+            record, header = loaded
+            envelope = record.envelope
+        rcpts = list(dict.fromkeys(normalize(r) for r in envelope.recipients))
+        now = time.time()
+
+        rows = [{"queue_id": qid, "recipient": r, "message_id_header": header,
+                 "status": "queued", "attempts": 0, "created_at": now, "updated_at": now}
+                for r in rcpts]
+
+        # an outcome may have been written first: the upsert keeps it, fills in the header
+        await self._submit(Write(("queued",), rows))
+
+    def _read(self, qid: str) -> tuple[Record, str] | None:
+        assert self.spool is not None
+        state = self.spool.locate(qid)
+        if state is None:
+            return None
+        try:
+            record = self.spool.load(state, qid)
+            path = self.spool.path(state, qid) / "message.eml"
+            with open(path, "rb") as fh:
+                head = fh.read(64 * 1024)
+        except (OSError, ValueError):
+            return None
+        return record, message_id_header(head)
+
+    async def outcome(self, kind: str, record: Record, recipients: Sequence[str], *,
+                      ses_message_id: str = "", error: str = "") -> None:
+        status = STATUS_OF.get(kind)
+        now = time.time()
+        values: dict[str, Any] = {"updated_at": now}
+        if status is not None:
+            values["status"] = status
+        if ses_message_id:
+            values["ses_message_id"] = ses_message_id
+        if kind == "sent":
+            values["sent_at"] = now
+            values["last_error"] = ""
+        elif error:
+            values["last_error"] = error[:2000]
+        attempts = "add" if kind in ("sent", "rejected") else "set" if kind == "deferred" else ""
+        rcpts = list(dict.fromkeys(normalize(r) for r in recipients))
+        qid = record.id
+        # a row not there yet (no queued row) is inserted: status or "queued", 1 attempt
+        # for an outcome that counts attempts, else 0
+        rows = [{"queue_id": qid, "recipient": r, "created_at": now, **values,
+                 "status": status or "queued", "attempts": 1 if attempts else 0}
+                for r in rcpts]
+        if attempts == "set":
+            for row in rows:
+                row["set_attempts"] = record.attempts
+        await self._submit(Write(
+            ("outcome", attempts, *values), rows, ses_message_id,
+            (qid, ses_message_id, rcpts) if ses_message_id else None))
+
+    @staticmethod
+    async def _early_feedback(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
+        """Feedback that arrived before a row knew its SES MessageId still counts."""
+        if not sent:
+            return
+        qids = {(ses_id, rcpt): qid for qid, ses_id, rcpts in sent for rcpt in rcpts}
+        events = await s.execute(select(FeedbackEvent.ses_message_id, FeedbackEvent.recipient,
+                                        FeedbackEvent.kind, FeedbackEvent.detail).where(
+            FeedbackEvent.ses_message_id.in_({ses_id for _, ses_id, _ in sent}),
+        ).order_by(FeedbackEvent.id))
+        latest = {(i, r): (EVENT_STATUS[k], d) for i, r, k, d in events
+                  if k in EVENT_STATUS and (i, r) in qids}
+        for (ses_id, rcpt), (status, detail) in latest.items():
+            extra = {} if status == "delivered" else {"last_error": detail}
+            await s.execute(update(MessageRow).where(
+                MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,
+            ).values(status=status, **extra))
+
+    async def prune(self, retention: float, *, now: float | None = None) -> int:
+        """Delete message rows and events older than `retention` seconds."""
+        cutoff = (time.time() if now is None else now) - retention
+        async with self.db.session.begin() as s:
+            res = await s.execute(delete(MessageRow).where(MessageRow.updated_at < cutoff))
+            await s.execute(delete(FeedbackEvent).where(FeedbackEvent.received_at < cutoff))
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    # -- reads ----------------------------------------------------------------------
+
+    async def history(self, address: str) -> list[LogLine]:
+        """Every message row and feedback event for an address, newest first."""
+        addr = normalize(address)
+        async with self.db.session() as s:
+            msgs = await s.scalars(select(MessageRow).where(MessageRow.recipient == addr))
+            evts = await s.scalars(select(FeedbackEvent).where(FeedbackEvent.recipient == addr))
+            lines = [
+                LogLine(m.updated_at, "message", m.status, m.queue_id, m.ses_message_id,
+                        "; ".join(x for x in (f"Message-ID {m.message_id_header}"
+                                              if m.message_id_header else "",
+                                              f"attempts {m.attempts}",
+                                              m.last_error) if x))
+                for m in msgs
+            ] + [
+                LogLine(e.occurred_at, "event", e.kind, "", e.ses_message_id, e.detail)
+                for e in evts
+            ]
+        return sorted(lines, key=lambda x: x.at, reverse=True)
+
+    async def rows(self, address: str) -> list[MessageRow]:
+        async with self.db.session() as s:
+            res = await s.scalars(select(MessageRow).where(
+                MessageRow.recipient == normalize(address)).order_by(MessageRow.id))
+            return list(res)
+
+    async def sent_since(self, since: float) -> int:
+        """Recipients SES accepted since `since` (the reputation guard's denominator)."""
+        async with self.db.session() as s:
+            n = await s.scalar(select(func.count()).select_from(MessageRow).where(
+                MessageRow.sent_at.is_not(None), MessageRow.sent_at >= since))
+        return int(n or 0)

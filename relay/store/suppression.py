@@ -1,0 +1,232 @@
+"""The suppression list: addresses the relay must never mail, and why.
+
+Reads and writes the `suppressions` table. Implements the delivery pool's Suppressions
+port (checked per recipient at delivery time), the optional RCPT-time check
+(smtp.reject_suppressed), and the operator verbs behind `relay suppression ...`.
+Addresses are normalized (trimmed, angle brackets dropped, lower-cased, IDN domain as
+punycode) so one mailbox has one row. Built by relay.service and relay.ops.cli.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from relay.store.db import Database, Suppression
+
+#: The reasons a row may carry.
+BOUNCE, COMPLAINT, SOFT_LIMIT, MANUAL = "bounce", "complaint", "soft-bounce limit", "manual"
+REASONS = (BOUNCE, COMPLAINT, SOFT_LIMIT, MANUAL)
+CSV_FIELDS = ("address", "reason", "source", "detail", "created_at", "updated_at")
+
+
+def normalize(address: str) -> str:
+    """One spelling per mailbox: trimmed, no <>, lower-case, IDN domain as punycode."""
+    addr = address.strip().strip("<>").strip()
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        return addr.lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass
+    return f"{local}@{domain}".lower()
+
+
+def valid(address: str) -> bool:
+    local, at, domain = normalize(address).rpartition("@")
+    return bool(at and local and domain and " " not in local and "." in domain)
+
+
+@dataclass(frozen=True)
+class Entry:
+    address: str
+    reason: str
+    source: str
+    detail: str
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {f: getattr(self, f) for f in CSV_FIELDS}
+
+
+async def suppress(session: AsyncSession, address: str, *, reason: str, source: str,
+                   detail: str = "", now: float | None = None) -> bool:
+    """Add or refresh a row inside the caller's transaction; True if it is new."""
+    now = time.time() if now is None else now
+    addr = normalize(address)
+    row = await session.get(Suppression, addr)
+    if row is None:
+        session.add(Suppression(address=addr, reason=reason, source=source, detail=detail,
+                                created_at=now, updated_at=now))
+        await session.flush()
+        return True
+    # a complaint outranks a bounce; otherwise keep the first reason, refresh the time
+    if reason == COMPLAINT and row.reason != COMPLAINT:
+        row.reason, row.source, row.detail = reason, source, detail
+    row.updated_at = now
+    return False
+
+
+#: The delivery-time check: one SELECT for any number of addresses.
+_SUPPRESSED = select(Suppression.address).where(
+    Suppression.address.in_(bindparam("addresses", expanding=True)))
+#: Addresses per SELECT (SQLite's bound-parameter limit is 999 on old builds).
+CHUNK = 500
+
+
+@dataclass
+class _Check:
+    """One coalesced lookup: the addresses asked for and the future their hits go to."""
+
+    addresses: set[str]
+    done: asyncio.Future[set[str]]
+
+
+class SuppressionList:
+    """Implements relay.delivery.pool.Suppressions over the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        #: the lookup gathering addresses; it runs once the one in flight (if any) is done
+        self._next: _Check | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    async def suppressed(self, recipients: Sequence[str]) -> set[str]:
+        """The recipients (as given) whose normalized address is on the list.
+
+        Exact at the time of the call: the answer comes from a SELECT that starts after
+        the call does, so a suppression committed before it is seen. Calls arriving in
+        the same loop iteration, or while a SELECT is in flight, share the next SELECT.
+        """
+        by_norm: dict[str, list[str]] = {}
+        for rcpt in recipients:
+            by_norm.setdefault(normalize(rcpt), []).append(rcpt)
+        if not by_norm:
+            return set()
+        check = self._next
+        if check is None:
+            check = self._next = _Check(set(), asyncio.get_running_loop().create_future())
+            if self._runner is None:
+                self._runner = asyncio.create_task(self._run(), name="suppression-check")
+        check.addresses.update(by_norm)
+        # shielded: one caller cancelled must not cancel the others' answer
+        hits = await asyncio.shield(check.done)
+        return {orig for norm in hits if norm in by_norm for orig in by_norm[norm]}
+
+    async def _run(self) -> None:
+        """Run gathered lookups one after the other until none is waiting."""
+        try:
+            while self._next is not None:
+                check, self._next = self._next, None
+                try:
+                    hits = await self._select(check.addresses)
+                except Exception as exc:  # noqa: BLE001 - every caller of this check gets it
+                    check.done.set_exception(exc)
+                    check.done.exception()  # retrieved: callers that left must not warn
+                except BaseException:
+                    check.done.cancel()
+                    raise
+                else:
+                    check.done.set_result(hits)
+        finally:
+            self._runner = None
+            if self._next is not None:  # cancelled with callers waiting: they are told
+                self._next.done.cancel()
+                self._next = None
+
+    async def _select(self, addresses: set[str]) -> set[str]:
+        names, hits = sorted(addresses), set[str]()
+        async with self.db.engine.connect() as conn:
+            for i in range(0, len(names), CHUNK):
+                hits.update(await conn.scalars(_SUPPRESSED, {"addresses": names[i:i + CHUNK]}))
+        return hits
+
+    async def is_suppressed(self, address: str) -> bool:
+        return bool(await self.suppressed([address]))
+
+    async def add(self, address: str, *, reason: str = MANUAL, source: str = "operator",
+                  detail: str = "") -> bool:
+        async with self.db.session.begin() as s:
+            return await suppress(s, address, reason=reason, source=source, detail=detail)
+
+    async def remove(self, address: str) -> bool:
+        async with self.db.session.begin() as s:
+            res = await s.execute(delete(Suppression).where(Suppression.address == normalize(address)))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    async def entries(self) -> list[Entry]:
+        async with self.db.session() as s:
+            rows = await s.scalars(select(Suppression).order_by(Suppression.address))
+            return [Entry(r.address, r.reason, r.source, r.detail, r.created_at, r.updated_at)
+                    for r in rows]
+
+    async def import_rows(self, rows: Iterable[dict[str, str]], *, source: str = "import") -> int:
+        """Add every row (address[, reason, detail]) in one transaction; returns new rows."""
+        wanted: dict[str, dict[str, str]] = {}
+        for row in rows:
+            wanted.setdefault(normalize(row["address"]), row)
+        added, now, names = 0, time.time(), list(wanted)
+        async with self.db.session.begin() as s:
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                existing = {r.address: r for r in await s.scalars(
+                    select(Suppression).where(Suppression.address.in_(chunk)))}
+                for addr in chunk:
+                    row = wanted[addr]
+                    reason, detail = row.get("reason") or MANUAL, row.get("detail") or ""
+                    old = existing.get(addr)
+                    if old is None:
+                        s.add(Suppression(address=addr, reason=reason, detail=detail,
+                                          source=row.get("source") or source,
+                                          created_at=now, updated_at=now))
+                        added += 1
+                    elif reason == COMPLAINT and old.reason != COMPLAINT:
+                        old.reason, old.detail, old.updated_at = reason, detail, now
+        return added
+
+
+def parse_csv(text: str) -> list[dict[str, str]]:
+    """Rows from CSV text: a header naming `address` (and optionally reason, detail), or
+    bare addresses one a line. Raises ValueError naming the line that is wrong."""
+    lines = text.splitlines()
+    if not lines:
+        return []
+    first = [c.strip().lower() for c in next(csv.reader([lines[0]]))]
+    reader: Iterable[dict[str, str]]
+    if "address" in first or "email" in first:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in rows]
+        reader = [dict(r, address=r.get("address") or r.get("email", "")) for r in reader]
+        start = 2
+    else:
+        reader = [{"address": (c[0] if c else "").strip()} for c in csv.reader(lines)]
+        start = 1
+    out = []
+    for n, row in enumerate(reader, start):
+        if not row.get("address"):
+            continue
+        if not valid(row["address"]):
+            raise ValueError(f"line {n}: not an email address: {row['address']!r}")
+        if row.get("reason") and row["reason"] not in REASONS:
+            raise ValueError(f"line {n}: unknown reason {row['reason']!r} "
+                             f"(one of: {', '.join(REASONS)})")
+        out.append(row)
+    return out
+
+
+def to_csv(entries: Iterable[Entry]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for e in entries:
+        writer.writerow(e.as_dict())
+    return buf.getvalue()
