@@ -16,9 +16,8 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
+from relay.delivery.ports import Account, AccountSource, Listener, Sender, Suppressions
 from relay.delivery.ratelimit import Quota, RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.errors import (
@@ -45,45 +44,6 @@ ACTIVATE_BATCH = 256
 #: A directory modified this recently may change again within the same timestamp tick,
 #: leaving its mtime as it was: such an mtime is not trusted to mean "unchanged".
 MTIME_SETTLE = 1.0
-
-
-@dataclass(frozen=True)
-class Account:
-    max_send_rate: float
-    max_24hour_send: float
-    sent_last_24hours: float
-    sending_enabled: bool
-    enforcement_status: str = ""
-    production_access: bool = True
-
-
-class Sender(Protocol):
-    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes) -> str:
-        """Send raw MIME to the recipients; returns the SES MessageId."""
-
-
-class AccountSource(Protocol):
-    async def get_account(self) -> Account: ...
-
-
-class Suppressions(Protocol):
-    async def suppressed(self, recipients: Sequence[str]) -> set[str]:
-        """The subset of recipients that must not be mailed (checked at delivery time)."""
-
-
-class Listener(Protocol):
-    """Told of every delivery outcome (message log, metrics). Must not raise."""
-
-    async def outcome(
-        self,
-        kind: str,
-        record: Record,
-        recipients: Sequence[str],
-        *,
-        ses_message_id: str = "",
-        error: str = "",
-    ) -> None:
-        """kind: sent, suppressed, rejected, deferred, throttled, held, failed, expired."""
 
 
 class DeliveryPool:

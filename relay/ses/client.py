@@ -31,7 +31,7 @@ from yarl import URL
 
 from relay import __version__
 from relay.config import SesConfig
-from relay.delivery.pool import Account
+from relay.delivery.ports import Account
 from relay.delivery.ratelimit import DEPARTURE
 from relay.errors import ConfigurationError, DeliveryError, TransientError, classify
 from relay.ses.signer import Signer, amz_date
