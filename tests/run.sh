@@ -27,6 +27,10 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
   | grep -v "^WARNING: Location" || true
 
+# Lint and types first (rules in pyproject.toml): a finding fails the run.
+.venv/bin/ruff check relay tests bench
+.venv/bin/mypy
+
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 [ "${RELAY_TEST_POSTGRES:-1}" != 0 ] || exit $status
