@@ -32,7 +32,7 @@ from relay.ingress.credentials import Credentials
 from relay.ingress.server import Ingress, IngressHandler
 from relay.log import event
 from relay.ops.admin import Admin, spool_writable
-from relay.ops.metrics import Metrics, TimedSender, instrument_ingress
+from relay.ops.metrics import Metrics, TimedSender
 from relay.sandbox.server import Sandbox, SandboxState
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
@@ -132,15 +132,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
                              ingest=index == 0)
         await pool.start()
         auth_users, dkim_signer = _ingress_security(config)
-        handler = IngressHandler(spool=spool, config=config.smtp, on_queued=queued,
-                                 credentials=auth_users, signer=dkim_signer, commit=commit)
-        if config.smtp.reject_suppressed:
-            handler.rcpt_check = feedback.rcpt_suppressed
-        ingress = Ingress(handler, config.smtp)
-        ingress.reuse_port = count > 1
         # metrics: SMTP sessions and replies, messages accepted, pool gauges
-        instrument_ingress(ingress, metrics)
-        handler.on_queued = _counted(metrics, queued)
+        handler = IngressHandler(
+            spool=spool, config=config.smtp, listener=_CountedQueued(metrics, queued),
+            credentials=auth_users, signer=dkim_signer, commit=commit,
+            rcpt_check=feedback.rcpt_suppressed if config.smtp.reject_suppressed else None)
+        ingress = Ingress(handler, config.smtp, observer=metrics, reuse_port=count > 1)
         metrics.use_database(feedback.db, feedback.stats)
         metrics.watch(rate=lambda: pool.limiter.rate(time.monotonic()),
                       configured=lambda: pool.limiter.configured,
@@ -323,8 +320,14 @@ class Feedback:
         await self.db.close()
 
 
-def _counted(metrics: Metrics, notify: Callable[..., None]) -> Callable[..., None]:
-    def queued(qid: str, *more: object) -> None:
-        metrics.accepted.inc()
-        notify(qid, *more)
-    return queued
+class _CountedQueued:
+    """The ingress's QueuedListener: counts the message, then hands it on (log, pool)."""
+
+    def __init__(self, metrics: Metrics, notify: Callable[..., None]) -> None:
+        self.metrics = metrics
+        self.notify = notify
+
+    def queued(self, qid: str, envelope: Envelope | None = None, head: bytes | None = None
+               ) -> None:
+        self.metrics.accepted.inc()
+        self.notify(qid, envelope, head)

@@ -99,13 +99,14 @@ class RelayProcess:
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.raw_lines.append(line)
-            try:
-                self.lines.append(json.loads(line))
-            except ValueError:
-                pass
+        with proc.stderr:  # closed at the child's exit: a pipe left open leaks its fd
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                self.raw_lines.append(line)
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    pass
 
     def find(self, event: str, **match: Any) -> dict[str, Any] | None:
         for line in list(self.lines):

@@ -1,4 +1,4 @@
-"""The real SMTP ingress (relay.smtp) on its own event loop in a thread, for the ingress tests.
+"""The real SMTP ingress (relay.ingress) on its own event loop in a thread, for ingress tests.
 
 Built exactly as relay.service builds it (IngressHandler + Ingress over a real Spool in a
 temporary directory), bound to 127.0.0.1 on an ephemeral port, stopped at teardown; plus
@@ -24,11 +24,14 @@ from relay.spool.spool import Spool
 
 
 class IngressThread:
-    def __init__(self, spool_dir: Path, config: SmtpConfig, **handler_kw: Any) -> None:
+    def __init__(self, spool_dir: Path, config: SmtpConfig, *,
+                 ingress_kw: dict[str, Any] | None = None, **handler_kw: Any) -> None:
         self.spool = Spool(spool_dir, fsync=False, min_free_bytes=0)
         self.spool.recover()
         self.config = config
         self.handler_kw = handler_kw
+        #: Ingress keyword arguments (observer)
+        self.ingress_kw = ingress_kw or {}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.port = 0
@@ -43,17 +46,28 @@ class IngressThread:
 
     async def _start(self) -> None:
         handler = IngressHandler(spool=self.spool, config=self.config, **self.handler_kw)
-        self.ingress = Ingress(handler, self.config)
+        self.ingress = Ingress(handler, self.config, **self.ingress_kw)
         _, self.port = await self.ingress.start()
         if self.ingress.tls_address:
             self.tls_port = self.ingress.tls_address[1]
 
     def stop(self) -> None:
-        if self.ingress is not None:
-            asyncio.run_coroutine_threadsafe(self.ingress.close(grace=1.0), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
         self.loop.close()
+
+    async def _stop(self) -> None:
+        if self.ingress is not None:
+            await self.ingress.close(grace=1.0)
+        # a group commit answers its sessions from its thread before its task ends: let
+        # such work finish (cancel what still waits after that) before the loop closes
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if rest:
+            _, pending = await asyncio.wait(rest, timeout=10)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def messages(self) -> list[bytes]:
         d = self.spool.root / "active"
@@ -70,10 +84,12 @@ def make_ingress(tmp_path: Path, **overrides: Any) -> Callable[..., IngressThrea
     """Used by the `ingress` fixtures: start(**SmtpConfig fields) -> a running server."""
     started: list[IngressThread] = []
 
-    def start(handler_kw: dict[str, Any] | None = None, **fields: Any) -> IngressThread:
+    def start(handler_kw: dict[str, Any] | None = None, ingress_kw: dict[str, Any] | None = None,
+              **fields: Any) -> IngressThread:
         config = replace(SmtpConfig(host="127.0.0.1", port=0), **{**overrides, **fields})
         config.check()
-        server = IngressThread(tmp_path / f"spool{len(started)}", config, **(handler_kw or {}))
+        server = IngressThread(tmp_path / f"spool{len(started)}", config, ingress_kw=ingress_kw,
+                               **(handler_kw or {}))
         started.append(server)
         return server.start()
 

@@ -3,7 +3,7 @@
 The spool's flush (syncfs) is gated here so the test decides when it returns: the reply
 must wait for a flush that ran after the message's files were written *and* one that ran
 after its rename into active/. A relay that answered before either, or skipped the second,
-fails these tests. The ingress is the real one (relay.smtp over aiosmtpd) with a real
+fails these tests. The ingress is the real one (relay.ingress over aiosmtpd) with a real
 smtplib client, and delivery calls go to the real sandbox through the real SES client.
 """
 
@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from relay.config import SesConfig, SmtpConfig
 from relay.delivery.pool import DeliveryPool
@@ -57,9 +58,9 @@ def _send(port: int, replies: list[tuple[int, bytes]], rcpt: str = "b@example.ne
         replies.append(s.data(MESSAGE))
 
 
-def _ingress(tmp_path: Path) -> IngressThread:
+def _ingress(tmp_path: Path, **handler_kw: Any) -> IngressThread:
     config = replace(SmtpConfig(host="127.0.0.1", port=0), hostname="relay.test")
-    server = IngressThread(tmp_path / "spool", config)
+    server = IngressThread(tmp_path / "spool", config, **handler_kw)
     server.spool = GatedSpool(tmp_path / "spool")
     server.spool.ensure()
     return server.start()
@@ -90,6 +91,51 @@ def test_250_waits_for_a_flush_after_the_files_and_one_after_the_rename(tmp_path
         client.join(timeout=30)
         assert replies and replies[0][0] == 250 and qid.encode() in replies[0][1]
         assert spool.flushes == 2
+    finally:
+        for _ in range(4):
+            spool.gate.release()
+        client.join(timeout=30)
+        server.stop()
+
+
+class Queued:
+    """The QueuedListener port, noting how many flushes had finished when it was told."""
+
+    def __init__(self, spool: GatedSpool) -> None:
+        self.spool = spool
+        self.told: list[tuple[str, Envelope | None, bytes | None, int]] = []
+
+    def queued(self, qid: str, envelope: Envelope | None = None, head: bytes | None = None
+               ) -> None:
+        self.told.append((qid, envelope, head, self.spool.flushes))
+
+
+def test_the_queued_listener_hears_of_a_message_only_once_it_is_durable(tmp_path):
+    spool = GatedSpool(tmp_path / "spool")
+    listener = Queued(spool)
+    server = IngressThread(tmp_path / "spool", replace(SmtpConfig(host="127.0.0.1", port=0),
+                                                       hostname="relay.test"),
+                           listener=listener)
+    server.spool = spool
+    spool.ensure()
+    server.start()
+    replies: list[tuple[int, bytes]] = []
+    client = threading.Thread(target=_send, args=(server.port, replies))
+    try:
+        client.start()
+        for _ in range(2):
+            assert spool.entered.acquire(timeout=30)
+            assert listener.told == [], "told before the message was durable"
+            spool.gate.release()
+        client.join(timeout=30)
+        assert replies and replies[0][0] == 250
+        [(qid, envelope, head, flushes)] = listener.told
+        assert flushes == 2 and qid.encode() in replies[0][1]
+        assert envelope is not None and envelope.sender == "a@example.com"
+        assert envelope.recipients == ("b@example.net",) and envelope.client == "127.0.0.1"
+        # the header block as stored, so the message log never reads it back from the spool
+        assert head is not None and head.startswith(b"Received: from client.example")
+        assert head.endswith(b"body\r\n")
     finally:
         for _ in range(4):
             spool.gate.release()

@@ -136,10 +136,10 @@ def test_size_advertised_and_declared_oversize_refused_at_mail(ingress):
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
         s.ehlo("c.example")
         assert s.esmtp_features["size"] == str(64 * 1024)
-        code, reply = s.docmd("MAIL FROM:<app@example.com> SIZE=%d" % (40 * 1024 * 1024))
+        code, reply = s.docmd(f"MAIL FROM:<app@example.com> SIZE={40 * 1024 * 1024}")
         assert (code, reply[:5]) == (552, b"5.3.4"), reply
         # the same session goes on with a message that fits
-        code, _ = s.docmd("MAIL FROM:<app@example.com> SIZE=%d" % len(MSG))
+        code, _ = s.docmd(f"MAIL FROM:<app@example.com> SIZE={len(MSG)}")
         assert code == 250
         s.rcpt("a@example.net")
         assert s.data(MSG)[0] == 250

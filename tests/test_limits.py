@@ -1,4 +1,5 @@
-"""Connection caps, the per-session error cap, command/data timeouts and AUTH throttling."""
+"""Connection caps, the per-session error cap, command/data timeouts, AUTH throttling, and
+the network check behind smtp.allowed_networks and smtp.allow_plain_auth_from."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import socket
 
 import pytest
 
-from relay.ingress.limits import AuthThrottle, ConnectionLimiter
+from relay.ingress.limits import AuthThrottle, ConnectionLimiter, Networks
 from tests.ingress_server import Raw
 
 
@@ -136,3 +137,26 @@ def test_auth_throttle_delays_grow_then_lockout_expires():
 def test_auth_throttle_delay_is_capped():
     t = AuthThrottle(delay=10.0, max_failures=100, lockout=60.0, clock=lambda: 0.0)
     assert max(t.failure("ip") for _ in range(20)) == 30.0
+
+
+@pytest.mark.parametrize(("networks", "peer", "inside"), [
+    (("127.0.0.0/8",), ("127.0.0.1", 40000), True),
+    (("127.0.0.0/8",), ("10.0.0.1", 40000), False),
+    (("10.0.0.0/8", "192.168.1.0/24"), ("192.168.1.7", 25), True),
+    # an IPv4 client on a dual-stack socket is judged as IPv4
+    (("10.0.0.0/8",), ("::ffff:10.1.2.3", 25, 0, 0), True),
+    (("::1/128",), ("::1", 25, 0, 0), True),
+    (("::1/128",), ("127.0.0.1", 25), False),
+    # host bits set in the configured network are tolerated, as config.check allows
+    (("10.1.2.3/8",), ("10.200.0.1", 25), True),
+    (("0.0.0.0/0",), ("203.0.113.9", 25), True),
+    # no networks, a Unix socket, no peer, an unparsable one: never inside
+    ((), ("127.0.0.1", 25), False),
+    (("0.0.0.0/0",), "/run/relay.sock", False),
+    (("0.0.0.0/0",), None, False),
+    (("0.0.0.0/0",), (), False),
+    (("0.0.0.0/0",), ("not-an-address", 25), False),
+    (("0.0.0.0/0",), (None, 25), False),
+])
+def test_networks_table(networks, peer, inside):
+    assert (peer in Networks(networks)) is inside

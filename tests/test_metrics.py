@@ -1,4 +1,5 @@
-"""/metrics scraped from a running relay; /readyz follows the pool's pause."""
+"""/metrics scraped from a running relay; /readyz follows the pool's pause; the SMTP
+counters fed by the in-process ingress through its SessionObserver hook."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from relay.errors import (
     ThrottledError,
     TransientError,
 )
-from relay.ops.metrics import call_outcome
+from relay.ops.metrics import Metrics, call_outcome
 from relay.sandbox.server import SandboxState, SandboxThread
 from tests.conftest import RelayProcess, wait_for
+from tests.ingress_server import Raw
 from tests.test_spine import SENDER, message, send
 
 SIM = "simulator.amazonses.com"
@@ -136,3 +138,32 @@ def test_call_outcome_labels():
                                       PermanentError("P"), ConfigurationError("C"),
                                       AccountPausedError("A"), RuntimeError())] == [
         "ok", "throttled", "transient", "permanent", "configuration", "paused", "error"]
+
+
+def test_sessions_and_replies_are_counted_through_the_session_observer(ingress):
+    metrics = Metrics()
+    server = ingress(max_connections_per_client=1, ingress_kw={"observer": metrics})
+
+    def count(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    with Raw(server.port) as c:
+        assert c.reply().startswith(b"220")
+        # a connection refused by a cap was still opened, as before the hook existed
+        with Raw(server.port) as refused:
+            assert refused.reply().startswith(b"421 4.7.0")
+        ehlo = c.cmd(b"EHLO client.example")
+        assert c.cmd(b"MAIL FROM:<app@example.com>").startswith(b"250")
+        assert c.cmd(b"RCPT TO:<not-an-address>").startswith(b"553")
+        assert c.cmd(b"RCPT TO:<a@example.net>").startswith(b"250")
+        assert c.cmd(b"DATA").startswith(b"354")
+        c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        assert c.reply().startswith(b"250 2.0.0")
+        assert c.cmd(b"QUIT").startswith(b"221")
+    wait_for(lambda: count("relay_smtp_replies_total", code="221") == 1, 10)
+    assert count("relay_smtp_sessions_total") == 2
+    assert count("relay_smtp_replies_total", code="220") == 1
+    # each line of the EHLO reply, MAIL, the good RCPT, the 250 after the final dot
+    assert count("relay_smtp_replies_total", code="250") == len(ehlo.splitlines()) + 3
+    assert count("relay_smtp_replies_total", code="553") == 1
+    assert count("relay_smtp_replies_total", code="354") == 1

@@ -122,7 +122,8 @@ def test_known_shapes():
         assert await one(b".\r\n" + NEXT) == ((b"", NOMINAL), NEXT)
         assert await one(b"a\r\n..\r\n.b\r\n.\r\n" + NEXT) == ((b"a\r\n.\r\nb\r\n", NOMINAL), NEXT)
         # bare LF and bare CR dots do not end the message
-        assert await one(b"a\n.\nb\r.\rc\r\n.\r\n" + NEXT) == ((b"a\n.\nb\r.\rc\r\n", NOMINAL), NEXT)
+        assert await one(b"a\n.\nb\r.\rc\r\n.\r\n" + NEXT) == (
+            (b"a\n.\nb\r.\rc\r\n", NOMINAL), NEXT)
         assert await one(b"a\n.\r\nb\r\n.\r\n") == ((b"a\n.\r\nb\r\n", NOMINAL), b"")
         assert (await one(b"y" * 999 + b"\r\n.\r\n"))[0][1] == NOMINAL
         assert (await one(b"y" * 1000 + b"\r\n.\r\n"))[0][1] == TOO_LONG

@@ -3,7 +3,8 @@
 Recipients get email-validator's syntax check (no DNS); non-ASCII local parts are refused
 (SES cannot send SMTPUTF8) and IDN domains become punycode. Senders must be ASCII too and,
 when smtp.allowed_sender_domains is set, in one of those domains. Pure functions, called
-by relay.ingress.server.IngressHandler; relay.ingress.server turns each AddressError kind into a reply code.
+by relay.ingress.server.IngressHandler (and relay.ingress.sendmail), which turns each
+AddressError kind into a reply of relay.ingress.replies.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""SMTP AUTH PLAIN and LOGIN for the ingress: checked against relay.ingress.credentials.Credentials.
+"""SMTP AUTH PLAIN and LOGIN for the ingress, checked against relay.ingress.credentials.
 
 The scrypt check runs in a worker thread; failures are answered 535 5.7.8 (never left
-unanswered), delayed and, past smtp.auth_max_failures, refused with 454 4.7.0 for
-smtp.auth_lockout (relay.ingress.limits.AuthThrottle). Mixed into relay.ingress.server.IngressHandler;
+unanswered: aiosmtpd answers a failure only when it is marked handled=False), delayed and,
+past smtp.auth_max_failures, refused with 454 4.7.0 for smtp.auth_lockout
+(relay.ingress.limits.AuthThrottle). Mixed into relay.ingress.server.IngressHandler;
 aiosmtpd finds the auth_* methods on the handler.
 """
 
@@ -17,14 +18,15 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from relay.ingress.credentials import Credentials
 from relay.ingress.limits import AuthThrottle
+from relay.ingress.replies import AUTH_FAILED, AUTH_LOCKED, AUTH_OK, BAD_BASE64, Reply
 from relay.log import event
 
 log = logging.getLogger("relay.smtp")
 
-AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
-AUTH_LOCKED = "454 4.7.0 Too many failed authentication attempts, try again later"
-AUTH_OK = "235 2.7.0 Authentication successful"
-BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+
+def _refused(reply: Reply) -> AuthResult:
+    """A failure aiosmtpd leaves to us to answer (handled=False), answered with `reply`."""
+    return AuthResult(success=False, handled=False, message=reply.line)
 
 
 class AuthHooks:
@@ -34,17 +36,17 @@ class AuthHooks:
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
             blob = await server.challenge_auth("")
-            if blob is MISSING:
+            if blob is MISSING:  # aiosmtpd answered it (501: aborted or not base64)
                 return AuthResult(success=False)
         else:
             try:
                 blob = base64.b64decode(args[1].encode(), validate=True)
             except binascii.Error:
-                return AuthResult(success=False, handled=False, message=BAD_BASE64)
+                return _refused(BAD_BASE64)
         assert isinstance(blob, bytes)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
-            return AuthResult(success=False, handled=False, message=BAD_BASE64)
+            return _refused(BAD_BASE64)
         return await self._authenticate(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
@@ -56,7 +58,7 @@ class AuthHooks:
             try:
                 login = base64.b64decode(args[1].encode(), validate=True)
             except binascii.Error:
-                return AuthResult(success=False, handled=False, message=BAD_BASE64)
+                return _refused(BAD_BASE64)
         password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False)
@@ -66,21 +68,21 @@ class AuthHooks:
     async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         client = server.session.peer[0] if server.session and server.session.peer else ""
         if self.credentials is None:
-            return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+            return _refused(AUTH_FAILED)
         left = self.throttle.locked(client)
         if left:
             event(log, "auth_locked", level=logging.WARNING, client=client, seconds=round(left))
-            return AuthResult(success=False, handled=False, message=AUTH_LOCKED)
+            return _refused(AUTH_LOCKED)
         name = login.decode("utf-8", "replace")
         user = await asyncio.to_thread(
             self.credentials.verify, name, password.decode("utf-8", "replace"))
         if user is not None:
             self.throttle.success(client)
             event(log, "auth", client=client, user=name)
-            return AuthResult(success=True, auth_data=user, message=AUTH_OK)
+            return AuthResult(success=True, auth_data=user, message=AUTH_OK.line)
         delay = self.throttle.failure(client)
         event(log, "auth_failed", level=logging.WARNING, client=client, delay=delay,
               locked=bool(self.throttle.locked(client)))
         if delay:
             await asyncio.sleep(delay)
-        return AuthResult(success=False, handled=False, message=AUTH_FAILED)
+        return _refused(AUTH_FAILED)

@@ -37,9 +37,9 @@ class DkimSigner:
     def sign(self, data: bytes) -> bytes:
         """The message with its DKIM-Signature field first."""
         linesep = b"\r\n" if b"\r\n" in data[:4096] or b"\n" not in data else b"\n"
-        field = dkimpy.sign(data, self.selector, self.domain, self.key,
-                            canonicalize=(b"relaxed", b"relaxed"),
-                            include_headers=self.headers, linesep=linesep)
+        field: bytes = dkimpy.sign(data, self.selector, self.domain, self.key,
+                                   canonicalize=(b"relaxed", b"relaxed"),
+                                   include_headers=self.headers, linesep=linesep)
         if linesep == b"\n":
             field = field.replace(b"\r\n", b"\n")
         return field + data

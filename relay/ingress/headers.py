@@ -78,7 +78,7 @@ def prepare(data: bytes, *, received: str, hostname: str, now: float) -> bytes:
     parts = split(data)
     nl = parts.newline
     names = parts.names()
-    fields = [f for f, n in zip(parts.fields, names) if n != b"bcc"]
+    fields = [f for f, n in zip(parts.fields, names, strict=True) if n != b"bcc"]
     if b"date" not in names:
         fields.append(f"Date: {rfc5322_date(now)}".encode() + nl)
     if b"message-id" not in names:

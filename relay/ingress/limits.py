@@ -1,16 +1,41 @@
-"""Ingress limits: connection caps per relay and per client, and AUTH failure throttling.
+"""Ingress limits: who may relay, connection caps, and AUTH failure throttling.
 
 Pure bookkeeping with time passed in (no sockets, no files): the SMTP ingress asks
+Networks whether a peer is in smtp.allowed_networks or smtp.allow_plain_auth_from,
 ConnectionLimiter whether a new connection may stay and AuthThrottle how long to delay
-a failed AUTH and whether a client address is locked out. Built by relay.ingress.server.Ingress.
+a failed AUTH and whether a client address is locked out. Built by relay.ingress.server.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+
+class Networks:
+    """A set of IP networks, asked about a peer as the transport names it.
+
+    `peer in networks` is True only for an (address, port, ...) tuple whose address lies in
+    one of them; an IPv4 client on a dual-stack socket (::ffff:a.b.c.d) counts as IPv4.
+    A Unix socket's path, None or anything unparsable is in no network.
+    """
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+    def __contains__(self, peer: object) -> bool:
+        if not self.networks or not isinstance(peer, tuple) or not peer:
+            return False
+        try:
+            addr = ipaddress.ip_address(peer[0])
+        except (TypeError, ValueError):
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)
 
 
 class ConnectionLimiter:

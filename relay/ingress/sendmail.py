@@ -147,57 +147,67 @@ def _quit(client: smtplib.SMTP) -> None:
         client.close()
 
 
+def _complain(message: str, code: int) -> int:
+    print(f"relay sendmail: {message}", file=sys.stderr)
+    return code
+
+
 def cmd_sendmail(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     data = read_message(sys.stdin.buffer, dot_ends=not args.i)
     if not data.strip():
-        print("relay sendmail: no message on stdin", file=sys.stderr)
-        return EX_DATAERR
+        return _complain("no message on stdin", EX_DATAERR)
     rcpts = list(args.recipients)
     if args.t:
         found, data = header_recipients(data)
         rcpts = found + [r for r in rcpts if r not in found]
     if not rcpts:
-        print("relay sendmail: no recipients (name them, or use -t to read To/Cc/Bcc)",
-              file=sys.stderr)
-        return EX_USAGE
+        return _complain("no recipients (name them, or use -t to read To/Cc/Bcc)", EX_USAGE)
     bad = [r for r in rcpts if "@" not in r or r.startswith("@") or r.endswith("@")]
     if bad:
-        print(f"relay sendmail: not an address: {', '.join(bad)}", file=sys.stderr)
-        return EX_DATAERR
+        return _complain(f"not an address: {', '.join(bad)}", EX_DATAERR)
     sender = args.f or from_address(data) or f"{getpass.getuser()}@{socket.getfqdn()}"
+    return _queue(cfg, sender, rcpts, data, verbose=args.verbose)
+
+
+def _queue(cfg: config_mod.Config, sender: str, rcpts: list[str], data: bytes, *,
+           verbose: bool) -> int:
+    """Through the running relay, else straight into the spool; the exit status."""
     host = "127.0.0.1" if cfg.smtp.host in ("0.0.0.0", "::", "") else cfg.smtp.host
     try:
         how = via_smtp(host, cfg.smtp.port, sender, rcpts, data) if cfg.smtp.port else None
     except smtplib.SMTPResponseException as exc:
-        print(f"relay sendmail: the relay answered {exc.smtp_code} {exc.smtp_error!r}",
-              file=sys.stderr)
-        return EX_TEMPFAIL if 400 <= exc.smtp_code < 500 else EX_UNAVAILABLE
+        return _complain(f"the relay answered {exc.smtp_code} {exc.smtp_error!r}",
+                         EX_TEMPFAIL if 400 <= exc.smtp_code < 500 else EX_UNAVAILABLE)
     except (smtplib.SMTPException, OSError) as exc:
         # the relay was reached but the exchange broke: not known to be queued
-        print(f"relay sendmail: SMTP to {host}:{cfg.smtp.port} failed: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return _complain(f"SMTP to {host}:{cfg.smtp.port} failed: {exc}", EX_TEMPFAIL)
     if how is None:
-        try:
-            sender, rcpts, data = accept_locally(cfg, sender, rcpts, data)
-        except (addresses.AddressError, ValueError) as exc:
-            print(f"relay sendmail: {exc}", file=sys.stderr)
-            return EX_DATAERR
-        spool = Spool(cfg.spool.dir, fsync=cfg.spool.fsync, min_free_bytes=cfg.spool.min_free_bytes)
-        try:
-            spool.ensure()
-            qid = spool.accept(Envelope(sender=sender, recipients=tuple(rcpts),
-                                        received_at=time.time(), client="127.0.0.1",
-                                        helo=getpass.getuser()), data)
-        except (SpoolError, OSError) as exc:
-            print(f"relay sendmail: cannot queue in {cfg.spool.dir}: {exc}", file=sys.stderr)
-            return EX_TEMPFAIL
-        if args.verbose:
-            print(f"queued as {qid} in {spool.root}", file=sys.stderr)
-    elif how == "smtp-partial":
+        return _spool_locally(cfg, sender, rcpts, data, verbose=verbose)
+    if how == "smtp-partial":
         return EX_DATAERR
-    elif args.verbose:
+    if verbose:
         print(f"queued by the relay at {host}:{cfg.smtp.port}", file=sys.stderr)
+    return 0
+
+
+def _spool_locally(cfg: config_mod.Config, sender: str, rcpts: list[str], data: bytes, *,
+                   verbose: bool) -> int:
+    """Nothing listens: the ingress's rules here, then Spool.accept (fsynced)."""
+    try:
+        sender, rcpts, data = accept_locally(cfg, sender, rcpts, data)
+    except (addresses.AddressError, ValueError) as exc:
+        return _complain(str(exc), EX_DATAERR)
+    spool = Spool(cfg.spool.dir, fsync=cfg.spool.fsync, min_free_bytes=cfg.spool.min_free_bytes)
+    try:
+        spool.ensure()
+        qid = spool.accept(Envelope(sender=sender, recipients=tuple(rcpts),
+                                    received_at=time.time(), client="127.0.0.1",
+                                    helo=getpass.getuser()), data)
+    except (SpoolError, OSError) as exc:
+        return _complain(f"cannot queue in {cfg.spool.dir}: {exc}", EX_TEMPFAIL)
+    if verbose:
+        print(f"queued as {qid} in {spool.root}", file=sys.stderr)
     return 0
 
 

@@ -1,36 +1,62 @@
 """SMTP ingress: an aiosmtpd server that spools each message before answering 250.
 
-handle_DATA hands the bytes as received (but for the header changes of relay.ingress.headers and
-the optional DKIM signature) to Spool.prepare in a worker thread, then to the shared group
-commit (relay.spool.commit) that flushes them, renames them into active/ and flushes again, all
-shielded from client disconnects; it answers 250 only once they are durable; spool
-errors answer 451 4.3.0 or 452 4.3.1, never 500. Mail is accepted only from
-smtp.allowed_networks or authenticated clients (AUTH over TLS, relay.ingress.credentials); address rules
-live in relay.ingress.addresses, header changes in relay.ingress.headers, caps in relay.ingress.limits.
-Writes spool/incoming -> active; tells the delivery pool. Built by relay.service.
+handle_DATA hands the bytes as received (but for the header changes of relay.ingress.headers
+and the optional DKIM signature) to Spool.prepare in a worker thread, then to the shared group
+commit (relay.spool.commit) that flushes them, renames them into active/ and flushes again,
+all shielded from client disconnects; it answers 250 only once they are durable; spool errors
+answer 451 4.3.0 or 452 4.3.1, never 500. Mail is accepted only from smtp.allowed_networks or
+authenticated clients (AUTH over TLS, relay.ingress.auth); replies live in
+relay.ingress.replies, address rules in relay.ingress.addresses, caps in relay.ingress.limits.
+Writes spool/incoming -> active; tells a QueuedListener (the delivery pool). Built by
+relay.service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay.config import SmtpConfig
+from relay.delivery.ports import QueuedListener
 from relay.errors import SpoolError, SpoolFullError
 from relay.ingress import addresses, headers
 from relay.ingress.auth import AuthHooks
 from relay.ingress.credentials import Credentials, User
-from relay.ingress.limits import AuthThrottle, ConnectionLimiter
+from relay.ingress.limits import AuthThrottle, ConnectionLimiter, Networks
+from relay.ingress.replies import (
+    ACCESS_DENIED,
+    AUTH_REQUIRED,
+    BAD_ADDRESS,
+    BAD_SENDER,
+    NO_RCPTS,
+    NO_SMTPUTF8,
+    NON_ASCII_ADDRESS,
+    OK,
+    RCPT_OK,
+    SENDER_NOT_ALLOWED,
+    SHUTTING_DOWN,
+    SPOOL_ERROR,
+    SPOOL_FULL,
+    SUPPRESSED,
+    TOO_MANY_RCPTS,
+    Reply,
+    queued_as,
+)
+from relay.ingress.session import (
+    RelaySession,
+    SessionObserver,
+    SessionRules,
+    hook_names,
+    write_reply,
+)
 from relay.ingress.tls import server_context
 from relay.log import event
 from relay.spool.commit import GroupCommit
@@ -38,120 +64,68 @@ from relay.spool.spool import Envelope, Spool
 
 log = logging.getLogger("relay.smtp")
 
-
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply: code, enhanced status and text."""
-
-    code: int
-    status: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
-
-
-ACCESS_DENIED = Reply(554, "5.7.1", "Access denied: relaying not permitted from your address")
-SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
-TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
-BAD_ADDRESS = Reply(553, "5.1.3", "Bad recipient address syntax")
-NO_RCPTS = Reply(503, "5.5.1", "Error: need RCPT command")
-SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
-SPOOL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
-OK = Reply(250, "2.1.0", "Ok")
-AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
-NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses not supported (no SMTPUTF8)")
-BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
-SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not allowed on this relay")
-NO_SMTPUTF8 = Reply(555, "5.6.7", "SMTPUTF8 not supported")
-TOO_BIG = Reply(552, "5.3.4", "Message too big for system")
-TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
-TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
-TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
-STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-
-#: aiosmtpd's own reply lines, given enhanced status codes
-REWRITES = {
-    "552 Error: Too much mail data": str(TOO_BIG),
-    "552 Error: message size exceeds fixed maximum message size": str(TOO_BIG),
-    "530 Must issue a STARTTLS command first": str(STARTTLS_FIRST),
-}
-#: replies that do not count against smtp.max_errors
-NOT_ERRORS = ("421", "452 4.5.3")
-SUPPRESSED = Reply(550, "5.1.1", "Recipient address is on the suppression list")
-
-
-@functools.cache
-def _names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
-    """A class's attribute names with these prefixes: what aiosmtpd's dir() scans need.
-
-    aiosmtpd calls dir() and getattr() on every name of the session and of the handler for
-    each connection (about 0.2 ms); listing only the names it looks for, once per class,
-    gives it the same tables.
-    """
-    return sorted({n for c in cls.__mro__ for n in vars(c) if n.startswith(prefixes)})
-
-
 #: bytes of a message handed on with it for its header fields (relay.store.messages)
 HEAD = 64 * 1024
 
 
+def client_address(session: Session) -> str:
+    """The client's IP address ("" when unknown).
+
+    aiosmtpd types Session.peer as a str; it holds the transport's peername tuple.
+    """
+    peer: object = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 class IngressHandler(AuthHooks):
     """aiosmtpd hooks; each returns the reply line."""
-
-    #: optional RCPT-time check (smtp.reject_suppressed): True answers 550 5.1.1
-    rcpt_check: Callable[[str], Awaitable[bool]] | None = None
 
     def __init__(
         self,
         *,
         spool: Spool,
         config: SmtpConfig,
-        on_queued: Callable[..., None] | None = None,
+        listener: QueuedListener | None = None,
         credentials: Credentials | None = None,
         signer: Callable[[bytes], bytes] | None = None,
         commit: GroupCommit | None = None,
+        rcpt_check: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.spool = spool
         #: flushes shared with the other sessions (and the delivery pool, when given its)
         self.commit = commit or GroupCommit(spool)
         self.config = config
-        self.on_queued = on_queued
+        #: told of each message once it is durable in active/
+        self.listener = listener
         self.credentials = credentials
+        #: optional RCPT-time check (smtp.reject_suppressed): True answers 550 5.1.1
+        self.rcpt_check = rcpt_check
         self.signer = signer
         self.hostname = config.hostname or socket.getfqdn()
         self.throttle = AuthThrottle(delay=config.auth_failure_delay,
                                      max_failures=config.auth_max_failures,
                                      lockout=config.auth_lockout)
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
+        self.networks = Networks(config.allowed_networks)
         self.closing = False
         self.accepted = 0
         #: sessions inside handle_DATA: never cut off during a commit
         self.busy: set[int] = set()
 
-    def __dir__(self) -> list[str]:
+    def __dir__(self) -> Iterable[str]:
         # aiosmtpd looks its hooks up with dir()/inspect.getmembers() on every connection
-        return _names(type(self), ("handle_", "auth_"))
+        return hook_names(type(self), ("handle_", "auth_"))
 
     def allowed(self, session: Session) -> bool:
-        peer = session.peer
-        if not peer or isinstance(peer, str):
-            return False
-        try:
-            addr = ipaddress.ip_address(peer[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks)
+        return session.peer in self.networks
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        options: list[str],
     ) -> str:
         if self.closing:
             return str(SHUTTING_DOWN)
         if not self.permitted(session):
-            event(log, "refused", level=logging.WARNING, client=session.peer[0] if session.peer else "",
+            event(log, "refused", level=logging.WARNING, client=client_address(session),
                   reason="client not in smtp.allowed_networks")
             return str(self.denied())
         if envelope.smtp_utf8:
@@ -162,9 +136,10 @@ class IngressHandler(AuthHooks):
                     address, allowed_domains=self.config.allowed_sender_domains)
         except addresses.AddressError as exc:
             return str(self._address_reply(exc, sender=True))
-        user = session.auth_data if session.authenticated else None
+        # aiosmtpd types auth_data as None; it holds what auth_PLAIN/auth_LOGIN returned
+        user: object = session.auth_data if session.authenticated else None
         if isinstance(user, User) and not user.may_send_as(address):
-            event(log, "refused", level=logging.WARNING, client=session.peer[0],
+            event(log, "refused", level=logging.WARNING, client=client_address(session),
                   reason="sender not allowed for this user", sender=address)
             return str(SENDER_NOT_ALLOWED)
         envelope.mail_from = address
@@ -172,7 +147,8 @@ class IngressHandler(AuthHooks):
         return str(OK)
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str, options: list[str]
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        options: list[str],
     ) -> str:
         if self.closing:
             return str(SHUTTING_DOWN)
@@ -188,7 +164,7 @@ class IngressHandler(AuthHooks):
             return str(SUPPRESSED)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
-        return str(Reply(250, "2.1.5", "Ok"))
+        return str(RCPT_OK)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         if not envelope.rcpt_tos:
@@ -202,7 +178,7 @@ class IngressHandler(AuthHooks):
             sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
             received_at=time.time(),
-            client=session.peer[0] if session.peer else "",
+            client=client_address(session),
             helo=session.host_name or "",
         )
         self.busy.add(id(session))
@@ -226,7 +202,7 @@ class IngressHandler(AuthHooks):
         self.accepted += 1
         event(log, "accepted", queue_id=qid, client=env.client, size=len(data),
               sender=env.sender, recipients=list(env.recipients))
-        return f"250 2.0.0 Ok: queued as {qid}"
+        return str(queued_as(qid))
 
     # --- hardening: access, addresses, headers, AUTH -------------------------------
 
@@ -243,8 +219,7 @@ class IngressHandler(AuthHooks):
             return NON_ASCII_ADDRESS
         if exc.kind == addresses.DOMAIN:
             return SENDER_NOT_ALLOWED
-        base = BAD_SENDER if sender else BAD_ADDRESS
-        return Reply(base.code, base.status, f"{base.text}: {exc.reason}"[:200])
+        return (BAD_SENDER if sender else BAD_ADDRESS).with_detail(exc.reason)
 
     def preparer(self, server: SMTP, session: Session) -> Callable[[bytes], bytes]:
         """Bcc out, Date/Message-ID in, Received first, then the DKIM signature.
@@ -257,7 +232,7 @@ class IngressHandler(AuthHooks):
             "A" if session.authenticated else "")
         now = time.time()
         received = headers.received_line(
-            helo=session.host_name or "", client=session.peer[0] if session.peer else "",
+            helo=session.host_name or "", client=client_address(session),
             hostname=self.hostname, protocol=protocol, now=now)
 
         def prepare(data: bytes) -> bytes:
@@ -291,49 +266,42 @@ class IngressHandler(AuthHooks):
 
         qid, head = await loop.run_in_executor(None, write)
         await self.commit.publish(qid)
-        if self.on_queued is not None:
+        if self.listener is not None:
             # the envelope and the header block, so nobody reads them back from the spool
-            self.on_queued(qid, env, head)
+            self.listener.queued(qid, env, head)
         return qid
 
 
 class Ingress:
     """The listening SMTP server (and the implicit-TLS one when smtp.implicit_tls)."""
 
-    def __init__(self, handler: IngressHandler, config: SmtpConfig) -> None:
+    def __init__(self, handler: IngressHandler, config: SmtpConfig, *,
+                 observer: SessionObserver | None = None, reuse_port: bool = False) -> None:
         self.handler = handler
         self.config = config
-        self.server: asyncio.base_events.Server | None = None
-        self.tls_server: asyncio.base_events.Server | None = None
+        self.server: asyncio.Server | None = None
+        self.tls_server: asyncio.Server | None = None
         self.tls_address: tuple[str, int] | None = None
-        self.sessions: set[SMTP] = set()
+        self.sessions: set[RelaySession] = set()
         #: several worker processes listen on one port; the kernel spreads connections
-        self.reuse_port = False
-        self._classes: dict[bool, type[SMTP]] = {}
+        self.reuse_port = reuse_port
         self.tls_context = server_context(config)
         self.limiter = ConnectionLimiter(total=config.max_connections,
                                          per_client=config.max_connections_per_client)
-        self.plain_auth_networks = [ipaddress.ip_network(n, strict=False)
-                                    for n in config.allow_plain_auth_from]
+        rules = SessionRules(config=config, limiter=self.limiter,
+                             plain_auth=Networks(config.allow_plain_auth_from),
+                             sessions=self.sessions, observer=observer)
+        #: the protocol factories of the two listeners
+        self._plain = functools.partial(self._session, rules)
+        self._tls = functools.partial(self._session, replace(rules, implicit_tls=True))
 
-    def _plain_auth_allowed(self, peer: Any) -> bool:
-        try:
-            addr = ipaddress.ip_address(peer[0])
-        except (TypeError, ValueError, IndexError):
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.plain_auth_networks)
-
-    def _protocol(self, implicit_tls: bool = False) -> SMTP:
-        cls = self._classes.get(implicit_tls)
-        if cls is None:
-            from relay.ingress.session import session_class  # it needs this module's replies
-
-            cls = self._classes[implicit_tls] = session_class(self, implicit_tls)
+    def _session(self, rules: SessionRules) -> RelaySession:
+        """One connection's protocol, under its listener's rules."""
+        implicit_tls = rules.implicit_tls
         exclude = None if self.handler.credentials is not None else ["PLAIN", "LOGIN"]
-        return cls(
+        return RelaySession(
             self.handler,
+            rules=rules,
             data_size_limit=self.config.max_message_size,
             # parsed as UTF-8 so non-ASCII addresses get 553 5.6.7; never advertised
             enable_SMTPUTF8=True,
@@ -350,13 +318,13 @@ class Ingress:
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            self._protocol, host=self.config.host, port=self.config.port, reuse_address=True,
+            self._plain, host=self.config.host, port=self.config.port, reuse_address=True,
             reuse_port=self.reuse_port or None
         )
         host, port = self.server.sockets[0].getsockname()[:2]
         if self.config.implicit_tls and self.tls_context is not None:
             self.tls_server = await loop.create_server(
-                lambda: self._protocol(implicit_tls=True), host=self.config.host,
+                self._tls, host=self.config.host,
                 port=self.config.tls_port, reuse_address=True, ssl=self.tls_context,
                 reuse_port=self.reuse_port or None,
             )
@@ -378,7 +346,7 @@ class Ingress:
                     continue
                 if proto.transport is None or id(proto.session) in self.handler.busy:
                     continue
-                proto.transport.write(f"{SHUTTING_DOWN}\r\n".encode())
+                write_reply(proto.transport, SHUTTING_DOWN)
                 proto.transport.close()
                 self.sessions.discard(proto)
             await asyncio.sleep(0.05)

@@ -1,8 +1,9 @@
 """The SMTP session: aiosmtpd's protocol class with the relay's connection rules.
 
-Connection caps (relay.ingress.limits) at connect, reply rewrites and the error cap on every reply,
-smtp.data_timeout over the whole DATA phase, DATA read in blocks (relay.ingress.data), and the
-idle timeout's 421. Built once per listener by relay.ingress.server.Ingress.
+Connection caps (relay.ingress.limits) at connect, reply rewrites and the error cap on every
+reply, smtp.data_timeout over the whole DATA phase, DATA read in blocks (relay.ingress.data),
+and the idle timeout's 421. A SessionObserver (metrics) hears of each session and reply.
+One instance per connection, built by relay.ingress.server.Ingress with its listener's rules.
 """
 
 from __future__ import annotations
@@ -10,24 +11,80 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any
+from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
+from relay.config import SmtpConfig
 from relay.ingress.data import NOMINAL, TOO_LONG, read_data
-from relay.ingress.server import (
+from relay.ingress.limits import ConnectionLimiter, Networks
+from relay.ingress.replies import (
+    DATA_OK,
+    DATA_SYNTAX,
+    LINE_TOO_LONG,
+    NEED_RCPT,
     NOT_ERRORS,
+    QUEUED_PREFIX,
     REWRITES,
+    START_DATA,
     TIMEOUT,
+    TOO_BIG,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
-    Ingress,
-    _names,
-    log,
+    Reply,
 )
 from relay.log import event
+
+log = logging.getLogger("relay.smtp")
+
+
+class SessionObserver(Protocol):
+    """Told of every SMTP session and every reply it sends (metrics).
+
+    Runs on the loop that answers SMTP, once per reply: must be cheap and must not raise.
+    """
+
+    def session_opened(self) -> None:
+        """A connection was accepted (also one then refused by a connection cap)."""
+
+    def reply_sent(self, status: str | bytes) -> None:
+        """A reply line as the session pushes it (before the enhanced-status rewrite)."""
+
+
+@dataclass(frozen=True, eq=False)
+class SessionRules:
+    """What the sessions of one listener share, built once per listener by Ingress."""
+
+    config: SmtpConfig
+    limiter: ConnectionLimiter
+    #: peers that may AUTH without TLS (smtp.allow_plain_auth_from)
+    plain_auth: Networks
+    #: the open sessions, so that shutting down can tell each one 421
+    sessions: set[RelaySession]
+    #: the listener speaks TLS from the first byte, so AUTH needs no STARTTLS
+    implicit_tls: bool = False
+    observer: SessionObserver | None = None
+
+
+_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
+
+
+def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """A class's attribute names with these prefixes: what aiosmtpd's dir() scans need.
+
+    aiosmtpd calls dir() and getattr() on every name of the session and of the handler for
+    each connection (about 0.2 ms); listing only the names it looks for, once per class,
+    gives it the same tables.
+    """
+    names = _NAMES.get((cls, prefixes))
+    if names is None:
+        names = _NAMES[(cls, prefixes)] = sorted(
+            {n for c in cls.__mro__ for n in vars(c) if n.startswith(prefixes)})
+    return names
 
 
 @functools.lru_cache(maxsize=4096)
@@ -36,116 +93,137 @@ def _parse_address(arg: str) -> tuple[str | None, str | None]:
     0.1 ms), remembered: the same senders and recipients come again and again."""
     try:
         if arg.lstrip().startswith("<"):
-            address, rest = get_angle_addr(arg)
-        else:
-            address, rest = get_addr_spec(arg)
+            angle, rest = get_angle_addr(arg)
+            return angle.addr_spec, rest
+        spec, rest = get_addr_spec(arg)
+        return spec.addr_spec, rest
     except HeaderParseError:
         return None, None
-    return address.addr_spec, rest
 
 
-def session_class(ingress: Ingress, implicit_tls: bool) -> type[SMTP]:
-    """The aiosmtpd protocol class for one listener, built once (not per connection)."""
-    config = ingress.config
+def write_reply(transport: asyncio.BaseTransport, reply: Reply) -> None:
+    """A reply written straight to the transport, where no command is being answered
+    (a connection cap, the idle timeout, shutting down)."""
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.write(f"{reply}\r\n".encode())
 
-    class _SMTP(SMTP):
-        refused = False
-        counted = False
-        errors = 0
-        client = ""
 
-        def connection_made(self, transport: Any) -> None:
-            if self.transport is None:  # not the second call after STARTTLS
-                peer = transport.get_extra_info("peername")
-                self.client = peer[0] if isinstance(peer, tuple) else str(peer)
-                cap = ingress.limiter.acquire(self.client)
-                if cap:
-                    self.refused = True
-                    event(log, "refused", level=logging.WARNING, client=self.client,
-                          reason=f"{cap} reached")
-                    transport.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
-                    transport.close()
-                    return
-                self.counted = True
-                if implicit_tls or ingress._plain_auth_allowed(peer):
-                    self._auth_require_tls = False
-                ingress.sessions.add(self)
-            super().connection_made(transport)
+class RelaySession(SMTP):
+    """aiosmtpd's SMTP protocol for one connection, under its listener's SessionRules."""
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.refused:
-                return
-            ingress.sessions.discard(self)
-            if self.counted:
-                self.counted = False
-                ingress.limiter.release(self.client)
-            super().connection_lost(exc)
+    refused = False
+    counted = False
+    errors = 0
+    client = ""
 
-        async def push(self, status: Any) -> None:
-            if isinstance(status, str):
-                status = REWRITES.get(status, status)
-                if status.startswith("250 2.0.0"):
-                    self.errors = 0
-                elif status[:1] in ("4", "5") and not status.startswith(NOT_ERRORS):
-                    self.errors += 1
-            await super().push(status)
-            if self.errors >= config.max_errors and self.transport is not None:
-                event(log, "refused", level=logging.WARNING, client=self.client,
-                      reason="smtp.max_errors reached")
+    def __init__(self, handler: Any, *, rules: SessionRules, **options: Any) -> None:
+        self.rules = rules
+        self.observer = rules.observer
+        super().__init__(handler, **options)
+        if self.observer is not None:
+            self.observer.session_opened()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # the second call, after STARTTLS, is the same client: admitted once
+        if self.transport is None and not self._admit(transport):
+            return
+        super().connection_made(transport)
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Take a connection slot, or answer 421 and close when a cap is reached."""
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else str(peer)
+        cap = self.rules.limiter.acquire(self.client)
+        if cap:
+            self.refused = True
+            event(log, "refused", level=logging.WARNING, client=self.client,
+                  reason=f"{cap} reached")
+            write_reply(transport, TOO_MANY_CONNECTIONS)
+            transport.close()
+            return False
+        self.counted = True
+        if self.rules.implicit_tls or peer in self.rules.plain_auth:
+            self._auth_require_tls = False
+        self.rules.sessions.add(self)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        self.rules.sessions.discard(self)
+        if self.counted:
+            self.counted = False
+            self.rules.limiter.release(self.client)
+        super().connection_lost(exc)
+
+    async def push(self, status: AnyStr) -> None:
+        if self.observer is not None:
+            self.observer.reply_sent(status)
+        if isinstance(status, str):
+            line = REWRITES.get(status, status)
+            if line.startswith(QUEUED_PREFIX):
                 self.errors = 0
-                await super().push(str(TOO_MANY_ERRORS))
-                self.transport.close()
+            elif line[:1] in ("4", "5") and not line.startswith(NOT_ERRORS):
+                self.errors += 1
+            await super().push(line)
+        else:
+            await super().push(status)
+        if self.errors >= self.rules.config.max_errors and self.transport is not None:
+            event(log, "refused", level=logging.WARNING, client=self.client,
+                  reason="smtp.max_errors reached")
+            self.errors = 0
+            # the closing 421 answers no command: it bypasses the count and the observer
+            await super().push(TOO_MANY_ERRORS.line)
+            self.transport.close()
 
-        @syntax("DATA")
-        async def smtp_DATA(self, arg: str) -> None:
-            """aiosmtpd's DATA with the upload read in blocks (relay.ingress.data)."""
-            # the whole DATA phase, upload and spool commit, gets smtp.data_timeout
-            self._reset_timeout(config.data_timeout)
-            if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-                return
-            assert self.envelope is not None
-            if not self.envelope.rcpt_tos:
-                await self.push("503 Error: need RCPT command")
-                return
-            if arg:
-                await self.push("501 Syntax: DATA")
-                return
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            try:
-                data, state = await read_data(self._reader, self.data_size_limit,
-                                              self.line_length_limit)
-            except asyncio.IncompleteReadError:
-                return  # the client went away mid-message: nothing was accepted
-            except asyncio.CancelledError:
-                self._writer.close()
-                raise
-            if state != NOMINAL:
-                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)"
-                                if state == TOO_LONG else "552 Error: Too much mail data")
-                self._set_post_data_state()
-                return
-            self.envelope.content = self.envelope.original_content = data
-            status = await self._call_handler_hook("DATA")
-            self._set_post_data_state()
-            await self.push("250 OK" if status is MISSING else status)
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the upload read in blocks (relay.ingress.data)."""
+        # the whole DATA phase, upload and spool commit, gets smtp.data_timeout
+        self._reset_timeout(self.rules.config.data_timeout)
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(NEED_RCPT.line)
+            return
+        if arg:
+            await self.push(DATA_SYNTAX.line)
+            return
+        await self.push(START_DATA.line)
+        try:
+            data, state = await read_data(self._reader, self.data_size_limit,
+                                          self.line_length_limit)
+        except asyncio.IncompleteReadError:
+            return  # the client went away mid-message: nothing was accepted
+        except asyncio.CancelledError:
+            self._writer.close()
+            raise
+        if state != NOMINAL:
+            # aiosmtpd's "552 Error: Too much mail data" goes out rewritten (REWRITES)
+            await self.push(LINE_TOO_LONG.line if state == TOO_LONG else TOO_BIG.line)
+            self._set_post_data_state()  # type: ignore[no-untyped-call] # aiosmtpd's
+            return
+        self.envelope.content = self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call] # aiosmtpd's
+        await self.push(DATA_OK.line if status is MISSING else status)
 
-        def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-            # aiosmtpd's, less the typing.Protocol class it defines on every call
-            if not arg:
-                return "", ""
-            addr, rest = _parse_address(arg)
-            if addr is None or (self.local_part_limit
-                                and len(addr.rpartition("@")[0]) > self.local_part_limit):
-                return None, None
-            return addr, rest
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's, less the typing.Protocol class it defines on every call
+        if not arg:
+            return "", ""
+        addr, rest = _parse_address(arg)
+        if addr is None or (self.local_part_limit
+                            and len(addr.rpartition("@")[0]) > self.local_part_limit):
+            return None, None
+        return addr, rest
 
-        def __dir__(self) -> list[str]:
-            # aiosmtpd builds its verb and AUTH tables from dir() on each connection
-            return _names(type(self), ("smtp_", "auth_"))
+    def __dir__(self) -> Iterable[str]:
+        # aiosmtpd builds its verb and AUTH tables from dir() on each connection
+        return hook_names(type(self), ("smtp_", "auth_"))
 
-        def _timeout_cb(self) -> None:
-            if isinstance(self.transport, asyncio.WriteTransport):
-                self.transport.write(f"{TIMEOUT}\r\n".encode())
-            super()._timeout_cb()
-
-    return _SMTP
+    def _timeout_cb(self) -> None:
+        if self.transport is not None:
+            write_reply(self.transport, TIMEOUT)
+        super()._timeout_cb()  # type: ignore[no-untyped-call] # aiosmtpd's

@@ -1,10 +1,11 @@
 """Prometheus metrics: what the relay did (counters) and what it holds (gauges at scrape).
 
 Counters are fed by the delivery pool's Listener port (outcomes), by TimedSender (each
-SendEmail call's latency and outcome), and by the SMTP ingress (sessions, replies by
-code); spool depth and oldest age per state are read from directory names when scraped.
-Feedback events by type and the suppression list size are counted in the database
-(relay.store.db) at scrape time. Served at /metrics by relay.ops.admin; wired by relay.service.
+SendEmail call's latency and outcome), and by the SMTP sessions through their
+SessionObserver hook (sessions, replies by code); spool depth and oldest age per state
+are read from directory names when scraped. Feedback events by type and the suppression
+list size are counted in the database (relay.store.db) at scrape time. Served at /metrics
+by relay.ops.admin; wired by relay.service.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from relay.delivery.ports import Sender
 from relay.errors import (
     AccountPausedError,
     ConfigurationError,
@@ -80,6 +82,7 @@ class Metrics:
                                      registry=r)
         self.smtp_replies = Counter("relay_smtp_replies", "SMTP replies sent, by code",
                                     ["code"], registry=r)
+        self._reply_codes: dict[str, Counter] = {}
         self.accepted = Counter("relay_messages_accepted", "Messages spooled and answered 250",
                                 registry=r)
         self.ses_calls = Counter("relay_ses_calls", "SendEmail calls by outcome", ["outcome"],
@@ -117,14 +120,21 @@ class Metrics:
 
     # -- feeds ----------------------------------------------------------------------
 
-    def session(self) -> None:
+    def session_opened(self) -> None:
+        """relay.ingress.session.SessionObserver: a connection was accepted."""
         self.smtp_sessions.inc()
 
-    def reply(self, status: str | bytes) -> None:
+    def reply_sent(self, status: str | bytes) -> None:
+        """relay.ingress.session.SessionObserver: one reply, counted by its code."""
         text = status.decode(errors="replace") if isinstance(status, bytes) else status
         code = text[:3]
-        if code.isdigit():
-            self.smtp_replies.labels(code).inc()
+        # every reply lands here: the labelled child is looked up once per code
+        child = self._reply_codes.get(code)
+        if child is None:
+            if not code.isdigit():
+                return
+            child = self._reply_codes[code] = self.smtp_replies.labels(code)
+        child.inc()
 
     def use_database(self, db: Any, extra: Callable[[], dict[str, float]] | None = None) -> None:
         """Read feedback events and suppressions from relay.store.db at each scrape."""
@@ -186,7 +196,7 @@ class Metrics:
 class TimedSender:
     """A Sender that times each SendEmail call and counts it by outcome."""
 
-    def __init__(self, inner: Any, metrics: Metrics) -> None:
+    def __init__(self, inner: Sender, metrics: Metrics) -> None:
         self.inner = inner
         self.metrics = metrics
 
@@ -194,29 +204,10 @@ class TimedSender:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            return str(await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw))
+            return await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw)
         except DeliveryError as exc:
             error = exc
             raise
         finally:
             self.metrics.ses_latency.observe(time.perf_counter() - start)
             self.metrics.ses_calls.labels(call_outcome(error)).inc()
-
-
-def instrument_ingress(ingress: Any, metrics: Metrics) -> None:
-    """Count SMTP sessions and every reply by code, around the ingress protocol factory."""
-    make = ingress._protocol
-
-    def factory(*args: Any, **kwargs: Any) -> Any:
-        proto = make(*args, **kwargs)
-        metrics.session()
-        push = proto.push
-
-        async def counted(status: Any) -> None:
-            metrics.reply(status)
-            await push(status)
-
-        proto.push = counted
-        return proto
-
-    ingress._protocol = factory
