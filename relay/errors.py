@@ -1,4 +1,4 @@
-"""The relay's own exceptions, and the table that sorts SES answers into them.
+"""The relay's own exceptions.
 
     RelayError
     ├── ConfigError            bad configuration; names the key
@@ -7,12 +7,14 @@
     └── DeliveryError          one SendEmail call did not succeed
         ├── TransientError     retry later with backoff (5xx, timeouts, connection errors)
         │   └── ThrottledError retry soon and slow the rate (429, Throttling)
+        │       └── QuotaExceededError  the 24-hour quota is used up: wait, keep the rate
         ├── PermanentError     the recipients of the call fail with the reason
         ├── ConfigurationError hold the mail: the relay or account is misconfigured
         └── AccountPausedError pause the whole pool until GetAccount says sending is enabled
 
-Only relay.ses.client raises DeliveryError subclasses, using classify(); this module imports no
-AWS or SMTP library so that the core and its tests stay transport-free.
+Only the SES edge raises DeliveryError subclasses (relay.ses.errors.map_ses_errors turns SES
+answers and transport failures into them); the core catches classes and never reads an
+error's text. This module imports no AWS or SMTP library, so the core stays transport-free.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class ThrottledError(TransientError):
     pass
 
 
+class QuotaExceededError(ThrottledError):
+    """The account's 24-hour quota is used up: not too fast but too much. The rate stays;
+    the mail waits for the rolling 24 hours to free some of the quota."""
+
+
 class PermanentError(DeliveryError):
     pass
 
@@ -62,39 +69,3 @@ class ConfigurationError(DeliveryError):
 
 class AccountPausedError(DeliveryError):
     pass
-
-
-#: SES error codes and the class each belongs to. Codes not listed fall back on the
-#: HTTP status: 429 throttled, 5xx transient, other 4xx permanent.
-ERROR_CLASSES: dict[str, type[DeliveryError]] = {
-    "TooManyRequestsException": ThrottledError,
-    "Throttling": ThrottledError,
-    "ThrottlingException": ThrottledError,
-    "LimitExceededException": ThrottledError,
-    "ServiceUnavailable": TransientError,
-    "InternalFailure": TransientError,
-    "InternalServerError": TransientError,
-    "RequestTimeout": TransientError,
-    "MessageRejected": PermanentError,
-    "BadRequestException": PermanentError,
-    "InvalidParameterValue": PermanentError,
-    "MailFromDomainNotVerifiedException": ConfigurationError,
-    "NotFoundException": ConfigurationError,
-    "AccessDeniedException": ConfigurationError,
-    "UnrecognizedClientException": ConfigurationError,
-    "InvalidClientTokenId": ConfigurationError,
-    "SignatureDoesNotMatch": ConfigurationError,
-    "SendingPausedException": AccountPausedError,
-    "AccountSuspendedException": AccountPausedError,
-}
-
-
-def classify(code: str, status: int) -> type[DeliveryError]:
-    """The error class for an SES error code and HTTP status."""
-    if code in ERROR_CLASSES:
-        return ERROR_CLASSES[code]
-    if status == 429:
-        return ThrottledError
-    if status >= 500 or status == 0:
-        return TransientError
-    return PermanentError

@@ -24,6 +24,7 @@ from relay.delivery import dsn
 from relay.delivery.pool import DeliveryPool
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.settings import Partition, PoolSettings
 from relay.feedback.events import Applied, FeedbackStore
 from relay.feedback.guard import ReputationGuard
 from relay.feedback.sns import SnsEndpoint
@@ -36,7 +37,7 @@ from relay.ops.metrics import Metrics, TimedSender
 from relay.sandbox.server import Sandbox, SandboxState
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import Envelope, Record, Spool, State, partition, set_worker
+from relay.spool.spool import Envelope, Record, Spool, State, set_worker
 from relay.store.budget import shared_budget
 from relay.store.db import Database
 from relay.store.messages import MessageLog
@@ -114,13 +115,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
             spool=spool, sender=TimedSender(ses, metrics), accounts=ses,
             limiter=RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard),
             policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
-            max_rate=dcfg.max_rate, max_concurrency=dcfg.max_concurrency,
-            ready_queue=dcfg.ready_queue, scan_interval=dcfg.scan_interval,
-            throttle_retry=dcfg.throttle_retry, account_refresh=dcfg.account_refresh,
-            pause_probe_interval=dcfg.pause_probe_interval, on_failed=on_failed,
-            suppressions=feedback.suppressions, listeners=[feedback.log, metrics],
-            commit=commit, share=1.0 / count,
-            owns=(lambda qid: partition(qid, count) == index) if count > 1 else None,
+            settings=PoolSettings.from_config(dcfg, partition=Partition(index, count)),
+            on_failed=on_failed, suppressions=feedback.suppressions,
+            listeners=[feedback.log, metrics], commit=commit,
         )
         queued = feedback.on_queued(pool.notify)
         queued_ref.append(queued)

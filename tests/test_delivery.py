@@ -21,7 +21,8 @@ def msg(n: int | str, rcpts: list[str]) -> bytes:
             f"Message-ID: <m{n}@example.com>\r\n\r\nbody {n}\r\n").encode()
 
 
-def send_many(port: int, messages: list[tuple[list[str], bytes]], sender: str = SENDER) -> list[str]:
+def send_many(port: int, messages: list[tuple[list[str], bytes]],
+              sender: str = SENDER) -> list[str]:
     """Send each (recipients, data) over one session; returns the queue ids."""
     ids = []
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from relay.delivery.pool import ACTIVATE_BATCH, DeliveryPool
+from relay.delivery.pool import DeliveryPool
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.scheduler import ACTIVATE_BATCH, Scheduler
+from relay.delivery.settings import PoolSettings
 from relay.spool.spool import Envelope, Spool, State
 from tests.conftest import wait_for
 
@@ -45,10 +47,12 @@ def spool(tmp_path):
     return s
 
 
-def pool_on(spool: Spool, clock: Clock, ready_queue: int = 1000) -> DeliveryPool:
-    return DeliveryPool(spool=spool, sender=NeverCalled(), accounts=NeverCalled(),
+def pool_on(spool: Spool, clock: Clock, ready_queue: int = 1000) -> Scheduler:
+    """The scheduler of a pool that never sends."""
+    pool = DeliveryPool(spool=spool, sender=NeverCalled(), accounts=NeverCalled(),
                         limiter=RateLimiter(10.0), policy=RetryPolicy(), clock=clock,
-                        ready_queue=ready_queue)
+                        settings=PoolSettings(ready_queue=ready_queue))
+    return pool.scheduler
 
 
 def deferred(spool: Spool, when: float) -> str:
@@ -66,10 +70,10 @@ def settle(spool: Spool) -> None:
 def test_a_pass_moves_due_mail_and_notes_the_earliest_next_attempt_left(spool):
     due, soon, later = deferred(spool, 100.0), deferred(spool, 200.0), deferred(spool, 300.0)
     pool = pool_on(spool, Clock(150.0))
-    assert pool._promote_due()[0] == 1
+    assert pool.promote_due()[0] == 1
     assert list(spool.scan(State.ACTIVE)) == [due]
     assert sorted(spool.scan(State.DEFERRED)) == sorted([soon, later])
-    assert pool._next_due == 200.0
+    assert pool.next_due == 200.0
 
 
 async def test_due_mail_beyond_one_batch_is_all_moved_and_the_scanner_told(spool):
@@ -77,12 +81,12 @@ async def test_due_mail_beyond_one_batch_is_all_moved_and_the_scanner_told(spool
     for _ in range(n):
         deferred(spool, 100.0)
     pool = pool_on(spool, Clock(150.0))
-    pool._loop = asyncio.get_running_loop()
-    assert (await asyncio.to_thread(pool._promote_due))[0] == n
-    assert pool._rescan.is_set()
+    loop = asyncio.get_running_loop()
+    assert (await asyncio.to_thread(pool.promote_due, loop))[0] == n
+    assert pool.rescan.is_set()
     assert sum(1 for _ in spool.scan(State.ACTIVE)) == n
     assert list(spool.scan(State.DEFERRED)) == []
-    assert pool._next_due == math.inf
+    assert pool.next_due == math.inf
 
 
 def test_quiet_deferred_is_not_read_again_until_its_next_attempt(spool):
@@ -91,56 +95,56 @@ def test_quiet_deferred_is_not_read_again_until_its_next_attempt(spool):
     clock = Clock(150.0)
     pool = pool_on(spool, clock)
     settle(spool)
-    pool._promote_due()
-    assert not pool._deferred_may_be_due()
+    pool.promote_due()
+    assert not pool.deferred_may_be_due()
     clock.now = 199.9
-    assert not pool._deferred_may_be_due()
+    assert not pool.deferred_may_be_due()
     clock.now = 200.0
-    assert pool._deferred_may_be_due()
+    assert pool.deferred_may_be_due()
 
 
 def test_mail_deferred_after_a_pass_brings_the_next_pass(spool):
     deferred(spool, 1000.0)
     pool = pool_on(spool, Clock(150.0))
     settle(spool)
-    pool._promote_due()
-    assert not pool._deferred_may_be_due()
+    pool.promote_due()
+    assert not pool.deferred_may_be_due()
     # e.g. another relay process deferring mail for a second after a throttle
     deferred(spool, 151.0)
-    assert pool._deferred_may_be_due()
+    assert pool.deferred_may_be_due()
 
 
 def test_a_recently_changed_deferred_dir_is_read_again(spool):
     # changed within the same timestamp tick, a later rename would leave the mtime alone
     deferred(spool, 1000.0)
     pool = pool_on(spool, Clock(150.0))
-    pool._promote_due()
-    assert pool._deferred_may_be_due()
+    pool.promote_due()
+    assert pool.deferred_may_be_due()
 
 
 def test_a_pass_stops_when_the_pool_stops(spool):
     qid = deferred(spool, 100.0)
     pool = pool_on(spool, Clock(150.0))
-    pool._stopping = True
-    assert pool._promote_due()[0] == 0
+    pool.gate.stop()
+    assert pool.promote_due()[0] == 0
     assert list(spool.scan(State.DEFERRED)) == [qid]
 
 
 async def test_a_full_ready_queue_is_refilled_when_half_drained_not_in_a_loop(spool):
     ids = {spool.accept(ENV, b"m") for _ in range(10)}
     pool = pool_on(spool, Clock(150.0), ready_queue=4)
-    await pool._fill()
-    assert pool._ready.qsize() == 4
-    assert not pool._rescan.is_set()  # a full queue does not ask for another scan at once
-    taken = [pool._ready.get_nowait()]
-    pool._taken()
-    assert not pool._rescan.is_set()
-    taken.append(pool._ready.get_nowait())
-    pool._taken()
-    assert pool._rescan.is_set()  # half drained: read active/ again
-    pool._rescan.clear()
-    await pool._fill()
-    queued = [pool._ready.get_nowait() for _ in range(pool._ready.qsize())]
+    await pool.fill()
+    assert pool.ready.qsize() == 4
+    assert not pool.rescan.is_set()  # a full queue does not ask for another scan at once
+    taken = [pool.ready.get_nowait()]
+    pool.taken()
+    assert not pool.rescan.is_set()
+    taken.append(pool.ready.get_nowait())
+    pool.taken()
+    assert pool.rescan.is_set()  # half drained: read active/ again
+    pool.rescan.clear()
+    await pool.fill()
+    queued = [pool.ready.get_nowait() for _ in range(pool.ready.qsize())]
     assert len(queued) == 4 and not set(queued) & set(taken)  # claimed ones not queued twice
     assert set(queued) | set(taken) <= ids
 

@@ -29,9 +29,10 @@ from multidict import CIMultiDict
 
 from relay.config import SesConfig
 from relay.delivery.ratelimit import DEPARTURE
-from relay.errors import ConfigurationError, DeliveryError, TransientError
+from relay.errors import ConfigurationError, DeliveryError, QuotaExceededError, TransientError
 from relay.sandbox.server import FAULTS, SandboxState, SandboxThread
-from relay.ses.client import SesClient, error_of, send_email_body
+from relay.ses.client import SesClient, send_email_body
+from relay.ses.errors import error_of
 from relay.ses.signer import Signer
 
 RAW = b"From: a@example.com\r\nSubject: t\r\n\r\n.dot line\r\n\xe9 8-bit\r\n"
@@ -258,8 +259,8 @@ async def test_lean_path_delivers_the_same_bytes_and_destinations(sb):
     big = RAW + bytes(range(256)) * 4000  # every byte value, about 1 MB
     async with SesClient(SesConfig(configuration_set="cs"), endpoint_url=sb.url,
                          static_credentials=("a", "b")) as ses:
-        mid = await ses.send_raw(sender="s@example.com", recipients=["x@example.net", "y@example.org"],
-                                 raw=big)
+        mid = await ses.send_raw(sender="s@example.com",
+                                 recipients=["x@example.net", "y@example.org"], raw=big)
     call = sb.state.accepted()[0]
     assert call.message_id == mid and call.raw == big
     assert call.recipients == ["x@example.net", "y@example.org"]
@@ -308,14 +309,17 @@ async def test_quota_and_too_many_recipients_map_as_the_aioboto3_client_maps_the
     rcpts = [f"r{i}@example.net" for i in range(51)]
     async with SesClient(SesConfig(), endpoint_url=sb.url,
                          static_credentials=("a", "b")) as ses:
-        sdk = await _error(ses._call("send_email", dict(params(), Destination={"ToAddresses": rcpts})))
+        sdk = await _error(ses._call("send_email",
+                                     dict(params(), Destination={"ToAddresses": rcpts})))
         lean = await _error(ses.send_raw(sender="a@example.com", recipients=rcpts, raw=RAW))
         assert (type(lean), lean.code, lean.message) == (type(sdk), sdk.code, sdk.message)
         sb.state.max_24hour_send = 0
         sdk = await _error(ses._call("send_email", params()))
-        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW))
+        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"],
+                                         raw=RAW))
         assert (type(lean), lean.code, lean.message) == (type(sdk), sdk.code, sdk.message)
         assert lean.code == "ThrottlingException" and "quota" in lean.message.lower()
+        assert type(lean) is QuotaExceededError
 
 
 async def test_read_timeout_and_refused_connection_are_transient_as_before(sb):
@@ -324,7 +328,8 @@ async def test_read_timeout_and_refused_connection_are_transient_as_before(sb):
     async with SesClient(cfg, endpoint_url=sb.url, static_credentials=("a", "b")) as ses:
         sb.state.script("slow", "slow")
         sdk = await _error(ses._call("send_email", params()))
-        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW))
+        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"],
+                                         raw=RAW))
     assert type(lean) is type(sdk) is TransientError and lean.code == sdk.code == "ReadTimeoutError"
     # nothing listens on a port just freed
     with socket.socket() as s:
@@ -332,7 +337,8 @@ async def test_read_timeout_and_refused_connection_are_transient_as_before(sb):
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     async with SesClient(SesConfig(), endpoint_url=closed, static_credentials=("a", "b")) as ses:
         sdk = await _error(ses._call("send_email", params()))
-        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW))
+        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"],
+                                         raw=RAW))
     assert type(lean) is type(sdk) is TransientError
     assert lean.code == sdk.code == "EndpointConnectionError"
 
@@ -345,7 +351,8 @@ async def test_no_credentials_holds_the_mail_as_before(sb, monkeypatch, tmp_path
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     async with SesClient(SesConfig(), endpoint_url=sb.url) as ses:
         sdk = await _error(ses._call("send_email", params()))
-        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"], raw=RAW))
+        lean = await _error(ses.send_raw(sender="a@example.com", recipients=["b@example.net"],
+                                         raw=RAW))
     assert (type(lean), lean.code, lean.message) == (type(sdk), sdk.code, sdk.message)
     assert type(lean) is ConfigurationError and lean.code == "NoCredentials"
 
@@ -384,5 +391,5 @@ def test_body_is_the_botocore_document():
         "Content": {"Raw": {"Data": base64.b64encode(RAW).decode()}},
         "ConfigurationSetName": "cs",
     }
-    assert "FromEmailAddress" not in json.loads(send_email_body(sender="", recipients=["b@x.example"],
-                                                                raw=b"x"))
+    assert "FromEmailAddress" not in json.loads(
+        send_email_body(sender="", recipients=["b@x.example"], raw=b"x"))

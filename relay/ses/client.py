@@ -3,20 +3,19 @@
 SendEmail (once per message) takes a lean path: one keep-alive aiohttp pool, the SESv2
 REST request built directly (raw MIME base64-encoded once), signed by relay.ses.signer with
 credentials from the botocore chain. GetAccount and ListSuppressedDestinations use an
-aioboto3 client (SDK retries off: the relay owns retries). Errors become the relay's
-DeliveryError classes (relay.errors.classify). Built by relay.service; implements the
-Sender and AccountSource ports.
+aioboto3 client (SDK retries off: the relay owns retries). Both paths run inside
+relay.ses.errors.map_ses_errors, so every failure leaves as a relay.errors.DeliveryError.
+Built by relay.service; implements the Sender and AccountSource ports.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
+import io
 import json
 import os
-import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -25,7 +24,7 @@ import aiobotocore.session
 import aiohttp
 import botocore.exceptions
 from aiobotocore.config import AioConfig
-from botocore.httpsession import create_urllib3_context, get_cert_path, mask_proxy_url
+from botocore.httpsession import create_urllib3_context, get_cert_path
 from botocore.utils import get_environ_proxies, normalize_url_path
 from yarl import URL
 
@@ -33,7 +32,7 @@ from relay import __version__
 from relay.config import SesConfig
 from relay.delivery.ports import Account
 from relay.delivery.ratelimit import DEPARTURE
-from relay.errors import ConfigurationError, DeliveryError, TransientError, classify
+from relay.ses.errors import ErrorResponse, map_ses_errors
 from relay.ses.signer import Signer, amz_date
 
 #: Header carrying the limiter's departure time to SES-compatible test endpoints (the
@@ -43,6 +42,9 @@ DEPARTURE_HEADER = "X-Relay-Departed"
 SEND_EMAIL_PATH = "/v2/email/outbound-emails"
 SIGNING_NAME = "ses"
 USER_AGENT = f"relay/{__version__} aiohttp/{aiohttp.__version__}"
+#: A request body above this goes to aiohttp as a stream, written in chunks with the loop
+#: free between them; as one bytes object aiohttp writes it in one piece and warns.
+LARGE_BODY = 2**20
 
 
 def send_email_body(*, sender: str, recipients: Sequence[str], raw: bytes,
@@ -60,59 +62,8 @@ def send_email_body(*, sender: str, recipients: Sequence[str], raw: bytes,
                      b',"Content":{"Raw":{"Data":"', base64.b64encode(raw), b'"}}}'))
 
 
-def error_of(status: int, headers: Mapping[str, str], body: bytes) -> tuple[str, str]:
-    """(code, message) of an SES error response, as botocore's rest-json parser reads it.
-
-    `headers` must look names up case-insensitively (aiohttp's CIMultiDict does).
-    """
-    if status >= 500 and (not body.strip() or body.strip().startswith(b"<html>")):
-        return str(status), http.client.responses.get(status, "")  # a proxy's page
-    doc: Any
-    try:
-        doc = json.loads(body.decode("utf-8")) if body else {}
-    except ValueError:
-        doc = {"message": body.decode("utf-8", "replace")}
-    if not isinstance(doc, dict):
-        doc = {}
-    message = doc.get("message", doc.get("Message", ""))
-    code: Any = doc.get("__type", str(status))
-    if code is None:
-        code = ""
-    elif isinstance(code, str):
-        code = code.split(":", 1)[0].rsplit("#", 1)[-1]
-    header = headers.get("x-amzn-ErrorType")
-    if header is not None:
-        code = header
-    elif "code" in doc or "Code" in doc:
-        code = doc.get("code", doc.get("Code", ""))
-    if isinstance(code, str):
-        code = code.split(":", 1)[0].rsplit("#", 1)[-1]
-    return str(code), str(message)
-
-
-def transport_error(exc: BaseException, url: str, proxy: str | None = None) -> TransientError:
-    """A connection-level failure as the TransientError the aiobotocore client gave."""
-    b = botocore.exceptions
-    err: Exception
-    if isinstance(exc, aiohttp.ClientSSLError):
-        err = b.SSLError(endpoint_url=url, error=exc)
-    elif isinstance(exc, (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError)):
-        err = b.ProxyConnectionError(proxy_url=mask_proxy_url(proxy or ""), error=exc)
-    elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-        err = b.ConnectionClosedError(endpoint_url=url, error=exc)
-    elif isinstance(exc, aiohttp.ServerTimeoutError) and str(exc).lower().startswith("connect"):
-        err = b.ConnectTimeoutError(endpoint_url=url, error=exc)
-    elif isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
-        err = b.ReadTimeoutError(endpoint_url=url, error=exc)
-    elif isinstance(exc, (aiohttp.ClientConnectionError, socket.gaierror, OSError)):
-        err = b.EndpointConnectionError(endpoint_url=url, error=exc)
-    else:
-        err = b.HTTPClientError(error=exc)
-    return TransientError(type(err).__name__, str(err))
-
-
 class SesClient:
-    """Implements relay.delivery.pool.Sender and AccountSource over SESv2."""
+    """Implements relay.delivery.ports.Sender and AccountSource over SESv2."""
 
     def __init__(
         self,
@@ -207,26 +158,15 @@ class SesClient:
             raise RuntimeError("SesClient used outside 'async with'")
         body = send_email_body(sender=sender, recipients=recipients, raw=raw,
                                configuration_set=self.cfg.configuration_set)
-        try:
+        with map_ses_errors(endpoint=str(self._url), proxy=self._proxy):
             headers = await self._signed_headers(body)
-            async with self._http.post(self._url, data=body, headers=headers,
+            data: bytes | io.BytesIO = body if len(body) <= LARGE_BODY else io.BytesIO(body)
+            async with self._http.post(self._url, data=data, headers=headers,
                                        proxy=self._proxy, allow_redirects=False) as resp:
-                status, data = resp.status, await resp.read()
+                status, answer = resp.status, await resp.read()
                 if status >= 300:
-                    code, message = error_of(status, resp.headers, data)
-                    raise classify(code, status)(code, message)
-            return str(json.loads(data)["MessageId"])
-        except DeliveryError:
-            raise
-        except (botocore.exceptions.NoCredentialsError,
-                botocore.exceptions.PartialCredentialsError) as exc:
-            raise ConfigurationError("NoCredentials", str(exc)) from exc
-        except botocore.exceptions.BotoCoreError as exc:  # e.g. a failed credential refresh
-            raise TransientError(type(exc).__name__, str(exc)) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise transport_error(exc, str(self._url), self._proxy) from exc
-        except (ValueError, KeyError, TypeError) as exc:  # a 2xx that is not SES's answer
-            raise TransientError("InvalidResponse", f"{type(exc).__name__}: {exc}") from exc
+                    raise ErrorResponse(status, resp.headers, answer)
+            return str(json.loads(answer)["MessageId"])
 
     async def _signed_headers(self, body: bytes) -> dict[str, str]:
         if self._credentials is None:
@@ -286,16 +226,5 @@ class SesClient:
     async def _call(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
         if self._client is None:
             raise RuntimeError("SesClient used outside 'async with'")
-        try:
+        with map_ses_errors():
             return await getattr(self._client, op)(**params)  # type: ignore[no-any-return]
-        except botocore.exceptions.ClientError as exc:
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", "Unknown"))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            raise classify(code, status)(code, str(err.get("Message", ""))) from exc
-        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError) as exc:
-            raise ConfigurationError("NoCredentials", str(exc)) from exc
-        except (TimeoutError, botocore.exceptions.BotoCoreError, aiohttp.ClientError, ConnectionError, OSError) as exc:
-            raise TransientError(type(exc).__name__, str(exc)) from exc
-        except DeliveryError:
-            raise

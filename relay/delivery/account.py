@@ -1,0 +1,134 @@
+"""The account watch and the pause: whether the pool may send, and at what rate.
+
+Gate holds the pause (with its reason) and the stop, which every part of delivery reads.
+AccountWatch reads GetAccount through the AccountSource port at start, every
+account_refresh, and every pause_probe_interval while paused: it sets the limiter's rate
+and the 24-hour quota (this worker's share of them), pauses when SES says sending is
+disabled and resumes when it is enabled again. No spool or database access. Built by the
+delivery pool; pause() and resume() are also called by the reputation guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from relay.delivery.ports import Account, AccountSource
+from relay.delivery.ratelimit import Quota, RateLimiter
+from relay.delivery.settings import PoolSettings
+from relay.errors import DeliveryError
+from relay.log import event
+
+log = logging.getLogger("relay.delivery")
+
+#: the prefix of every pause the account watch decides (and so may lift by itself)
+SES_PAUSE = "SES"
+
+
+class Gate:
+    """Whether delivery may send: not paused (and why it is), not stopping."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.stopping = False
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.reason)
+
+    @property
+    def closed(self) -> bool:
+        """Paused or stopping: take nothing more, keep what waits queued."""
+        return self.paused or self.stopping
+
+    def pause(self, reason: str) -> None:
+        self.reason = reason
+        self._unpaused.clear()
+
+    def resume(self) -> None:
+        self.reason = ""
+        self._unpaused.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    async def wait_unpaused(self) -> None:
+        await self._unpaused.wait()
+
+
+class AccountWatch:
+    def __init__(self, *, accounts: AccountSource, limiter: RateLimiter, quota: Quota,
+                 gate: Gate, settings: PoolSettings, on_resume: Callable[[], None]) -> None:
+        self.accounts = accounts
+        self.limiter = limiter
+        self.quota = quota
+        self.gate = gate
+        self.settings = settings
+        #: called on every resume: mail left in active/ while paused is read again
+        self.on_resume = on_resume
+        self.account: Account | None = None
+        self._changed = asyncio.Event()
+
+    def pause(self, reason: str) -> None:
+        if not self.gate.paused:
+            event(log, "paused", level=logging.ERROR, reason=reason)
+        self.gate.pause(reason)
+        self._changed.set()
+
+    def resume(self) -> None:
+        if self.gate.paused:
+            event(log, "resumed", previous_reason=self.gate.reason)
+        self.gate.resume()
+        self.on_resume()
+
+    async def refresh(self) -> None:
+        """Read the account; set the rate and quota; pause or resume on SendingEnabled."""
+        share = self.settings.partition.share
+        max_rate = self.settings.max_rate
+        try:
+            account = await self.accounts.get_account()
+        except DeliveryError as exc:
+            if self.account is None:
+                fallback = (max_rate or 1.0) * share
+                self.limiter.set_rate(fallback)
+                event(log, "account_unknown", level=logging.WARNING, error=str(exc),
+                      rate=fallback)
+            return
+        if account != self.account:
+            event(log, "account", max_send_rate=account.max_send_rate,
+                  max_24hour_send=account.max_24hour_send,
+                  sent_last_24hours=account.sent_last_24hours,
+                  sending_enabled=account.sending_enabled,
+                  enforcement_status=account.enforcement_status)
+        self.account = account
+        rate = account.max_send_rate
+        if max_rate:
+            rate = min(rate, max_rate)
+        self.limiter.set_rate(max(rate * share, 0.01))
+        self.quota.update(account.max_24hour_send * share, account.sent_last_24hours * share)
+        if not account.sending_enabled:
+            self.pause(f"{SES_PAUSE} sending is disabled for the account "
+                       "(GetAccount SendingEnabled=false)")
+        elif self.gate.reason.startswith(SES_PAUSE):
+            self.resume()
+
+    async def run(self) -> None:
+        """Re-read the account every account_refresh; while paused, probe more often."""
+        while True:
+            if self.gate.paused or self.account is None:
+                await asyncio.sleep(self.settings.pause_probe_interval)
+            elif await self._paused_meanwhile():
+                continue  # just paused: wait one probe interval before asking
+            await self.refresh()
+
+    async def _paused_meanwhile(self) -> bool:
+        """Wait account_refresh, or less if delivery is paused; True if it was."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), self.settings.account_refresh)
+        except TimeoutError:
+            pass
+        self._changed.clear()
+        return self.gate.paused
