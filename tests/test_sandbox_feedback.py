@@ -18,7 +18,8 @@ def readyz(relay) -> tuple[int, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/readyz", timeout=10) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:  # the error carries the open response
+            return exc.code, exc.read().decode()
 
 
 def test_quick_start_bounce_suppresses_and_log_shows_it(start_relay):

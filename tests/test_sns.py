@@ -180,5 +180,6 @@ def test_relay_serves_sns_on_the_admin_listener(start_relay, sandbox):
                                  data=json.dumps(msg).encode(), method="POST")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
+    err.value.close()  # the error carries the open response
     assert err.value.code == 403
     wait_for(lambda: relay.find("sns_rejected"), 10)
