@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from relay.feedback.events import FeedbackStore
+from relay.feedback.applier import FeedbackApplier
 from relay.feedback.sns import SnsEndpoint, string_to_sign
 from relay.store.db import Database
 from tests.conftest import database_for, wait_for
@@ -84,7 +84,7 @@ async def endpoint(tmp_path, pki):
         return b"<ConfirmSubscriptionResponse/>"
 
     db = await Database.open(database_for(tmp_path), tmp_path)
-    sns = SnsEndpoint(store=FeedbackStore(db), topic_arns=[TOPIC], fetch=fetch, confirm=confirm)
+    sns = SnsEndpoint(applier=FeedbackApplier(db), topic_arns=[TOPIC], fetch=fetch, confirm=confirm)
     app = web.Application()
     app.router.add_post("/sns", sns.handle)
     runner = web.AppRunner(app)

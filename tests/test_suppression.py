@@ -220,7 +220,7 @@ def test_message_id_header():
 
 def test_feedback_modules_import_no_transport():
     code = (
-        "import sys, relay.store.suppression, relay.store.messages, relay.feedback.events, relay.feedback.guard, relay.store.db;"
+        "import sys, relay.store.suppression, relay.store.messages, relay.feedback.parse, relay.feedback.applier, relay.feedback.guard, relay.store.db;"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('aiosmtpd', 'aioboto3', 'aiobotocore', 'botocore', 'aiohttp')];"
         "print(bad); sys.exit(1 if bad else 0)"
@@ -244,7 +244,8 @@ def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbo
 
 
 async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
-    from relay.feedback.events import FeedbackStore, parse
+    from relay.feedback.applier import FeedbackApplier
+    from relay.feedback.parse import parse
     from tests.feedback_helpers import notification
 
     db = await Database.open(database_for(tmp_path), tmp_path)
@@ -252,7 +253,7 @@ async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
         doc = notification("ses-notification-bounce-permanent-no-dsn.json", message_id="M9",
                            destination=["a@example.net", "b@example.net"],
                            recipients=["a@example.net"])
-        await FeedbackStore(db).apply(parse(json.dumps(doc)))
+        await FeedbackApplier(db).apply(parse(json.dumps(doc)))
         rec = Record(id="Q9", envelope=Envelope("s@example.com", ("a@example.net", "b@example.net"),
                                                 0.0), size=1)
         await MessageLog(db).outcome("sent", rec, ["a@example.net", "b@example.net"],
