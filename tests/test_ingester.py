@@ -31,7 +31,8 @@ def queue(moto_server, monkeypatch):
 def in_queue(sqs, url: str) -> int:
     attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
         "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+    return (int(attrs["ApproximateNumberOfMessages"])
+            + int(attrs["ApproximateNumberOfMessagesNotVisible"]))
 
 
 def envelope(doc: dict) -> str:
@@ -128,10 +129,12 @@ async def test_event_kinds_update_the_log(tmp_path):
         from relay.spool.spool import Envelope, Record
         from relay.store.messages import MessageLog
 
-        record = Record(id="Q1", envelope=Envelope("s@example.com", ("r@example.net",), 0.0), size=1)
+        record = Record(id="Q1", envelope=Envelope("s@example.com", ("r@example.net",), 0.0),
+                        size=1)
         await MessageLog(db).outcome("sent", record, ["r@example.net"], ses_message_id="M1")
         results = {}
-        for name in ("ses-event-send.json", "ses-event-deliverydelay.json", "ses-event-reject.json"):
+        for name in ("ses-event-send.json", "ses-event-deliverydelay.json",
+                     "ses-event-reject.json"):
             doc = fixture(name)
             doc["mail"]["messageId"], doc["mail"]["destination"] = "M1", ["r@example.net"]
             if "deliveryDelay" in doc:

@@ -47,7 +47,8 @@ def test_simulator_complaint_and_suppressionlist(start_relay):
     wait_for(lambda: {complaint, listed} <= set(suppressed(relay)), 30)
     rows = suppressed(relay)
     assert rows[complaint]["reason"] == "complaint"
-    assert rows[listed]["reason"] == "bounce" and "OnAccountSuppressionList" in rows[listed]["detail"]
+    assert rows[listed]["reason"] == "bounce"
+    assert "OnAccountSuppressionList" in rows[listed]["detail"]
     assert ooto not in rows
 
 

@@ -40,13 +40,15 @@ def pki():
     """A test CA and an SNS-like signing certificate it issued."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca = (x509.CertificateBuilder().subject_name(_name("relay test CA")).issuer_name(_name("relay test CA"))
+    ca = (x509.CertificateBuilder().subject_name(_name("relay test CA"))
+          .issuer_name(_name("relay test CA"))
           .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
           .not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (x509.CertificateBuilder().subject_name(_name("sns.amazonaws.com")).issuer_name(ca.subject)
+    cert = (x509.CertificateBuilder().subject_name(_name("sns.amazonaws.com"))
+            .issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(2).not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
     return key, cert.public_bytes(serialization.Encoding.PEM)
@@ -55,7 +57,8 @@ def pki():
 def signed(key, msg: dict, version: str = "1") -> dict:
     msg = dict(msg, SignatureVersion=version)
     algo = hashes.SHA1() if version == "1" else hashes.SHA256()
-    msg["Signature"] = base64.b64encode(key.sign(string_to_sign(msg), padding.PKCS1v15(), algo)).decode()
+    signature = key.sign(string_to_sign(msg), padding.PKCS1v15(), algo)
+    msg["Signature"] = base64.b64encode(signature).decode()
     return msg
 
 
@@ -129,7 +132,8 @@ async def test_changed_byte_and_wrong_version_are_rejected(endpoint, pki):
     assert await endpoint["post"](dict(good, SignatureVersion="3")) == 403
     sig = bytearray(base64.b64decode(good["Signature"]))
     sig[10] ^= 1
-    assert await endpoint["post"](dict(good, Signature=base64.b64encode(bytes(sig)).decode())) == 403
+    tampered = dict(good, Signature=base64.b64encode(bytes(sig)).decode())
+    assert await endpoint["post"](tampered) == 403
     assert (await endpoint["snapshot"]()) == before
 
 

@@ -44,7 +44,8 @@ def test_cli_add_list_remove_import_export(config, tmp_path):
     csv_file = tmp_path / "list.csv"
     csv_file.write_text("address,reason,detail\nbob@example.org,complaint,from the old relay\n"
                         "carol@example.org,,\n")
-    assert "imported 2 addresses (2 new)" in cli(config, "suppression", "import", str(csv_file)).stdout
+    imported = cli(config, "suppression", "import", str(csv_file)).stdout
+    assert "imported 2 addresses (2 new)" in imported
     assert suppressed(config)["bob@example.org"]["reason"] == "complaint"
     exported = cli(config, "suppression", "export").stdout
     assert exported.splitlines()[0].startswith("address,reason")
@@ -215,12 +216,15 @@ async def test_a_failed_check_fails_every_caller_and_the_next_check_works(tmp_pa
 
 
 def test_message_id_header():
-    assert message_id_header(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n") == "<a@b>"
+    head = b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n"
+    assert message_id_header(head) == "<a@b>"
 
 
 def test_feedback_modules_import_no_transport():
     code = (
-        "import sys, relay.store.suppression, relay.store.messages, relay.feedback.parse, relay.feedback.applier, relay.feedback.guard, relay.store.db;"
+        "import sys, relay.store.suppression, relay.store.messages, relay.store.db,"
+        " relay.feedback.parse, relay.feedback.decisions, relay.feedback.applier,"
+        " relay.feedback.guard;"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('aiosmtpd', 'aioboto3', 'aiobotocore', 'botocore', 'aiohttp')];"
         "print(bad); sys.exit(1 if bad else 0)"

@@ -4,9 +4,10 @@ Reads rolling rates over the database: permanent bounces and complaints received
 (feedback_events) against recipients SES accepted (messages.sent_at) within
 feedback.reputation_window. Above feedback.max_bounce_rate or max_complaint_rate, with
 at least feedback.min_sample recipients sent, it pauses the delivery pool with the reason
-(mail stays queued; /readyz and the log say why) until an operator runs `relay resume`,
-which writes relay_state "resumed_at"; the guard polls it and only counts feedback after
-it. Built by relay.service; request_resume() is called by the CLI.
+(mail stays queued; /readyz and the log say why) until an operator runs `relay resume`:
+request_resume() (called by the CLI) writes relay_state "resumed_at" (this module is the
+table's one writer); the guard polls it and only counts feedback after it. Built by
+relay.service.
 """
 
 from __future__ import annotations
