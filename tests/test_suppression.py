@@ -247,6 +247,44 @@ def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbo
     assert "2500 addresses (0 new)" in cli(config, "suppression", "sync").stdout
 
 
+async def test_transient_bounces_count_to_the_limit_and_a_delivery_starts_over(tmp_path):
+    from relay.feedback.applier import FeedbackApplier
+    from relay.feedback.parse import parse
+    from tests.feedback_helpers import notification, snapshot
+
+    def soft(n: int, recipients: list[str]) -> str:
+        return json.dumps(notification("synthetic-ses-notification-bounce-transient.json",
+                                       message_id=f"M{n}", destination=recipients,
+                                       recipients=recipients))
+
+    def delivered(n: int, recipient: str) -> str:
+        return json.dumps(notification("ses-notification-delivery.json", message_id=f"D{n}",
+                                       destination=[recipient]))
+
+    async def state() -> tuple[dict[str, int], dict[str, str]]:
+        rows = await snapshot(tmp_path, ("bounce_counts", "suppressions"))
+        return ({r[0]: r[1] for r in rows["bounce_counts"]},
+                {r[0]: r[1] for r in rows["suppressions"]})
+
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    applier = FeedbackApplier(db, soft_bounce_limit=3)
+    try:
+        for n in (0, 1):
+            assert (await applier.apply(parse(soft(n, ["a@x.example"])))).suppressed == []
+        assert await state() == ({"a@x.example": 2}, {})
+        await applier.apply(parse(delivered(1, "a@x.example")))
+        assert await state() == ({}, {})
+        for n in (2, 3):
+            await applier.apply(parse(soft(n, ["a@x.example", "b@x.example"])))
+        assert await state() == ({"a@x.example": 2, "b@x.example": 2}, {})
+        third = await applier.apply(parse(soft(4, ["A@X.example"])))
+        assert third.suppressed == ["a@x.example"]
+        assert await state() == ({"a@x.example": 3, "b@x.example": 2},
+                                 {"a@x.example": "soft-bounce limit"})
+    finally:
+        await db.close()
+
+
 async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
     from relay.feedback.applier import FeedbackApplier
     from relay.feedback.parse import parse

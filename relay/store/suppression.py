@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -87,8 +89,22 @@ async def suppress(session: AsyncSession, address: str, *, reason: str, source: 
 
 async def bounce_count(session: AsyncSession, address: str) -> int:
     """The address's consecutive transient bounces so far (normalized address)."""
-    row = await session.get(BounceCount, address)
-    return 0 if row is None else row.count
+    # a column, not the row: set_bounce_count() writes by statement, never a stale object
+    count = await session.scalar(select(BounceCount.count).where(
+        BounceCount.address == address))
+    return int(count or 0)
+
+
+@functools.cache
+def _upsert_count(dialect: str) -> Any:
+    """INSERT of a bounce count that replaces the count already there (SQLite, PostgreSQL)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(BounceCount)
+    return stmt.on_conflict_do_update(
+        index_elements=[BounceCount.address],
+        set_={"count": stmt.excluded.count, "updated_at": stmt.excluded.updated_at})
 
 
 async def set_bounce_count(session: AsyncSession, address: str, count: int, *,
@@ -97,12 +113,8 @@ async def set_bounce_count(session: AsyncSession, address: str, count: int, *,
     if count == 0:
         await session.execute(delete(BounceCount).where(BounceCount.address == address))
         return
-    # the row bounce_count() read is in the session already: no second SELECT
-    row = await session.get(BounceCount, address)
-    if row is None:
-        session.add(BounceCount(address=address, count=count, updated_at=now))
-    else:
-        row.count, row.updated_at = count, now
+    await session.execute(_upsert_count(session.get_bind().dialect.name),
+                          {"address": address, "count": count, "updated_at": now})
 
 
 #: The delivery-time check: one SELECT for any number of addresses.
