@@ -1,11 +1,9 @@
 """Applies parsed SES feedback to the database, one transaction per notification.
 
-Reads the state a decision needs (was this notification seen, the recipient's count of
-consecutive transient bounces), asks relay.feedback.decisions what to do and has each
-table's one writer do it, all inside one transaction: feedback_events
-(relay.store.feedback_events), messages (relay.store.messages.record_feedback),
-suppressions and bounce_counts (relay.store.suppression). A second copy of a notification
-(same key) changes nothing. Called by relay.feedback.sqs, relay.feedback.sns and tests.
+Reads what a decision needs (was the notification seen, the recipient's transient-bounce
+count), asks relay.feedback.decisions, and has each table's one writer in relay.store
+record it: feedback_events, messages, suppressions, bounce_counts. A second copy changes
+nothing. Called by relay.feedback.sqs, relay.feedback.sns and tests.
 """
 
 from __future__ import annotations

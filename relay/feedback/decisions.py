@@ -1,11 +1,9 @@
 """What one feedback event does to its recipient, as a pure function of plain values.
 
-decide() answers, for an event kind and the address's count of consecutive transient
-bounces: which suppression reason to record (if any) and with what detail, and what the
-count becomes. Precedence among reasons is the suppression list's (a complaint outranks
-every other reason: relay.store.suppression.outranks) and the message log's status
-change is its own (relay.store.transitions). Touches no table; called by
-relay.feedback.applier, tested by tables in tests/unit/test_feedback_decisions.py.
+decide(): which suppression reason to record and with what detail, and what the count of
+consecutive transient bounces becomes. Which reason a listed address keeps is
+relay.store.suppression.outranks; the log row's change is relay.store.transitions. Touches
+no table; called by relay.feedback.applier; tables in tests/unit/test_feedback_decisions.py.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The database: SQLAlchemy 2 models, the async engine and start-up migrations.
 
-Tables and their one writer each: suppressions and bounce_counts (relay.store.suppression),
-messages (the message log, relay.store.messages), feedback_events (every SES event per
-recipient, relay.store.feedback_events), relay_state (shared flags such as the operator's
-last `relay resume`, relay.feedback.guard), rate_slots (the shared rate budget,
-relay.store.budget). SQLite in the spool dir by default, any SQLAlchemy URL by
-database.url; schema changes are Alembic migrations in relay/store/migrations, applied by
-open_database(). Used by the service and the CLI.
+Each table has one writer: suppressions and bounce_counts (relay.store.suppression),
+messages (relay.store.messages), feedback_events (relay.store.feedback_events),
+relay_state (relay.feedback.guard), rate_slots (relay.store.budget). SQLite in the spool
+by default; migrations in relay/store/migrations run by open_database() (service, CLI).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The message log: one row per message and recipient, and what became of it.
 
-The one writer of the `messages` table: a "queued" row per recipient once ingress has
-committed the message, then every delivery outcome (the pool's Listener port), batched by
-one writer task so delivery never waits for a commit (the spool stays the record of
-truth); and, through record_feedback(), what SES feedback says, inside the feedback
-applier's transaction. Reads `feedback_events` for `relay log ADDRESS`; prunes both tables
-after database.retention. Built by relay.service; read by relay.ops.feedback_cli.
+The one writer of `messages`: "queued" rows once ingress committed a message, delivery
+outcomes (the pool's Listener port) batched by one writer task so delivery never waits for
+a commit, and SES feedback through record_feedback() in the applier's transaction. Reads
+feedback_events for `relay log`; prunes both after database.retention. Built by
+relay.service.
 """
 
 from __future__ import annotations

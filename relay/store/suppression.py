@@ -1,11 +1,9 @@
 """The suppression list: addresses the relay must never mail, and why.
 
-The one writer of the `suppressions` table and of `bounce_counts` (each address's
-consecutive transient bounces, which lead to a soft-bounce-limit row). Implements the
-delivery pool's Suppressions port (checked per recipient at delivery time), the RCPT-time
-check (smtp.reject_suppressed) and the verbs behind `relay suppression ...`; the feedback
-applier calls suppress() and the bounce count inside its transaction. Addresses are
-normalized (trimmed, no <>, lower-cased, IDN domain as punycode): one mailbox, one row.
+The one writer of `suppressions` and `bounce_counts` (consecutive transient bounces).
+The delivery pool's Suppressions port, the RCPT-time check, the verbs behind `relay
+suppression ...`, and suppress() and the bounce count for the feedback applier's
+transaction. Addresses are normalized (trimmed, no <>, lower-case, IDN as punycode).
 """
 
 from __future__ import annotations
