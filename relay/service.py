@@ -25,7 +25,7 @@ from relay.delivery.pool import DeliveryPool
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.settings import Partition, PoolSettings
-from relay.feedback.events import Applied, FeedbackStore
+from relay.feedback.applier import Applied, FeedbackApplier
 from relay.feedback.guard import ReputationGuard
 from relay.feedback.sns import SnsEndpoint
 from relay.feedback.sqs import SqsIngester, queue_region
@@ -199,7 +199,7 @@ class Feedback:
         self.db = db
         self.suppressions = SuppressionList(db)
         self.log = MessageLog(db, spool=spool)
-        self.store = FeedbackStore(db, soft_bounce_limit=config.feedback.soft_bounce_limit)
+        self.applier = FeedbackApplier(db, soft_bounce_limit=config.feedback.soft_bounce_limit)
         self.ingester: SqsIngester | None = None
         self.guard: ReputationGuard | None = None
         self.sns: SnsEndpoint | None = None
@@ -259,7 +259,7 @@ class Feedback:
                 sqs_endpoint, creds = ses_endpoint, credentials
         if queue_url and ingest:
             self.ingester = SqsIngester(
-                store=self.store, queue_url=queue_url,
+                applier=self.applier, queue_url=queue_url,
                 region=queue_region(queue_url, self.config.ses.region),
                 endpoint_url=sqs_endpoint or None, static_credentials=creds,
                 wait_time=fcfg.wait_time, max_messages=fcfg.max_messages,
@@ -267,7 +267,7 @@ class Feedback:
             )
             await self.ingester.start()
         if fcfg.sns_endpoint and ingest:
-            self.sns = SnsEndpoint(store=self.store, topic_arns=fcfg.topic_arns,
+            self.sns = SnsEndpoint(applier=self.applier, topic_arns=fcfg.topic_arns,
                                    on_applied=self._applied)
         if ingest:
             self._tasks.add(asyncio.create_task(self._prune()))

@@ -61,7 +61,8 @@ def send(port: int, rcpts: list[str], data: bytes | None = None) -> str:
     return reply.decode().rsplit(" ", 1)[1]
 
 
-def cli(relay: RelayProcess | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(relay: RelayProcess | Path, *args: str,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
     config = relay.config if isinstance(relay, RelayProcess) else relay
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

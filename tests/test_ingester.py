@@ -10,7 +10,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from relay.feedback.events import FeedbackStore, Unparseable, parse
+from relay.feedback.applier import FeedbackApplier
+from relay.feedback.parse import Unparseable, parse
 from relay.feedback.sqs import SqsIngester
 from relay.store.db import Database
 from tests.conftest import database_for
@@ -30,7 +31,8 @@ def queue(moto_server, monkeypatch):
 def in_queue(sqs, url: str) -> int:
     attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
         "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+    return (int(attrs["ApproximateNumberOfMessages"])
+            + int(attrs["ApproximateNumberOfMessagesNotVisible"]))
 
 
 def envelope(doc: dict) -> str:
@@ -42,7 +44,7 @@ def envelope(doc: dict) -> str:
 
 async def ingester(tmp_path: Path, moto_server: str, url: str) -> tuple[SqsIngester, Database]:
     db = await Database.open(database_for(tmp_path), tmp_path)
-    return SqsIngester(store=FeedbackStore(db), queue_url=url, region="us-east-1",
+    return SqsIngester(applier=FeedbackApplier(db), queue_url=url, region="us-east-1",
                        endpoint_url=moto_server, wait_time=0), db
 
 
@@ -122,20 +124,22 @@ def test_unparseable_bodies(body):
 
 async def test_event_kinds_update_the_log(tmp_path):
     db = await Database.open(database_for(tmp_path), tmp_path)
-    store = FeedbackStore(db)
+    applier = FeedbackApplier(db)
     try:
         from relay.spool.spool import Envelope, Record
         from relay.store.messages import MessageLog
 
-        record = Record(id="Q1", envelope=Envelope("s@example.com", ("r@example.net",), 0.0), size=1)
+        record = Record(id="Q1", envelope=Envelope("s@example.com", ("r@example.net",), 0.0),
+                        size=1)
         await MessageLog(db).outcome("sent", record, ["r@example.net"], ses_message_id="M1")
         results = {}
-        for name in ("ses-event-send.json", "ses-event-deliverydelay.json", "ses-event-reject.json"):
+        for name in ("ses-event-send.json", "ses-event-deliverydelay.json",
+                     "ses-event-reject.json"):
             doc = fixture(name)
             doc["mail"]["messageId"], doc["mail"]["destination"] = "M1", ["r@example.net"]
             if "deliveryDelay" in doc:
                 doc["deliveryDelay"]["delayedRecipients"][0]["emailAddress"] = "r@example.net"
-            results[name] = (await store.apply(parse(json.dumps(doc)))).outcome
+            results[name] = (await applier.apply(parse(json.dumps(doc)))).outcome
             rows = await MessageLog(db).rows("r@example.net")
             results[name + ":status"] = rows[0].status
     finally:
@@ -163,7 +167,7 @@ async def test_malformed_but_parseable_notification_is_unparseable(tmp_path):
         doc = fixture("ses-notification-bounce-permanent-no-dsn.json")
         doc["bounce"] = ["not", "an", "object"]
         with pytest.raises(Unparseable):
-            await FeedbackStore(db).apply(parse(json.dumps(doc)))
+            await FeedbackApplier(db).apply(parse(json.dumps(doc)))
     finally:
         await db.close()
 

@@ -18,7 +18,8 @@ def readyz(relay) -> tuple[int, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}/readyz", timeout=10) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:  # the error carries the open response
+            return exc.code, exc.read().decode()
 
 
 def test_quick_start_bounce_suppresses_and_log_shows_it(start_relay):
@@ -46,7 +47,8 @@ def test_simulator_complaint_and_suppressionlist(start_relay):
     wait_for(lambda: {complaint, listed} <= set(suppressed(relay)), 30)
     rows = suppressed(relay)
     assert rows[complaint]["reason"] == "complaint"
-    assert rows[listed]["reason"] == "bounce" and "OnAccountSuppressionList" in rows[listed]["detail"]
+    assert rows[listed]["reason"] == "bounce"
+    assert "OnAccountSuppressionList" in rows[listed]["detail"]
     assert ooto not in rows
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from relay.feedback.events import FeedbackStore
+from relay.feedback.applier import FeedbackApplier
 from relay.feedback.sns import SnsEndpoint, string_to_sign
 from relay.store.db import Database
 from tests.conftest import database_for, wait_for
@@ -40,13 +40,15 @@ def pki():
     """A test CA and an SNS-like signing certificate it issued."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca = (x509.CertificateBuilder().subject_name(_name("relay test CA")).issuer_name(_name("relay test CA"))
+    ca = (x509.CertificateBuilder().subject_name(_name("relay test CA"))
+          .issuer_name(_name("relay test CA"))
           .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
           .not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (x509.CertificateBuilder().subject_name(_name("sns.amazonaws.com")).issuer_name(ca.subject)
+    cert = (x509.CertificateBuilder().subject_name(_name("sns.amazonaws.com"))
+            .issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(2).not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
     return key, cert.public_bytes(serialization.Encoding.PEM)
@@ -55,7 +57,8 @@ def pki():
 def signed(key, msg: dict, version: str = "1") -> dict:
     msg = dict(msg, SignatureVersion=version)
     algo = hashes.SHA1() if version == "1" else hashes.SHA256()
-    msg["Signature"] = base64.b64encode(key.sign(string_to_sign(msg), padding.PKCS1v15(), algo)).decode()
+    signature = key.sign(string_to_sign(msg), padding.PKCS1v15(), algo)
+    msg["Signature"] = base64.b64encode(signature).decode()
     return msg
 
 
@@ -84,7 +87,7 @@ async def endpoint(tmp_path, pki):
         return b"<ConfirmSubscriptionResponse/>"
 
     db = await Database.open(database_for(tmp_path), tmp_path)
-    sns = SnsEndpoint(store=FeedbackStore(db), topic_arns=[TOPIC], fetch=fetch, confirm=confirm)
+    sns = SnsEndpoint(applier=FeedbackApplier(db), topic_arns=[TOPIC], fetch=fetch, confirm=confirm)
     app = web.Application()
     app.router.add_post("/sns", sns.handle)
     runner = web.AppRunner(app)
@@ -129,7 +132,8 @@ async def test_changed_byte_and_wrong_version_are_rejected(endpoint, pki):
     assert await endpoint["post"](dict(good, SignatureVersion="3")) == 403
     sig = bytearray(base64.b64decode(good["Signature"]))
     sig[10] ^= 1
-    assert await endpoint["post"](dict(good, Signature=base64.b64encode(bytes(sig)).decode())) == 403
+    tampered = dict(good, Signature=base64.b64encode(bytes(sig)).decode())
+    assert await endpoint["post"](tampered) == 403
     assert (await endpoint["snapshot"]()) == before
 
 
@@ -180,5 +184,6 @@ def test_relay_serves_sns_on_the_admin_listener(start_relay, sandbox):
                                  data=json.dumps(msg).encode(), method="POST")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
+    err.value.close()  # the error carries the open response
     assert err.value.code == 403
     wait_for(lambda: relay.find("sns_rejected"), 10)

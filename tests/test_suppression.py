@@ -44,7 +44,8 @@ def test_cli_add_list_remove_import_export(config, tmp_path):
     csv_file = tmp_path / "list.csv"
     csv_file.write_text("address,reason,detail\nbob@example.org,complaint,from the old relay\n"
                         "carol@example.org,,\n")
-    assert "imported 2 addresses (2 new)" in cli(config, "suppression", "import", str(csv_file)).stdout
+    imported = cli(config, "suppression", "import", str(csv_file)).stdout
+    assert "imported 2 addresses (2 new)" in imported
     assert suppressed(config)["bob@example.org"]["reason"] == "complaint"
     exported = cli(config, "suppression", "export").stdout
     assert exported.splitlines()[0].startswith("address,reason")
@@ -215,12 +216,15 @@ async def test_a_failed_check_fails_every_caller_and_the_next_check_works(tmp_pa
 
 
 def test_message_id_header():
-    assert message_id_header(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n") == "<a@b>"
+    head = b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n"
+    assert message_id_header(head) == "<a@b>"
 
 
 def test_feedback_modules_import_no_transport():
     code = (
-        "import sys, relay.store.suppression, relay.store.messages, relay.feedback.events, relay.feedback.guard, relay.store.db;"
+        "import sys, relay.store.suppression, relay.store.messages, relay.store.db,"
+        " relay.feedback.parse, relay.feedback.decisions, relay.feedback.applier,"
+        " relay.feedback.guard;"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('aiosmtpd', 'aioboto3', 'aiobotocore', 'botocore', 'aiohttp')];"
         "print(bad); sys.exit(1 if bad else 0)"
@@ -243,8 +247,47 @@ def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbo
     assert "2500 addresses (0 new)" in cli(config, "suppression", "sync").stdout
 
 
+async def test_transient_bounces_count_to_the_limit_and_a_delivery_starts_over(tmp_path):
+    from relay.feedback.applier import FeedbackApplier
+    from relay.feedback.parse import parse
+    from tests.feedback_helpers import notification, snapshot
+
+    def soft(n: int, recipients: list[str]) -> str:
+        return json.dumps(notification("synthetic-ses-notification-bounce-transient.json",
+                                       message_id=f"M{n}", destination=recipients,
+                                       recipients=recipients))
+
+    def delivered(n: int, recipient: str) -> str:
+        return json.dumps(notification("ses-notification-delivery.json", message_id=f"D{n}",
+                                       destination=[recipient]))
+
+    async def state() -> tuple[dict[str, int], dict[str, str]]:
+        rows = await snapshot(tmp_path, ("bounce_counts", "suppressions"))
+        return ({r[0]: r[1] for r in rows["bounce_counts"]},
+                {r[0]: r[1] for r in rows["suppressions"]})
+
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    applier = FeedbackApplier(db, soft_bounce_limit=3)
+    try:
+        for n in (0, 1):
+            assert (await applier.apply(parse(soft(n, ["a@x.example"])))).suppressed == []
+        assert await state() == ({"a@x.example": 2}, {})
+        await applier.apply(parse(delivered(1, "a@x.example")))
+        assert await state() == ({}, {})
+        for n in (2, 3):
+            await applier.apply(parse(soft(n, ["a@x.example", "b@x.example"])))
+        assert await state() == ({"a@x.example": 2, "b@x.example": 2}, {})
+        third = await applier.apply(parse(soft(4, ["A@X.example"])))
+        assert third.suppressed == ["a@x.example"]
+        assert await state() == ({"a@x.example": 3, "b@x.example": 2},
+                                 {"a@x.example": "soft-bounce limit"})
+    finally:
+        await db.close()
+
+
 async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
-    from relay.feedback.events import FeedbackStore, parse
+    from relay.feedback.applier import FeedbackApplier
+    from relay.feedback.parse import parse
     from tests.feedback_helpers import notification
 
     db = await Database.open(database_for(tmp_path), tmp_path)
@@ -252,7 +295,7 @@ async def test_feedback_before_the_sent_row_still_marks_it(tmp_path):
         doc = notification("ses-notification-bounce-permanent-no-dsn.json", message_id="M9",
                            destination=["a@example.net", "b@example.net"],
                            recipients=["a@example.net"])
-        await FeedbackStore(db).apply(parse(json.dumps(doc)))
+        await FeedbackApplier(db).apply(parse(json.dumps(doc)))
         rec = Record(id="Q9", envelope=Envelope("s@example.com", ("a@example.net", "b@example.net"),
                                                 0.0), size=1)
         await MessageLog(db).outcome("sent", rec, ["a@example.net", "b@example.net"],

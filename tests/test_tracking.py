@@ -84,7 +84,8 @@ async def test_each_outcome_leaves_the_rows_it_always_left(tmp_path, batched):
 
 
 def test_message_id_header_variants():
-    assert message_id_header(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n") == "<a@b>"
+    head = b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n"
+    assert message_id_header(head) == "<a@b>"
 
 
 def parser_message_id(data: bytes) -> str:

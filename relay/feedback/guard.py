@@ -1,12 +1,10 @@
 """The reputation guard: pauses delivery before SES does.
 
-Reads rolling rates over the database: permanent bounces and complaints received
-(feedback_events) against recipients SES accepted (messages.sent_at) within
-feedback.reputation_window. Above feedback.max_bounce_rate or max_complaint_rate, with
-at least feedback.min_sample recipients sent, it pauses the delivery pool with the reason
-(mail stays queued; /readyz and the log say why) until an operator runs `relay resume`,
-which writes relay_state "resumed_at"; the guard polls it and only counts feedback after
-it. Built by relay.service; request_resume() is called by the CLI.
+Reads rolling rates: permanent bounces and complaints (feedback_events) against recipients
+SES accepted (messages.sent_at) in feedback.reputation_window. Above a max rate, with
+feedback.min_sample sent, it pauses the pool (mail stays queued) until `relay resume`:
+request_resume() writes relay_state (its one writer), polled here; only later feedback
+counts. Built by relay.service.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Checks before any fetch: the topic is one of feedback.topic_arns, SignatureVersi
 (SHA1) or 2 (SHA256), and SigningCertURL is https://sns.<region of the TopicArn>.amazonaws.com
 (or .amazonaws.com.cn)/SimpleNotificationService-<hex>.pem with no userinfo, port, query or
 fragment. Then fetches the certificate (cached), verifies the signature with `cryptography`,
-applies notifications through relay.feedback.events and confirms subscriptions for accepted topics.
-Anything else answers 403 and changes nothing. Built by relay.service.
+applies notifications through relay.feedback.applier (which writes the tables) and confirms
+subscriptions for accepted topics. Anything else answers 403 and changes nothing. Built
+by relay.service.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from relay.feedback.events import Applied, FeedbackStore, Unparseable, parse
+from relay.feedback.applier import Applied, FeedbackApplier
+from relay.feedback.parse import Unparseable, parse
 from relay.log import event
 
 log = logging.getLogger("relay.sns")
@@ -87,10 +89,10 @@ async def https_fetch(url: str) -> bytes:
 
 
 class SnsEndpoint:
-    def __init__(self, *, store: FeedbackStore, topic_arns: Iterable[str],
+    def __init__(self, *, applier: FeedbackApplier, topic_arns: Iterable[str],
                  fetch: Fetch = https_fetch, confirm: Fetch | None = None,
                  on_applied: Callable[[Applied], Awaitable[None]] | None = None) -> None:
-        self.store = store
+        self.applier = applier
         self.topic_arns = frozenset(topic_arns)
         self.fetch = fetch
         self.confirm = confirm or fetch
@@ -133,6 +135,24 @@ class SnsEndpoint:
         return self._keys[url]
 
     async def handle(self, request: web.Request) -> web.Response:
+        """POST /sns: verify, then confirm a subscription or apply a notification."""
+        body = await self._read(request)
+        if isinstance(body, web.Response):
+            return body
+        raw, msg = body
+        refused = await self._check(msg)
+        if refused is not None:
+            return refused
+        if msg["Type"] == "SubscriptionConfirmation":
+            return await self._subscribe(msg)
+        if msg["Type"] == "UnsubscribeConfirmation":
+            event(log, "sns_unsubscribed", level=logging.WARNING, topic=msg["TopicArn"])
+            return web.Response(text="ok\n")
+        return await self._notify(raw)
+
+    @staticmethod
+    async def _read(request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
+        """A POST body and its SNS message of a known type, or the answer refusing it."""
         if (request.content_length or 0) > MAX_BODY:
             return web.Response(status=413, text="too large\n")
         raw = await request.read()
@@ -144,12 +164,17 @@ class SnsEndpoint:
                 raise ValueError
         except ValueError:
             return web.Response(status=400, text="not an SNS message\n")
-        kind = msg.get("Type")
-        if kind not in ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"):
+        if msg.get("Type") not in ("Notification", "SubscriptionConfirmation",
+                                   "UnsubscribeConfirmation"):
             return web.Response(status=400, text="unknown SNS message type\n")
+        return raw, msg
+
+    async def _check(self, msg: dict[str, Any]) -> web.Response | None:
+        """None when the message is signed by SNS for an accepted topic (and a subscription's
+        URL is an SNS URL); else the answer refusing it."""
         try:
             await self.verify(msg)
-            if kind == "SubscriptionConfirmation":
+            if msg["Type"] == "SubscriptionConfirmation":
                 check_url(str(msg.get("SubscribeURL", "")), str(msg["TopicArn"]), cert=False)
         except Rejected as exc:
             self.rejected += 1
@@ -158,19 +183,20 @@ class SnsEndpoint:
         except (OSError, aiohttp.ClientError) as exc:
             event(log, "sns_cert_unavailable", level=logging.WARNING, error=str(exc))
             return web.Response(status=503, text="certificate unavailable, retry\n")
-        if kind == "SubscriptionConfirmation":
-            try:
-                await self.confirm(str(msg["SubscribeURL"]))
-            except (Rejected, OSError, aiohttp.ClientError) as exc:
-                event(log, "sns_confirm_failed", level=logging.WARNING, error=str(exc))
-                return web.Response(status=503, text="confirmation failed, retry\n")
-            event(log, "sns_subscribed", topic=msg["TopicArn"])
-            return web.Response(text="confirmed\n")
-        if kind == "UnsubscribeConfirmation":
-            event(log, "sns_unsubscribed", level=logging.WARNING, topic=msg["TopicArn"])
-            return web.Response(text="ok\n")
+        return None
+
+    async def _subscribe(self, msg: dict[str, Any]) -> web.Response:
         try:
-            applied = await self.store.apply(parse(raw))
+            await self.confirm(str(msg["SubscribeURL"]))
+        except (Rejected, OSError, aiohttp.ClientError) as exc:
+            event(log, "sns_confirm_failed", level=logging.WARNING, error=str(exc))
+            return web.Response(status=503, text="confirmation failed, retry\n")
+        event(log, "sns_subscribed", topic=msg["TopicArn"])
+        return web.Response(text="confirmed\n")
+
+    async def _notify(self, raw: bytes) -> web.Response:
+        try:
+            applied = await self.applier.apply(parse(raw))
         except Unparseable as exc:
             event(log, "feedback_unparseable", level=logging.WARNING, error=str(exc))
             return web.Response(status=400, text="not an SES notification\n")

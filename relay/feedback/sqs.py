@@ -1,10 +1,10 @@
 """The feedback ingester: long-polls the SQS queue that SES's SNS topic feeds.
 
 ReceiveMessage (feedback.wait_time, default 20 s; up to 10 messages) with aioboto3,
-applies each message through relay.feedback.events in one database transaction, and deletes it
-from SQS only after that commit. A message that cannot be parsed is logged, counted and
-left alone, so the queue's redrive policy moves it to a dead-letter queue. Built by
-relay.service (also against the sandbox's SQS-compatible endpoint).
+applies each message through relay.feedback.applier in one database transaction, and
+deletes it from SQS only after that commit. A message that cannot be parsed is logged,
+counted and left alone, so the queue's redrive policy moves it to a dead-letter queue.
+Writes no table itself. Built by relay.service (also against the sandbox's SQS endpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import aioboto3
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 
-from relay.feedback.events import Applied, FeedbackStore, Unparseable, parse
+from relay.feedback.applier import Applied, FeedbackApplier
+from relay.feedback.parse import Unparseable, parse
 from relay.log import event
 
 log = logging.getLogger("relay.ingester")
@@ -35,7 +36,7 @@ class SqsIngester:
     def __init__(
         self,
         *,
-        store: FeedbackStore,
+        applier: FeedbackApplier,
         queue_url: str,
         region: str,
         endpoint_url: str | None = None,
@@ -44,7 +45,7 @@ class SqsIngester:
         max_messages: int = 10,
         on_applied: Callable[[Applied], Awaitable[None]] | None = None,
     ) -> None:
-        self.store = store
+        self.applier = applier
         self.queue_url = queue_url
         self.region = region
         self.endpoint_url = endpoint_url
@@ -113,7 +114,7 @@ class SqsIngester:
         """Apply one message body; True when it may be deleted (committed or ignorable)."""
         try:
             note = parse(body)
-            applied = await self.store.apply(note)
+            applied = await self.applier.apply(note)
         except Unparseable as exc:
             self.counts["unparseable"] += 1
             event(log, "feedback_unparseable", level=logging.WARNING, sqs_message_id=sqs_id,

@@ -1,12 +1,9 @@
 """The database: SQLAlchemy 2 models, the async engine and start-up migrations.
 
-Tables: suppressions (one row per normalized address), messages (the message log, one row
-per message and recipient), feedback_events (every SES event per recipient, keyed for
-idempotency), bounce_counts (consecutive transient bounces), relay_state (small shared
-flags such as the operator's last `relay resume`) and rate_slots (the rate budget relays on
-one PostgreSQL database share, relay.store.budget). SQLite file in the spool dir by default,
-any SQLAlchemy URL by database.url. Schema changes are Alembic migrations in
-relay/migrations, applied by open_database(). Used by the service and the CLI.
+Each table has one writer: suppressions and bounce_counts (relay.store.suppression),
+messages (relay.store.messages), feedback_events (relay.store.feedback_events),
+relay_state (relay.feedback.guard), rate_slots (relay.store.budget). SQLite in the spool
+by default; migrations in relay/store/migrations run by open_database() (service, CLI).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The message log: one row per message and recipient, and what became of it.
 
-Writes the `messages` table: a "queued" row per recipient once ingress has committed the
-message (read from the spool), then every delivery outcome (the pool's Listener port),
-batched by one writer task so delivery never waits for a commit (the spool stays the
-record of truth); SES feedback updates rows too (relay.feedback.events). Reads it and
-`feedback_events` for `relay log ADDRESS` and the guard. Rows older than
-database.retention are pruned. Built by relay.service; read by relay.ops.feedback_cli.
+The one writer of `messages`: "queued" rows once ingress committed a message, delivery
+outcomes (the pool's Listener port) batched by one writer task so delivery never waits for
+a commit, and SES feedback through record_feedback() in the applier's transaction. Reads
+feedback_events for `relay log`; prunes both after database.retention. Built by
+relay.service.
 """
 
 from __future__ import annotations
@@ -22,40 +21,19 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from relay.log import event
 from relay.spool.spool import Envelope, Record, Spool
+from relay.store import feedback_events
 from relay.store.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
 from relay.store.suppression import normalize
+from relay.store.transitions import after_feedback, after_outcome, attempts_of
 
 log = logging.getLogger("relay.tracking")
 
 #: How long the writer gathers writes before one commit.
 BATCH_WINDOW = 0.05
-
-#: Delivery outcome kind -> message log status (None: keep the status, note the error).
-STATUS_OF = {
-    "sent": "sent",
-    "suppressed": "suppressed",
-    "rejected": "failed",
-    "failed": "failed",
-    "expired": "failed",
-    "deferred": "deferred",
-    "throttled": None,
-    "held": None,
-}
-
-#: Feedback event kind -> the message log status it sets (relay.feedback.events writes both).
-EVENT_STATUS = {
-    "bounce": "bounced",
-    "soft-bounce": "bounced",
-    "complaint": "complained",
-    "delivery": "delivered",
-    "reject": "failed",
-    "rendering-failure": "failed",
-}
-
 
 @functools.cache
 def upsert_queued(dialect: str) -> Any:
@@ -139,6 +117,22 @@ def message_id_header(data: bytes) -> str:
         return plain
     value = BytesHeaderParser().parsebytes(head).get("Message-ID", "")
     return str(value).strip()[:998]
+
+
+async def record_feedback(session: AsyncSession, *, ses_message_id: str, recipient: str,
+                          kind: str, detail: str, now: float) -> None:
+    """Apply a feedback event to its row inside the feedback applier's transaction.
+
+    A row not yet known by its SES MessageId is caught up by the log writer when it
+    records the send (_early_feedback); the lock orders the two on PostgreSQL.
+    """
+    change = after_feedback(kind, detail)
+    if change is None or not ses_message_id:
+        return
+    await xact_lock(session, LOCK_SES_MESSAGE, ses_message_id)
+    await session.execute(update(MessageRow).where(
+        MessageRow.ses_message_id == ses_message_id, MessageRow.recipient == recipient,
+    ).values(**change, updated_at=now))
 
 
 @dataclass(frozen=True)
@@ -286,25 +280,15 @@ class MessageLog:
 
     async def outcome(self, kind: str, record: Record, recipients: Sequence[str], *,
                       ses_message_id: str = "", error: str = "") -> None:
-        status = STATUS_OF.get(kind)
         now = time.time()
-        values: dict[str, Any] = {"updated_at": now}
-        if status is not None:
-            values["status"] = status
-        if ses_message_id:
-            values["ses_message_id"] = ses_message_id
-        if kind == "sent":
-            values["sent_at"] = now
-            values["last_error"] = ""
-        elif error:
-            values["last_error"] = error[:2000]
-        attempts = "add" if kind in ("sent", "rejected") else "set" if kind == "deferred" else ""
+        values = after_outcome(kind, ses_message_id=ses_message_id, error=error, now=now)
+        attempts = attempts_of(kind)
         rcpts = list(dict.fromkeys(normalize(r) for r in recipients))
         qid = record.id
         # a row not there yet (no queued row) is inserted: status or "queued", 1 attempt
         # for an outcome that counts attempts, else 0
         rows = [{"queue_id": qid, "recipient": r, "created_at": now, **values,
-                 "status": status or "queued", "attempts": 1 if attempts else 0}
+                 "status": values.get("status", "queued"), "attempts": 1 if attempts else 0}
                 for r in rcpts]
         if attempts == "set":
             for row in rows:
@@ -323,20 +307,20 @@ class MessageLog:
                                         FeedbackEvent.kind, FeedbackEvent.detail).where(
             FeedbackEvent.ses_message_id.in_({ses_id for _, ses_id, _ in sent}),
         ).order_by(FeedbackEvent.id))
-        latest = {(i, r): (EVENT_STATUS[k], d) for i, r, k, d in events
-                  if k in EVENT_STATUS and (i, r) in qids}
-        for (ses_id, rcpt), (status, detail) in latest.items():
-            extra = {} if status == "delivered" else {"last_error": detail}
+        # the latest event that changes the row wins, as it would have arriving later
+        latest = {(i, r): change for i, r, k, d in events
+                  if (change := after_feedback(k, d)) is not None and (i, r) in qids}
+        for (ses_id, rcpt), change in latest.items():
             await s.execute(update(MessageRow).where(
                 MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,
-            ).values(status=status, **extra))
+            ).values(**change))
 
     async def prune(self, retention: float, *, now: float | None = None) -> int:
         """Delete message rows and events older than `retention` seconds."""
         cutoff = (time.time() if now is None else now) - retention
         async with self.db.session.begin() as s:
             res = await s.execute(delete(MessageRow).where(MessageRow.updated_at < cutoff))
-            await s.execute(delete(FeedbackEvent).where(FeedbackEvent.received_at < cutoff))
+            await feedback_events.prune(s, cutoff)
             return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- reads ----------------------------------------------------------------------

@@ -1,25 +1,26 @@
 """The suppression list: addresses the relay must never mail, and why.
 
-Reads and writes the `suppressions` table. Implements the delivery pool's Suppressions
-port (checked per recipient at delivery time), the optional RCPT-time check
-(smtp.reject_suppressed), and the operator verbs behind `relay suppression ...`.
-Addresses are normalized (trimmed, angle brackets dropped, lower-cased, IDN domain as
-punycode) so one mailbox has one row. Built by relay.service and relay.ops.cli.
+The one writer of `suppressions` and `bounce_counts` (consecutive transient bounces).
+The delivery pool's Suppressions port, the RCPT-time check, the verbs behind `relay
+suppression ...`, and suppress() and the bounce count for the feedback applier's
+transaction. Addresses are normalized (trimmed, no <>, lower-case, IDN as punycode).
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from relay.store.db import Database, Suppression
+from relay.store.db import BounceCount, Database, Suppression
 
 #: The reasons a row may carry.
 BOUNCE, COMPLAINT, SOFT_LIMIT, MANUAL = "bounce", "complaint", "soft-bounce limit", "manual"
@@ -43,6 +44,15 @@ def normalize(address: str) -> str:
 def valid(address: str) -> bool:
     local, at, domain = normalize(address).rpartition("@")
     return bool(at and local and domain and " " not in local and "." in domain)
+
+
+def outranks(new: str, old: str) -> bool:
+    """Whether a row with reason `old` takes reason `new` (pure: tested by table).
+
+    A complaint outranks every other reason (the recipient asked not to be mailed);
+    otherwise the first reason stays, whoever adds the address again.
+    """
+    return new == COMPLAINT and old != COMPLAINT
 
 
 @dataclass(frozen=True)
@@ -69,11 +79,40 @@ async def suppress(session: AsyncSession, address: str, *, reason: str, source: 
                                 created_at=now, updated_at=now))
         await session.flush()
         return True
-    # a complaint outranks a bounce; otherwise keep the first reason, refresh the time
-    if reason == COMPLAINT and row.reason != COMPLAINT:
+    if outranks(reason, row.reason):
         row.reason, row.source, row.detail = reason, source, detail
     row.updated_at = now
     return False
+
+
+async def bounce_count(session: AsyncSession, address: str) -> int:
+    """The address's consecutive transient bounces so far (normalized address)."""
+    # a column, not the row: set_bounce_count() writes by statement, never a stale object
+    count = await session.scalar(select(BounceCount.count).where(
+        BounceCount.address == address))
+    return int(count or 0)
+
+
+@functools.cache
+def _upsert_count(dialect: str) -> Any:
+    """INSERT of a bounce count that replaces the count already there (SQLite, PostgreSQL)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(BounceCount)
+    return stmt.on_conflict_do_update(
+        index_elements=[BounceCount.address],
+        set_={"count": stmt.excluded.count, "updated_at": stmt.excluded.updated_at})
+
+
+async def set_bounce_count(session: AsyncSession, address: str, count: int, *,
+                           now: float) -> None:
+    """Store the count inside the caller's transaction; 0 forgets the address."""
+    if count == 0:
+        await session.execute(delete(BounceCount).where(BounceCount.address == address))
+        return
+    await session.execute(_upsert_count(session.get_bind().dialect.name),
+                          {"address": address, "count": count, "updated_at": now})
 
 
 #: The delivery-time check: one SELECT for any number of addresses.
@@ -160,7 +199,8 @@ class SuppressionList:
 
     async def remove(self, address: str) -> bool:
         async with self.db.session.begin() as s:
-            res = await s.execute(delete(Suppression).where(Suppression.address == normalize(address)))
+            res = await s.execute(delete(Suppression).where(
+                Suppression.address == normalize(address)))
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
     async def entries(self) -> list[Entry]:
@@ -189,7 +229,7 @@ class SuppressionList:
                                           source=row.get("source") or source,
                                           created_at=now, updated_at=now))
                         added += 1
-                    elif reason == COMPLAINT and old.reason != COMPLAINT:
+                    elif outranks(reason, old.reason):
                         old.reason, old.detail, old.updated_at = reason, detail, now
         return added
 
