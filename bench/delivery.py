@@ -52,7 +52,8 @@ def run(rate: float, seconds: float, latency: float, workers: int) -> dict[str, 
         with SandboxThread(state) as sb:
             cfg = tmpdir / "relay.toml"
             cfg.write_text(
-                f'[smtp]\nport = 0\nworkers = {workers}\n[spool]\ndir = "{tmpdir / "spool"}"\nmin_free_bytes = 0\n'
+                f'[smtp]\nport = 0\nworkers = {workers}\n'
+                f'[spool]\ndir = "{tmpdir / "spool"}"\nmin_free_bytes = 0\n'
                 f'[ses]\nendpoint_url = "{sb.url}"\n'
                 f'[delivery]\nmax_concurrency = 500\nscan_interval = "0.2s"\n'
                 f'[admin]\nenabled = false\n'
@@ -109,7 +110,8 @@ def main() -> int:
         r = run(rate, args.seconds, args.latency, args.workers)
         rows.append(r)
         print(f"{r['rate']:>7.0f} {r['messages']:>6} {r['delivered']:>9} {r['achieved']:>10.1f} "
-              f"{100 * r['achieved'] / r['rate']:>6.1f} {r['worst_window']:>8} {r['worst_arrival']:>9} "
+              f"{100 * r['achieved'] / r['rate']:>6.1f} {r['worst_window']:>8} "
+              f"{r['worst_arrival']:>9} "
               f"{r['throttles']:>9} {r['cpu_ms']:>10.2f}", flush=True)
     ok = [r["rate"] for r in rows
           if r["delivered"] == r["messages"] and r["achieved"] >= 0.98 * r["rate"]

@@ -34,7 +34,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 LOAD = r'''
 import json, smtplib, sys, threading, time
-port, n, sessions, size, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+port, n, sessions, size = (int(a) for a in sys.argv[1:5])
+out = sys.argv[5]
 body = ("x" * 76 + "\r\n") * max(1, size // 78)
 done, lock, nxt = {}, threading.Lock(), [0]
 def worker():
@@ -46,7 +47,8 @@ def worker():
             if i >= n:
                 return
             msg = (f"From: load@example.com\r\nTo: sink@example.net\r\nSubject: m{i}\r\n"
-                   f"Message-ID: <m{i}@bench.example>\r\nDate: Mon, 23 Nov 2026 00:00:00 +0000\r\n\r\n" + body)
+                   f"Message-ID: <m{i}@bench.example>\r\n"
+                   "Date: Mon, 23 Nov 2026 00:00:00 +0000\r\n\r\n" + body)
             s.sendmail("load@example.com", ["sink@example.net"], msg.encode())
             done[i] = time.time()
 ts = [threading.Thread(target=worker) for _ in range(sessions)]

@@ -136,10 +136,14 @@ class RelayProcess:
 
     def queued(self, state: str = "active") -> list[str]:
         d = self.spool / state
-        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
 
 
-def relay_sections(tmp: Path, endpoint: str, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def relay_sections(
+    tmp: Path, endpoint: str, **overrides: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {
         "smtp": {"host": "127.0.0.1", "port": 0},
         "spool": {"dir": str(tmp / "spool"), "min_free_bytes": 0},

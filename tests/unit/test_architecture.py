@@ -45,7 +45,9 @@ def module_name(path: Path) -> str:
 def imports(path: Path) -> set[str]:
     """Every module name an import statement in the file names, at any depth."""
     found: set[str] = set()
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    package = module_name(path)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
