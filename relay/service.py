@@ -1,8 +1,10 @@
-"""The service: builds every part from the configuration and runs them on one loop.
+"""The service: builds every part from the configuration, then starts them on one loop.
 
-The only place adapters (aiosmtpd ingress, the aioboto3 SES client, the sandbox, the
-admin listener) are constructed and wired to the core (spool, delivery pool, limiter,
-retry policy). SIGTERM/SIGINT: stop accepting (421), finish in-flight SES calls within
+The only place adapters (aiosmtpd ingress, the SES client, the sandbox, the admin
+listener, the SQS and SNS feedback endpoints) are constructed and wired to the core
+(spool, delivery pool, limiter, retry policy, suppression list, message log, guard).
+build() constructs each part with everything it needs, in dependency order; Relay.start()
+then starts them. SIGTERM/SIGINT: stop accepting (421), finish in-flight SES calls within
 delivery.shutdown_timeout, leave the rest queued. Called by `relay serve`.
 """
 
@@ -14,16 +16,19 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-
-from aiohttp import web
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 
 from relay.config import SANDBOX, Config
-from relay.delivery import dsn
+from relay.delivery.account import Gate
+from relay.delivery.dsn import DsnWriter
 from relay.delivery.pool import DeliveryPool
+from relay.delivery.ports import QueuedListener
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import Partition, PoolSettings
 from relay.feedback.applier import Applied, FeedbackApplier
 from relay.feedback.guard import ReputationGuard
@@ -33,11 +38,11 @@ from relay.ingress.credentials import Credentials
 from relay.ingress.server import Ingress, IngressHandler
 from relay.log import event
 from relay.ops.admin import Admin, spool_writable
-from relay.ops.metrics import Metrics, TimedSender
+from relay.ops.metrics import Gauges, Metrics, TimedSender
 from relay.sandbox.server import Sandbox, SandboxState
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import Envelope, Record, Spool, State, set_worker
+from relay.spool.spool import Envelope, Spool, set_worker
 from relay.store.budget import shared_budget
 from relay.store.db import Database
 from relay.store.messages import MessageLog
@@ -45,15 +50,42 @@ from relay.store.suppression import SuppressionList
 
 log = logging.getLogger("relay.service")
 
+#: seconds between message-log retention passes
+PRUNE_INTERVAL = 3600.0
+
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None,
                 worker: tuple[int, int] = (0, 1)) -> None:
     """Run the relay; `worker` = (index, count) when relay.ops.workers started this process."""
-    index, count = worker
+    stop = stop or asyncio.Event()
+    _prepare_loop(stop)
+    part = Partition(*worker)
+    spool = await _open_spool(config, part)
+    async with AsyncExitStack() as stack:
+        sandbox = await _start_sandbox(config)
+        if sandbox is not None:
+            stack.push_async_callback(sandbox.stop)
+        endpoint = sandbox.url if sandbox is not None else (config.ses.endpoint_url or None)
+        creds = SANDBOX_CREDENTIALS if sandbox is not None else None
+        db = await Database.open(config.database.url, config.spool.dir)
+        stack.push_async_callback(db.close)
+        ses = await stack.enter_async_context(SesClient(
+            config.ses, endpoint_url=endpoint, static_credentials=creds,
+            max_connections=config.delivery.max_concurrency,
+            stamp_departures=endpoint is not None))
+        relay = await build(config, spool=spool, db=db, ses=ses, partition=part,
+                            sqs=_feedback_queue(config, endpoint, creds))
+        await relay.start()
+        await stop.wait()
+        event(log, "stopping")
+        await relay.stop()
+    event(log, "stopped")
+
+
+def _prepare_loop(stop: asyncio.Event) -> None:
     # Spool work runs in threads; a short GIL switch interval keeps the event loop from
     # waiting up to 5 ms for one of them right after a call left the rate limiter.
     sys.setswitchinterval(0.001)
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     # spool writes wait on fsync, not CPU: enough threads that they overlap
     loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="spool"))
@@ -63,268 +95,279 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
         except (NotImplementedError, RuntimeError):
             pass
 
+
+async def _open_spool(config: Config, part: Partition) -> Spool:
     spool = Spool(config.spool.dir, fsync=config.spool.fsync,
                   min_free_bytes=config.spool.min_free_bytes)
-    if count > 1:
+    if part.count > 1:
         # the supervisor recovered the spool before starting the workers
-        set_worker(index, count)
+        set_worker(part.index, part.count)
     else:
         garbage = await asyncio.to_thread(spool.recover)
         event(log, "recovered", spool=str(spool.root), incoming_removed=garbage)
-
-    sandbox: Sandbox | None = None
-    endpoint = config.ses.endpoint_url or None
-    credentials = None
-    if endpoint == SANDBOX:
-        sb = config.sandbox
-        sandbox = Sandbox(SandboxState(
-            outbox=config.sandbox_dir, max_send_rate=sb.max_send_rate,
-            max_24hour_send=sb.max_24hour_send, latency=sb.latency, keep_raw=False,
-        ))
-        endpoint = await sandbox.start(sb.host, sb.port)
-        credentials = ("sandbox", "sandbox")
-        event(log, "sandbox", url=endpoint, outbox=str(config.sandbox_dir))
-
-    # suppression list, message log, feedback ingester, reputation guard (relay.store.db)
-    feedback = await Feedback.open(config, spool)
-
-    dcfg = config.delivery
-    reporting_mta = config.smtp.hostname or socket.getfqdn()
-    queued_ref: list[Callable[[str], None]] = []
-
-    async def on_failed(record: Record, reason: str) -> None:
-        """A permanent failure: tell the envelope sender (RFC 3464) when configured."""
-        if not dsn.should_notify(record, dcfg.dsn_from):
-            return
-        original = await asyncio.to_thread(spool.read_message, State.FAILED, record.id)
-        body = dsn.build(record, original, dsn_from=dcfg.dsn_from, reporting_mta=reporting_mta)
-        env = Envelope(sender="", recipients=(record.envelope.sender,), received_at=time.time(),
-                       client="relay-dsn")
-        qid = await asyncio.to_thread(spool.accept, env, body)
-        event(log, "dsn_queued", queue_id=qid, original_queue_id=record.id,
-              recipient=record.envelope.sender)
-        queued_ref[0](qid)
-
-    async with SesClient(config.ses, endpoint_url=endpoint, static_credentials=credentials,
-                         max_connections=dcfg.max_concurrency,
-                         stamp_departures=endpoint is not None) as ses:
-        metrics = Metrics(spool=spool)
-        # one group commit: sessions and delivery results share every spool flush
-        commit = GroupCommit(spool)
-        pool = DeliveryPool(
-            spool=spool, sender=TimedSender(ses, metrics), accounts=ses,
-            limiter=RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard),
-            policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
-            settings=PoolSettings.from_config(dcfg, partition=Partition(index, count)),
-            on_failed=on_failed, suppressions=feedback.suppressions,
-            listeners=[feedback.log, metrics], commit=commit,
-        )
-        queued = feedback.on_queued(pool.notify)
-        queued_ref.append(queued)
-        # relays on one PostgreSQL database share the account's rate (relay.store.budget)
-        if config.database.shared_rate:
-            pool.limiter.budget = await shared_budget(feedback.db)
-        # before the pool starts: a relay restarted while the guard had paused it stays paused
-        await feedback.start(pool, ses_endpoint=endpoint, credentials=credentials,
-                             ingest=index == 0)
-        await pool.start()
-        auth_users, dkim_signer = _ingress_security(config)
-        # metrics: SMTP sessions and replies, messages accepted, pool gauges
-        handler = IngressHandler(
-            spool=spool, config=config.smtp, listener=_CountedQueued(metrics, queued),
-            credentials=auth_users, signer=dkim_signer, commit=commit,
-            rcpt_check=feedback.rcpt_suppressed if config.smtp.reject_suppressed else None)
-        ingress = Ingress(handler, config.smtp, observer=metrics, reuse_port=count > 1)
-        metrics.use_database(feedback.db, feedback.stats)
-        metrics.watch(rate=lambda: pool.limiter.rate(time.monotonic()),
-                      configured=lambda: pool.limiter.configured,
-                      paused=lambda: pool.paused)
-        smtp_host, smtp_port = await ingress.start()
-
-        def checks() -> list[str]:
-            problems = []
-            if not spool_writable(spool.root):
-                problems.append(f"spool {spool.root} is not writable")
-            if pool.paused:
-                problems.append(f"delivery paused: {pool.paused_reason}")
-            if handler.closing:
-                problems.append("shutting down")
-            return problems
-
-        async def database_checks() -> list[str]:
-            problem = await metrics.database_problem()
-            return [problem] if problem else []
-
-        admin = Admin(checks=checks, metrics=metrics.render, refresh=metrics.refresh,
-                      async_checks=database_checks)
-        feedback.add_routes(admin.app)
-        admin_addr = ""
-        if config.admin.enabled and index == 0:
-            host, port = await admin.start(config.admin.host, config.admin.port)
-            admin_addr = f"{host}:{port}"
-        smtps = ":".join(map(str, ingress.tls_address)) if ingress.tls_address else ""
-        event(log, "listening", smtp=f"{smtp_host}:{smtp_port}", admin=admin_addr, worker=index,
-              rate=pool.limiter.configured, config=config.source, smtps=smtps)
-
-        await stop.wait()
-        event(log, "stopping")
-        await ingress.close(grace=2.0)
-        await pool.stop(dcfg.shutdown_timeout)
-        await admin.stop()
-        await feedback.stop()
-    if sandbox is not None:
-        await sandbox.stop()
-    event(log, "stopped")
+    return spool
 
 
-def _ingress_security(
-    config: Config,
-) -> tuple[Credentials | None, Callable[[bytes], bytes] | None]:
-    """AUTH credentials and the DKIM signer for the ingress, when configured."""
-    from relay.ingress.dkim import DkimSigner
-
-    credentials = Credentials(config.smtp.auth_file) if config.smtp.auth_file else None
-    signer = DkimSigner(config.dkim).sign if config.dkim.enabled else None
-    return credentials, signer
+SANDBOX_CREDENTIALS = ("sandbox", "sandbox")
 
 
-# -- suppression list, message log, feedback ingester, reputation guard ---------------
-
-
-class Feedback:
-    """The database-backed parts, wired around one delivery pool."""
-
-    def __init__(self, config: Config, spool: Spool, db: Database) -> None:
-        self.config = config
-        self.db = db
-        self.suppressions = SuppressionList(db)
-        self.log = MessageLog(db, spool=spool)
-        self.applier = FeedbackApplier(db, soft_bounce_limit=config.feedback.soft_bounce_limit)
-        self.ingester: SqsIngester | None = None
-        self.guard: ReputationGuard | None = None
-        self.sns: SnsEndpoint | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @classmethod
-    async def open(cls, config: Config, spool: Spool) -> Feedback:
-        db = await Database.open(config.database.url, config.spool.dir)
-        return cls(config, spool, db)
-
-    def on_queued(self, notify: Callable[[str], None]) -> Callable[..., None]:
-        """Ingress callback: write the queued rows, then hand the message to delivery.
-
-        Called as (qid) or, by the ingress, (qid, envelope, first bytes of the message).
-        """
-
-        async def queued(qid: str, envelope: Envelope | None, head: bytes | None) -> None:
-            try:
-                await self.log.queued(qid, envelope=envelope, head=head)
-            except Exception as exc:  # noqa: BLE001 - the log must never hold up mail
-                event(log, "log_error", level=logging.WARNING, queue_id=qid, error=str(exc))
-            notify(qid)
-
-        def callback(qid: str, envelope: Envelope | None = None, head: bytes | None = None) -> None:
-            task = asyncio.get_running_loop().create_task(queued(qid, envelope, head))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        return callback
-
-    async def rcpt_suppressed(self, address: str) -> bool:
-        """RCPT-time check; on a database error accept (delivery checks again)."""
-        try:
-            return await self.suppressions.is_suppressed(address)
-        except Exception as exc:  # noqa: BLE001 - never a 500 at RCPT
-            event(log, "suppression_check_failed", level=logging.WARNING, error=str(exc))
-            return False
-
-    async def start(self, pool: DeliveryPool, *, ses_endpoint: str | None,
-                    credentials: tuple[str, str] | None, ingest: bool = True) -> None:
-        """Message log and reputation guard; with `ingest`, the feedback ingester too."""
-        fcfg = self.config.feedback
-        await self.log.start()
-        self.guard = ReputationGuard(
-            db=self.db, pause=pool.pause, resume=pool.resume,
-            paused_reason=lambda: pool.paused_reason,
-            max_bounce_rate=fcfg.max_bounce_rate, max_complaint_rate=fcfg.max_complaint_rate,
-            min_sample=fcfg.min_sample, window=fcfg.reputation_window,
-            interval=fcfg.guard_interval,
-        )
-        await self.guard.start()
-        queue_url, sqs_endpoint, creds = fcfg.sqs_queue_url, fcfg.sqs_endpoint_url, None
-        if self.config.ses.endpoint_url == SANDBOX and ses_endpoint:
-            # the embedded sandbox serves the simulator's feedback as an SQS queue
-            if not queue_url or sqs_endpoint == SANDBOX:
-                queue_url = queue_url or f"{ses_endpoint}/queue/feedback"
-                sqs_endpoint, creds = ses_endpoint, credentials
-        if queue_url and ingest:
-            self.ingester = SqsIngester(
-                applier=self.applier, queue_url=queue_url,
-                region=queue_region(queue_url, self.config.ses.region),
-                endpoint_url=sqs_endpoint or None, static_credentials=creds,
-                wait_time=fcfg.wait_time, max_messages=fcfg.max_messages,
-                on_applied=self._applied,
-            )
-            await self.ingester.start()
-        if fcfg.sns_endpoint and ingest:
-            self.sns = SnsEndpoint(applier=self.applier, topic_arns=fcfg.topic_arns,
-                                   on_applied=self._applied)
-        if ingest:
-            self._tasks.add(asyncio.create_task(self._prune()))
-
-    def stats(self) -> dict[str, float]:
-        """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""
-        out: dict[str, float] = {}
-        if self.ingester is not None:
-            out.update({f"feedback_{k}": float(v) for k, v in self.ingester.counts.items()})
-        if self.sns is not None:
-            out["sns_rejected"] = float(self.sns.rejected)
-        if self.guard is not None:
-            rates = self.guard.last
-            out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
-                       reputation_sample=float(rates.sent),
-                       reputation_paused=float(self.guard.paused_reason().startswith("reputation:")))
-        return out
-
-    async def _applied(self, applied: Applied) -> None:
-        if self.guard is not None:
-            self.guard.kick()
-
-    async def _prune(self) -> None:
-        while True:
-            try:
-                removed = await self.log.prune(self.config.database.retention)
-                if removed:
-                    event(log, "log_pruned", rows=removed)
-            except Exception as exc:  # noqa: BLE001
-                event(log, "log_error", level=logging.WARNING, error=str(exc))
-            await asyncio.sleep(3600)
-
-    def add_routes(self, app: web.Application) -> None:
-        if self.sns is not None:
-            app.router.add_post("/sns", self.sns.handle)
+@dataclass(frozen=True)
+class StartedSandbox:
+    sandbox: Sandbox
+    url: str
 
     async def stop(self) -> None:
-        for part in (self.ingester, self.guard):
-            if part is not None:
-                await part.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.sns is not None:
-            await self.sns.close()
-        await self.log.stop()
-        await self.db.close()
+        await self.sandbox.stop()
 
 
-class _CountedQueued:
-    """The ingress's QueuedListener: counts the message, then hands it on (log, pool)."""
+async def _start_sandbox(config: Config) -> StartedSandbox | None:
+    """The embedded SES (ses.endpoint_url = "sandbox"), started before anything calls it."""
+    if config.ses.endpoint_url != SANDBOX:
+        return None
+    sb = config.sandbox
+    sandbox = Sandbox(SandboxState(
+        outbox=config.sandbox_dir, max_send_rate=sb.max_send_rate,
+        max_24hour_send=sb.max_24hour_send, latency=sb.latency, keep_raw=False,
+    ))
+    url = await sandbox.start(sb.host, sb.port)
+    event(log, "sandbox", url=url, outbox=str(config.sandbox_dir))
+    return StartedSandbox(sandbox, url)
 
-    def __init__(self, metrics: Metrics, notify: Callable[..., None]) -> None:
+
+@dataclass(frozen=True)
+class FeedbackQueue:
+    url: str
+    endpoint: str | None
+    credentials: tuple[str, str] | None
+
+
+def _feedback_queue(config: Config, ses_endpoint: str | None,
+                    credentials: tuple[str, str] | None) -> FeedbackQueue | None:
+    """The SQS queue to read feedback from; the embedded sandbox serves the simulator's."""
+    fcfg = config.feedback
+    url, endpoint, creds = fcfg.sqs_queue_url, fcfg.sqs_endpoint_url, None
+    if config.ses.endpoint_url == SANDBOX and ses_endpoint:
+        if not url or endpoint == SANDBOX:
+            url = url or f"{ses_endpoint}/queue/feedback"
+            endpoint, creds = ses_endpoint, credentials
+    return FeedbackQueue(url, endpoint or None, creds) if url else None
+
+
+# -- glue between parts ------------------------------------------------------------------
+
+
+class QueuedFanout:
+    """A message became durable in active/: write its queued rows, then hand it to
+    delivery. The log write never holds up mail: on error the message goes on anyway."""
+
+    def __init__(self, *, message_log: MessageLog, scheduler: Scheduler) -> None:
+        self.message_log = message_log
+        self.scheduler = scheduler
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def queued(self, qid: str, envelope: Envelope | None = None, head: bytes | None = None
+               ) -> None:
+        task = asyncio.get_running_loop().create_task(self._queued(qid, envelope, head))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _queued(self, qid: str, envelope: Envelope | None, head: bytes | None) -> None:
+        try:
+            await self.message_log.queued(qid, envelope=envelope, head=head)
+        except Exception as exc:  # noqa: BLE001 - the log must never hold up mail
+            event(log, "log_error", level=logging.WARNING, queue_id=qid, error=str(exc))
+        self.scheduler.notify(qid)
+
+
+class CountedQueued:
+    """The ingress's QueuedListener: counts the message accepted, then hands it on."""
+
+    def __init__(self, metrics: Metrics, inner: QueuedListener) -> None:
         self.metrics = metrics
-        self.notify = notify
+        self.inner = inner
 
     def queued(self, qid: str, envelope: Envelope | None = None, head: bytes | None = None
                ) -> None:
         self.metrics.accepted.inc()
-        self.notify(qid, envelope, head)
+        self.inner.queued(qid, envelope, head)
+
+
+def rcpt_check(suppressions: SuppressionList) -> Callable[[str], Awaitable[bool]]:
+    """RCPT-time check (smtp.reject_suppressed); on a database error accept: delivery
+    checks again, and a 500 at RCPT would be worse."""
+
+    async def suppressed(address: str) -> bool:
+        try:
+            return await suppressions.is_suppressed(address)
+        except Exception as exc:  # noqa: BLE001 - never a 500 at RCPT
+            event(log, "suppression_check_failed", level=logging.WARNING, error=str(exc))
+            return False
+
+    return suppressed
+
+
+async def prune(message_log: MessageLog, retention: float) -> None:
+    """Drop message-log rows past database.retention, once an hour."""
+    while True:
+        try:
+            removed = await message_log.prune(retention)
+            if removed:
+                event(log, "log_pruned", rows=removed)
+        except Exception as exc:  # noqa: BLE001 - retention must not stop the relay
+            event(log, "log_error", level=logging.WARNING, error=str(exc))
+        await asyncio.sleep(PRUNE_INTERVAL)
+
+
+# -- the parts, built in order -----------------------------------------------------------
+
+
+@dataclass
+class Relay:
+    """Every running part of one relay process, in the order they start."""
+
+    config: Config
+    partition: Partition
+    message_log: MessageLog
+    guard: ReputationGuard
+    ingester: SqsIngester | None
+    sns: SnsEndpoint | None
+    pool: DeliveryPool
+    fanout: QueuedFanout
+    ingress: Ingress
+    admin: Admin
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.message_log.start()
+        # before the pool starts: a relay restarted while the guard had paused it stays paused
+        await self.guard.start()
+        if self.ingester is not None:
+            await self.ingester.start()
+        if self.partition.index == 0:
+            self.tasks.append(asyncio.create_task(
+                prune(self.message_log, self.config.database.retention), name="prune"))
+        await self.pool.start()
+        smtp_host, smtp_port = await self.ingress.start()
+        admin = ""
+        if self.config.admin.enabled and self.partition.index == 0:
+            host, port = await self.admin.start(self.config.admin.host, self.config.admin.port)
+            admin = f"{host}:{port}"
+        tls = self.ingress.tls_address
+        event(log, "listening", smtp=f"{smtp_host}:{smtp_port}", admin=admin,
+              worker=self.partition.index, rate=self.pool.limiter.configured,
+              config=self.config.source, smtps=":".join(map(str, tls)) if tls else "")
+
+    async def stop(self) -> None:
+        await self.ingress.close(grace=2.0)
+        await self.pool.stop(self.config.delivery.shutdown_timeout)
+        await self.admin.stop()
+        for part in (self.ingester, self.guard):
+            if part is not None:
+                await part.stop()
+        tasks = [*self.tasks, *self.fanout.tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.sns is not None:
+            await self.sns.close()
+        await self.message_log.stop()
+
+
+async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
+                partition: Partition, sqs: FeedbackQueue | None) -> Relay:
+    """Every part, each constructed with what it needs; nothing is started here."""
+    dcfg, fcfg = config.delivery, config.feedback
+    ingest = partition.index == 0
+    metrics = Metrics(spool=spool)
+    # one group commit: sessions and delivery results share every spool flush
+    commit = GroupCommit(spool)
+    suppressions = SuppressionList(db)
+    message_log = MessageLog(db, spool=spool)
+    # relays on one PostgreSQL database share the account's rate (relay.store.budget)
+    budget = await shared_budget(db) if config.database.shared_rate else None
+    limiter = RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard, budget=budget)
+    settings = PoolSettings.from_config(dcfg, partition=partition)
+    scheduler = Scheduler(spool=spool, gate=Gate(), settings=settings, clock=time.time)
+    fanout = QueuedFanout(message_log=message_log, scheduler=scheduler)
+    dsn = DsnWriter(spool=spool, listener=fanout, dsn_from=dcfg.dsn_from,
+                    reporting_mta=config.smtp.hostname or socket.getfqdn())
+    pool = DeliveryPool(
+        spool=spool, sender=TimedSender(ses, metrics), accounts=ses, limiter=limiter,
+        policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
+        settings=settings, scheduler=scheduler, on_failed=dsn.failed,
+        suppressions=suppressions, listeners=[message_log, metrics], commit=commit,
+    )
+    guard = ReputationGuard(
+        db=db, pause=pool.pause, resume=pool.resume, paused_reason=lambda: pool.paused_reason,
+        max_bounce_rate=fcfg.max_bounce_rate, max_complaint_rate=fcfg.max_complaint_rate,
+        min_sample=fcfg.min_sample, window=fcfg.reputation_window,
+        interval=fcfg.guard_interval,
+    )
+
+    async def applied(_: Applied) -> None:
+        guard.kick()
+
+    applier = FeedbackApplier(db, soft_bounce_limit=fcfg.soft_bounce_limit)
+    ingester = SqsIngester(
+        applier=applier, queue_url=sqs.url, region=queue_region(sqs.url, config.ses.region),
+        endpoint_url=sqs.endpoint, static_credentials=sqs.credentials,
+        wait_time=fcfg.wait_time, max_messages=fcfg.max_messages, on_applied=applied,
+    ) if sqs is not None and ingest else None
+    sns = SnsEndpoint(applier=applier, topic_arns=fcfg.topic_arns, on_applied=applied
+                      ) if fcfg.sns_endpoint and ingest else None
+    ingress = _ingress(config, spool=spool, commit=commit, metrics=metrics,
+                       listener=CountedQueued(metrics, fanout), suppressions=suppressions,
+                       reuse_port=partition.count > 1)
+    gauges = Gauges(metrics, db=db, stats=_feedback_stats(ingester, sns, guard),
+                    rate=lambda: limiter.rate(time.monotonic()),
+                    configured=lambda: limiter.configured, paused=lambda: pool.paused)
+
+    def checks() -> list[str]:
+        problems = []
+        if not spool_writable(spool.root):
+            problems.append(f"spool {spool.root} is not writable")
+        if pool.paused:
+            problems.append(f"delivery paused: {pool.paused_reason}")
+        if ingress.handler.closing:
+            problems.append("shutting down")
+        return problems
+
+    admin = Admin(checks=checks, metrics=metrics.render, refresh=gauges.refresh,
+                  async_checks=gauges.database_problem,
+                  routes={"/sns": sns.handle} if sns is not None else {})
+    return Relay(config=config, partition=partition, message_log=message_log, guard=guard,
+                 ingester=ingester, sns=sns, pool=pool, fanout=fanout, ingress=ingress,
+                 admin=admin)
+
+
+def _ingress(config: Config, *, spool: Spool, commit: GroupCommit, metrics: Metrics,
+             listener: QueuedListener, suppressions: SuppressionList,
+             reuse_port: bool) -> Ingress:
+    """The SMTP listener, with AUTH credentials and the DKIM signer when configured."""
+    from relay.ingress.dkim import DkimSigner  # dkimpy loads only where signing is on
+
+    handler = IngressHandler(
+        spool=spool, config=config.smtp, listener=listener, commit=commit,
+        credentials=Credentials(config.smtp.auth_file) if config.smtp.auth_file else None,
+        signer=DkimSigner(config.dkim).sign if config.dkim.enabled else None,
+        rcpt_check=rcpt_check(suppressions) if config.smtp.reject_suppressed else None)
+    return Ingress(handler, config.smtp, observer=metrics, reuse_port=reuse_port)
+
+
+def _feedback_stats(ingester: SqsIngester | None, sns: SnsEndpoint | None,
+                    guard: ReputationGuard) -> Callable[[], dict[str, float]]:
+    """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""
+
+    def stats() -> dict[str, float]:
+        out: dict[str, float] = {}
+        if ingester is not None:
+            out.update({f"feedback_{k}": float(v) for k, v in ingester.counts.items()})
+        if sns is not None:
+            out["sns_rejected"] = float(sns.rejected)
+        rates = guard.last
+        out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
+                   reputation_sample=float(rates.sent),
+                   reputation_paused=float(guard.paused_reason().startswith("reputation:")))
+        return out
+
+    return stats

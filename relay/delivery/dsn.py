@@ -1,17 +1,24 @@
 """Delivery status notifications (RFC 3464) for permanently failed mail.
 
 Builds the multipart/report message telling the envelope sender which recipients failed
-and why, with the original headers attached. Pure: returns bytes for the spool; never
-called for a null sender (a DSN is never answered with a DSN). Used by relay.service
-when delivery.dsn_from is set.
+and why, with the original headers attached. build() is pure; DsnWriter queues the DSN
+(reads failed/, writes active/) and is the delivery pool's on_failed, built by
+relay.service when delivery.dsn_from is set. Never for a null sender (a DSN is never
+answered with a DSN).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import logging
 import time
 
-from relay.spool.spool import FAILED, Record
+from relay.delivery.ports import QueuedListener
+from relay.log import event
+from relay.spool.spool import FAILED, Envelope, Record, Spool, State
+
+log = logging.getLogger("relay.service")
 
 
 def should_notify(record: Record, dsn_from: str) -> bool:
@@ -80,3 +87,28 @@ def build(record: Record, original: bytes, *, dsn_from: str, reporting_mta: str,
 
 def _clean(value: object) -> str:
     return " ".join(str(value).split()).encode("ascii", "replace").decode()
+
+
+class DsnWriter:
+    """Queues the DSN for a message that failed for good (the pool's on_failed), and tells
+    the QueuedListener of it like any message the ingress queued. Reads failed/, writes
+    active/ through Spool.accept."""
+
+    def __init__(self, *, spool: Spool, listener: QueuedListener, dsn_from: str,
+                 reporting_mta: str) -> None:
+        self.spool = spool
+        self.listener = listener
+        self.dsn_from = dsn_from
+        self.reporting_mta = reporting_mta
+
+    async def failed(self, record: Record, reason: str) -> None:
+        if not should_notify(record, self.dsn_from):
+            return
+        original = await asyncio.to_thread(self.spool.read_message, State.FAILED, record.id)
+        body = build(record, original, dsn_from=self.dsn_from, reporting_mta=self.reporting_mta)
+        envelope = Envelope(sender="", recipients=(record.envelope.sender,),
+                            received_at=time.time(), client="relay-dsn")
+        qid = await asyncio.to_thread(self.spool.accept, envelope, body)
+        event(log, "dsn_queued", queue_id=qid, original_queue_id=record.id,
+              recipient=record.envelope.sender)
+        self.listener.queued(qid)

@@ -48,6 +48,7 @@ class DeliveryPool:
         listeners: Sequence[Listener] = (),
         on_failed: Callable[[Record, str], Awaitable[None]] | None = None,
         commit: GroupCommit | None = None,
+        scheduler: Scheduler | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
@@ -56,8 +57,10 @@ class DeliveryPool:
         self.quota = Quota()
         #: spool flushes shared with concurrent calls (and the ingress, when given its)
         self.commit = commit or GroupCommit(spool)
-        self.gate = Gate()
-        self.scheduler = Scheduler(spool=spool, gate=self.gate, settings=settings, clock=clock)
+        # the scheduler may be built first, so that whoever queues mail can notify it
+        self.scheduler = scheduler or Scheduler(spool=spool, gate=Gate(), settings=settings,
+                                                clock=clock)
+        self.gate = self.scheduler.gate
         self.watch = AccountWatch(accounts=accounts, limiter=limiter, quota=self.quota,
                                   gate=self.gate, settings=settings,
                                   on_resume=self.scheduler.wake)

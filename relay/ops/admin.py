@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -21,7 +22,8 @@ class Admin:
     def __init__(self, *, checks: Callable[[], list[str]],
                  metrics: Callable[[], bytes] | None = None,
                  refresh: Callable[[], Awaitable[None]] | None = None,
-                 async_checks: Callable[[], Awaitable[list[str]]] | None = None) -> None:
+                 async_checks: Callable[[], Awaitable[list[str]]] | None = None,
+                 routes: Mapping[str, Handler] | None = None) -> None:
         self.checks = checks
         self.metrics = metrics
         self.refresh = refresh
@@ -31,6 +33,9 @@ class Admin:
         self.app.router.add_get("/readyz", self.readyz)
         if metrics is not None:
             self.app.router.add_get("/metrics", self.scrape)
+        # POST endpoints of other parts (the SNS feedback endpoint)
+        for path, handler in (routes or {}).items():
+            self.app.router.add_post(path, handler)
         self._runner: web.AppRunner | None = None
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
 
 from relay.delivery.ports import Sender
 from relay.errors import (
@@ -29,6 +29,7 @@ from relay.errors import (
 )
 from relay.spool.queue import STATES, arrival
 from relay.spool.spool import Record, Spool
+from relay.store.db import Database, FeedbackEvent, Suppression
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -96,23 +97,6 @@ class Metrics:
         self.suppressed = Counter("relay_suppressed_recipients",
                                   "Recipients dropped at delivery time as suppressed",
                                   registry=r)
-        #: from the database at each scrape (refresh()): feedback events by type, list size
-        self.feedback_events = Gauge("relay_feedback_events",
-                                     "SES feedback events recorded, by type", ["type"],
-                                     registry=r)
-        self.suppressions = Gauge("relay_suppressions", "Addresses on the suppression list",
-                                  registry=r)
-        self.extra = Gauge("relay_feedback_state", "Feedback ingester and reputation guard "
-                           "numbers (messages by outcome, bounce and complaint rates)",
-                           ["name"], registry=r)
-        self._db: Any = None
-        self._extra: Callable[[], dict[str, float]] | None = None
-        self.rate = Gauge("relay_send_rate", "Current sending rate (recipients/s)", registry=r)
-        self.rate_configured = Gauge("relay_send_rate_configured",
-                                     "Configured sending rate (recipients/s)", registry=r)
-        self.paused = Gauge("relay_paused", "1 while delivery is paused", registry=r)
-        for kind in FEEDBACK_TYPES:
-            self.feedback_events.labels(kind)
         for outcome in ("ok", "throttled", "transient", "permanent", "configuration", "paused"):
             self.ses_calls.labels(outcome)
         if spool is not None:
@@ -136,43 +120,6 @@ class Metrics:
             child = self._reply_codes[code] = self.smtp_replies.labels(code)
         child.inc()
 
-    def use_database(self, db: Any, extra: Callable[[], dict[str, float]] | None = None) -> None:
-        """Read feedback events and suppressions from relay.store.db at each scrape."""
-        self._db = db
-        self._extra = extra
-
-    async def refresh(self) -> None:
-        """Before a scrape: the numbers that live in the database (one short query each)."""
-        if self._extra is not None:
-            for name, val in self._extra().items():
-                self.extra.labels(name).set(val)
-        if self._db is None:
-            return
-        from sqlalchemy import func, select
-
-        from relay.store.db import FeedbackEvent, Suppression
-
-        async with self._db.engine.connect() as conn:
-            total = await conn.execute(select(func.count()).select_from(Suppression))
-            self.suppressions.set(total.scalar_one())
-            rows = await conn.execute(
-                select(FeedbackEvent.kind, func.count()).group_by(FeedbackEvent.kind))
-            for kind, n in rows.all():
-                self.feedback_events.labels(kind).set(n)
-
-    async def database_problem(self) -> str:
-        """"" when the database answers, else why not (for /readyz)."""
-        if self._db is None:
-            return ""
-        from sqlalchemy import text
-
-        try:
-            async with self._db.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            return f"database unreachable: {type(exc).__name__}: {exc}"[:300]
-        return ""
-
     async def outcome(self, kind: str, record: Record, recipients: Sequence[str], *,
                       ses_message_id: str = "", error: str = "") -> None:
         """The delivery pool's Listener port."""
@@ -182,15 +129,58 @@ class Metrics:
         elif kind == "suppressed":
             self.suppressed.inc(len(recipients))
 
-    def watch(self, *, rate: Callable[[], float], configured: Callable[[], float],
-              paused: Callable[[], bool]) -> None:
-        """Gauges read from the running pool at every scrape."""
-        self.rate.set_function(rate)
-        self.rate_configured.set_function(configured)
-        self.paused.set_function(lambda: 1.0 if paused() else 0.0)
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Gauges:
+    """What is read at scrape time, built once the parts it reads exist: feedback events
+    by type and the suppression list size (one short query each), the feedback and guard
+    numbers, the limiter's rate and whether delivery is paused."""
+
+    def __init__(self, metrics: Metrics, *, db: Database,
+                 stats: Callable[[], dict[str, float]], rate: Callable[[], float],
+                 configured: Callable[[], float], paused: Callable[[], bool]) -> None:
+        r = metrics.registry
+        self.db = db
+        self.stats = stats
+        self.feedback_events = Gauge("relay_feedback_events",
+                                     "SES feedback events recorded, by type", ["type"],
+                                     registry=r)
+        self.suppressions = Gauge("relay_suppressions", "Addresses on the suppression list",
+                                  registry=r)
+        self.extra = Gauge("relay_feedback_state", "Feedback ingester and reputation guard "
+                           "numbers (messages by outcome, bounce and complaint rates)",
+                           ["name"], registry=r)
+        Gauge("relay_send_rate", "Current sending rate (recipients/s)",
+              registry=r).set_function(rate)
+        Gauge("relay_send_rate_configured", "Configured sending rate (recipients/s)",
+              registry=r).set_function(configured)
+        Gauge("relay_paused", "1 while delivery is paused",
+              registry=r).set_function(lambda: 1.0 if paused() else 0.0)
+        for kind in FEEDBACK_TYPES:
+            self.feedback_events.labels(kind)
+
+    async def refresh(self) -> None:
+        """Before a scrape: the numbers that live in the database (one short query each)."""
+        for name, val in self.stats().items():
+            self.extra.labels(name).set(val)
+        async with self.db.engine.connect() as conn:
+            total = await conn.execute(select(func.count()).select_from(Suppression))
+            self.suppressions.set(total.scalar_one())
+            rows = await conn.execute(
+                select(FeedbackEvent.kind, func.count()).group_by(FeedbackEvent.kind))
+            for kind, n in rows.all():
+                self.feedback_events.labels(kind).set(n)
+
+    async def database_problem(self) -> list[str]:
+        """Nothing when the database answers, else why not (for /readyz)."""
+        try:
+            async with self.db.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return [f"database unreachable: {type(exc).__name__}: {exc}"[:300]]
+        return []
 
 
 class TimedSender:
