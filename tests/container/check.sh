@@ -407,8 +407,9 @@ t_manifests() {
         || { why=$(tail -5 "$work/manifests.out"); return 1; }
 }
 
-# PENDING: behaviour the relay's code does not have yet (see the README's container
-# section); RELAY_CHECK_PENDING=1 runs these, and they fail until the code lands.
+# PENDING: behaviour the relay's code does not have yet: /readyz naming missing AWS
+# credentials, and the refused line naming the environment variable to set.
+# RELAY_CHECK_PENDING=1 runs these; they fail until the code lands.
 
 t_readyz_names_missing_credentials() {
     local c v port body
