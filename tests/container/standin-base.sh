@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds a stand-in for the python:3.11-slim base image from Debian's packages, for
 # machines that reach Debian's archive but no image registry. Debian bookworm's python3 is
-# 3.11; the stand-in adds venv (the Dockerfile's install needs it) and this machine's extra
-# CA certificates (pip inside the build then trusts the same TLS roots as the host).
+# 3.11. Like the real image it has pip and venv and lets pip install into the system
+# Python (no EXTERNALLY-MANAGED marker); it adds this machine's extra CA certificates, so
+# that pip inside the build trusts the same TLS roots as the host.
 #   usage: standin-base.sh ENGINE IMAGE-TAG
 # Needs root (debootstrap). Leaves nothing mounted and removes its work directory.
 set -euo pipefail
@@ -24,7 +25,7 @@ trap cleanup EXIT
 
 echo "stand-in base: debootstrap bookworm (python3 3.11) from $mirror"
 timeout 900 debootstrap --variant=minbase \
-    --include=python3,python3-venv,python-is-python3,ca-certificates \
+    --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
     bookworm "$root" "$mirror" > "$work/debootstrap.log" 2>&1 || {
     tail -20 "$work/debootstrap.log" >&2
     echo "standin-base.sh: debootstrap failed (log above)" >&2
@@ -36,6 +37,7 @@ if compgen -G "/usr/local/share/ca-certificates/*.crt" > /dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
     chroot "$root" update-ca-certificates > /dev/null 2>&1
 fi
+rm -f "$root"/usr/lib/python3*/EXTERNALLY-MANAGED
 chroot "$root" apt-get clean
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/usr/share/doc/* \
        "$root"/usr/share/man/* "$root"/usr/share/locale/*
@@ -45,5 +47,5 @@ tar -C "$root" --numeric-owner -c . | "$engine" import \
     --change 'ENV LANG=C.UTF-8' \
     --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
     --change 'CMD ["python3"]' \
-    - "$tag" > /dev/null
+    --quiet - "$tag" > /dev/null
 echo "stand-in base: $tag ($("$engine" image inspect --format '{{.Size}}' "$tag") bytes)"
