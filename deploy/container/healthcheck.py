@@ -38,7 +38,7 @@ def admin_address() -> tuple[bool, str, int]:
             admin = tomllib.load(fh).get("admin", {})
     enabled = str(os.environ.get("RELAY_ADMIN__ENABLED", admin.get("enabled", True)))
     host = str(os.environ.get("RELAY_ADMIN__HOST", admin.get("host", "127.0.0.1")))
-    port = int(os.environ.get("RELAY_ADMIN__PORT", admin.get("port", 8025)))
+    port = int(str(os.environ.get("RELAY_ADMIN__PORT", admin.get("port", 8025))))
     wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
     return enabled.lower() not in ("0", "false", "no", "off"), wildcard.get(host, host), port
 

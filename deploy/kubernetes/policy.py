@@ -13,13 +13,14 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 SPOOL = "/var/spool/relay"
 
 
-def shutdown_timeout(docs: list[dict]) -> float:
+def shutdown_timeout(docs: list[dict[str, Any]]) -> float:
     for doc in docs:
         if doc.get("kind") == "ConfigMap":
             for text in doc.get("data", {}).values():
@@ -29,7 +30,7 @@ def shutdown_timeout(docs: list[dict]) -> float:
     return 30.0
 
 
-def check_pod(where: str, pod: dict, timeout: float) -> list[str]:
+def check_pod(where: str, pod: dict[str, Any], timeout: float) -> list[str]:
     problems = []
     relays = [(c, True) for c in pod.get("initContainers", []) if c["image"].startswith("relay:")]
     relays += [(c, False) for c in pod.get("containers", []) if c["image"].startswith("relay:")]
