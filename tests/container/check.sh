@@ -9,7 +9,8 @@
 # configures podman; with no image registry reachable it builds a stand-in python:3.11-slim
 # from Debian's packages (standin-base.sh) and says so.
 #   bash tests/container/check.sh
-# ENGINE=podman|docker picks the engine; RELAY_CHECK_NO_CACHE=1 builds from scratch;
+# ENGINE=podman|docker picks the engine; RELAY_CHECK_IMAGE the tag it builds (localhost/relay:check);
+# RELAY_CHECK_NO_CACHE=1 builds from scratch;
 # RELAY_CHECK_PENDING=1 also runs the checks marked PENDING below (behaviour the relay does
 # not have yet: they fail until it does). Every container, volume and directory this script
 # makes is removed at the end; every wait is bounded.
@@ -17,7 +18,7 @@ set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-image=localhost/relay:check
+image=${RELAY_CHECK_IMAGE:-localhost/relay:check}
 base=docker.io/library/python:3.11-slim
 probe() { python3 "$here/probe.py" "$@"; }
 
