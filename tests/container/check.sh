@@ -39,7 +39,7 @@ eng() { "$ENGINE" "$@" 2> >(grep -v -e 'systemd connection' -e 'unable to get sy
 cleanup() {
     local c v
     for c in "${containers[@]}"; do
-        timeout 60 "$ENGINE" rm -f -t 5 "$c" > /dev/null 2>&1
+        timeout 60 "$ENGINE" rm -f -v -t 5 "$c" > /dev/null 2>&1  # -v: anonymous volumes too
     done
     for v in "${volumes[@]}"; do
         timeout 60 "$ENGINE" volume rm -f "$v" > /dev/null 2>&1
@@ -174,13 +174,17 @@ build() {
 
 t_code_change_keeps_dependency_layer() {
     local ctx=$work/context args=()
-    mkdir "$ctx"
-    cp -r "$repo"/{Dockerfile,.dockerignore,constraints.txt,pyproject.toml,README.md,relay,conf,deploy} "$ctx"/
-    echo "# a code change" >> "$ctx/relay/__init__.py"
+    mkdir "$ctx"  # cp -a: the same files, modes and times as the tree
+    cp -a "$repo"/{Dockerfile,.dockerignore,constraints.txt,pyproject.toml,README.md,relay,conf,deploy} "$ctx"/
     [ "$ENGINE" = podman ] && args+=(--format docker)
-    eng build "${args[@]}" --build-arg CREATED=later -t "$image-rebuilt" "$ctx" \
+    # a build of the tree as it is, then one after a code change: the second must reuse
+    # the first's dependency layer (its own build, so a --no-cache build above is no matter)
+    eng build "${args[@]}" -t "$image-before" "$ctx" > "$work/before.log" 2>&1 \
+        || { why="build failed: $(tail -3 "$work/before.log")"; return 1; }
+    echo "# a code change" >> "$ctx/relay/__init__.py"
+    eng build "${args[@]}" --build-arg CREATED=later -t "$image-after" "$ctx" \
         > "$work/rebuild.log" 2>&1 || { why="rebuild failed: $(tail -3 "$work/rebuild.log")"; return 1; }
-    eng rmi "$image-rebuilt" > /dev/null 2>&1
+    eng rmi "$image-before" "$image-after" > /dev/null 2>&1
     # podman prints "--> Using cache" after a cached step, BuildKit "CACHED" on the step
     grep -A1 'RUN python3 -m venv' "$work/rebuild.log" | grep -q -e 'Using cache' -e CACHED \
         || { why="the dependency layer was rebuilt after a code change"; return 1; }
