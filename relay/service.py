@@ -322,8 +322,10 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
                     rate=lambda: limiter.rate(time.monotonic()),
                     configured=lambda: limiter.configured, paused=lambda: pool.paused)
 
+    missing = _missing_credentials(ses)
+
     def checks() -> list[str]:
-        problems = []
+        problems = list(missing)
         if not spool_writable(spool.root):
             problems.append(f"spool {spool.root} is not writable")
         if pool.paused:
@@ -352,6 +354,17 @@ def _ingress(config: Config, *, spool: Spool, commit: GroupCommit, metrics: Metr
         signer=DkimSigner(config.dkim).sign if config.dkim.enabled else None,
         rcpt_check=rcpt_check(suppressions) if config.smtp.reject_suppressed else None)
     return Ingress(handler, config.smtp, observer=metrics, reuse_port=reuse_port)
+
+
+def _missing_credentials(ses: SesClient) -> list[str]:
+    """/readyz's reason while the AWS SDK found no credentials (logged once at start): the
+    relay would accept mail that can never leave."""
+    if ses.has_credentials:
+        return []
+    reason = ("ses: no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+              "AWS_PROFILE, a web identity token, or an instance or task role)")
+    event(log, "no_credentials", level=logging.ERROR, reason=reason)
+    return [reason]
 
 
 def _feedback_stats(ingester: SqsIngester | None, sns: SnsEndpoint | None,

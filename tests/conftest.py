@@ -61,7 +61,10 @@ class RelayProcess:
     """`relay serve` in a child process, with its JSON log lines collected."""
 
     def __init__(self, workdir: Path, sections: dict[str, dict[str, Any]],
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None,
+                 environ: dict[str, str | None] | None = None) -> None:
+        #: changes to the child's environment (None removes a variable)
+        self.environ = environ or {}
         self.workdir = workdir
         self.sections = sections
         self.preexec = preexec
@@ -80,6 +83,11 @@ class RelayProcess:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("AWS_ACCESS_KEY_ID", "testing")
         env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        for key, value in self.environ.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "-c", str(self.config)],
             cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,

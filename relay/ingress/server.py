@@ -126,7 +126,9 @@ class IngressHandler(AuthHooks):
             return str(SHUTTING_DOWN)
         if not self.permitted(session):
             event(log, "refused", level=logging.WARNING, client=client_address(session),
-                  reason="client not in smtp.allowed_networks")
+                  reason="client not in smtp.allowed_networks",
+                  fix="admit its network in smtp.allowed_networks "
+                      "(RELAY_SMTP__ALLOWED_NETWORKS) or have it authenticate (smtp.auth_file)")
             return str(self.denied())
         if envelope.smtp_utf8:
             return str(NO_SMTPUTF8)

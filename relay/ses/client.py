@@ -141,6 +141,11 @@ class SesClient:
         # look them and ~/.netrc up again in a thread on every request)
         self._proxy = get_environ_proxies(url).get(parts.scheme)
 
+    @property
+    def has_credentials(self) -> bool:
+        """False when the AWS credential chain found nothing: every call would fail."""
+        return self._credentials is not None
+
     async def __aexit__(self, *exc: object) -> None:
         if self._http is not None:
             await self._http.close()

@@ -1,0 +1,58 @@
+"""What the relay says about a setup that cannot work: /readyz names missing AWS
+credentials (mail accepted then would never leave), and a refused client's log line names
+the setting that admits it."""
+
+from __future__ import annotations
+
+import smtplib
+import urllib.error
+import urllib.request
+
+from tests.conftest import RelayProcess, relay_sections, wait_for
+
+#: an environment in which the AWS SDK's credential chain finds nothing
+NO_AWS: dict[str, str | None] = {
+    "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
+    "AWS_PROFILE": None, "AWS_DEFAULT_PROFILE": None, "AWS_WEB_IDENTITY_TOKEN_FILE": None,
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": None, "AWS_CONTAINER_CREDENTIALS_FULL_URI": None,
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/relay-test/credentials",
+    "AWS_CONFIG_FILE": "/nonexistent/relay-test/config",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def test_readyz_names_missing_aws_credentials(tmp_path, sandbox):
+    relay = RelayProcess(tmp_path, relay_sections(tmp_path, sandbox.url), environ=NO_AWS)
+    try:
+        relay.start()
+        code, text = readyz(relay.admin_port)
+        assert code == 503
+        assert "no AWS credentials" in text
+        assert relay.find("no_credentials") is not None
+    finally:
+        assert relay.stop() == 0
+
+
+def test_readyz_is_ready_with_credentials(start_relay, sandbox):
+    relay = start_relay(sandbox.url)
+    assert readyz(relay.admin_port) == (200, "ready\n")
+    assert relay.find("no_credentials") is None
+
+
+def test_refused_client_log_line_names_the_setting_to_change(start_relay, sandbox):
+    relay = start_relay(sandbox.url, smtp={"allowed_networks": ["192.0.2.0/24"]})
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
+        s.ehlo("client.example")
+        assert s.mail("app@example.com")[0] == 554
+    refused = wait_for(lambda: relay.find("refused"), 20)
+    assert "RELAY_SMTP__ALLOWED_NETWORKS" in refused["fix"]
+    assert "smtp.allowed_networks" in refused["fix"]
