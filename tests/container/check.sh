@@ -10,10 +10,8 @@
 # from Debian's packages (standin-base.sh) and says so.
 #   bash tests/container/check.sh
 # ENGINE=podman|docker picks the engine; RELAY_CHECK_IMAGE the tag it builds (localhost/relay:check);
-# RELAY_CHECK_NO_CACHE=1 builds from scratch;
-# RELAY_CHECK_PENDING=1 also runs the checks marked PENDING below (behaviour the relay does
-# not have yet: they fail until it does). Every container, volume and directory this script
-# makes is removed at the end; every wait is bounded.
+# RELAY_CHECK_NO_CACHE=1 builds from scratch. Every container, volume and directory this
+# script makes is removed at the end; every wait is bounded.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -412,9 +410,7 @@ t_manifests() {
         || { why=$(tail -5 "$work/manifests.out"); return 1; }
 }
 
-# PENDING: behaviour the relay's code does not have yet: /readyz naming missing AWS
-# credentials, and the refused line naming the environment variable to set.
-# RELAY_CHECK_PENDING=1 runs these; they fail until the code lands.
+# /readyz naming missing AWS credentials, and the refused line naming the variable to set.
 
 t_readyz_names_missing_credentials() {
     local c v port body
@@ -461,15 +457,8 @@ check "mail queued in one container is delivered by its replacement on the same 
 check "relay check names the missing AWS credentials and exits non-zero" t_check_names_missing_credentials
 check "the Kubernetes manifests pass the schemas and the relay pod policy" t_manifests
 
-if [ "${RELAY_CHECK_PENDING:-0}" = 1 ]; then
-    check "PENDING /readyz is 503 and names the missing AWS credentials" t_readyz_names_missing_credentials
-    check "PENDING the 554 log line names RELAY_SMTP__ALLOWED_NETWORKS" t_refused_line_names_the_variable
-else
-    skip "PENDING /readyz is 503 and names the missing AWS credentials" \
-        "needs relay code not written yet (RELAY_CHECK_PENDING=1 runs it)"
-    skip "PENDING the 554 log line names RELAY_SMTP__ALLOWED_NETWORKS" \
-        "needs relay code not written yet (RELAY_CHECK_PENDING=1 runs it)"
-fi
+check "/readyz is 503 and names the missing AWS credentials" t_readyz_names_missing_credentials
+check "the 554 log line names RELAY_SMTP__ALLOWED_NETWORKS" t_refused_line_names_the_variable
 
 echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]
