@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from relay.sandbox.server import SandboxState, SandboxThread
-from relay.spool.spool import partition
+from relay.spool.record import partition
 from tests.conftest import ROOT, RelayProcess, relay_sections, wait_for
 
 SENDER = "app@example.com"

@@ -17,7 +17,8 @@ from typing import Any
 from relay import config as config_mod
 from relay.config import ConfigError, parse_duration
 from relay.spool.queue import BUCKET_NAMES, STATES, Queue, QueueError, dumps
-from relay.spool.spool import Spool, State
+from relay.spool.record import State
+from relay.spool.spool import Spool
 
 #: deferred envelopes read for the domain table beyond which stats samples evenly
 SAMPLE = 20000

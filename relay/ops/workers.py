@@ -8,7 +8,7 @@ MAX_RESTARTS within RESTART_WINDOW seconds, then stops everything and exits 1), 
 SIGTERM/SIGINT on so every worker finishes its in-flight calls.
 
 Each worker listens on the same port with SO_REUSEPORT, writes into the same spool with
-queue ids in its own partition (relay.spool.spool.partition), and delivers that partition at
+queue ids in its own partition (relay.spool.record.partition), and delivers that partition at
 1/workers of the account's rate and quota. Worker 0 also runs the feedback ingester and
 the admin listener.
 """
