@@ -1,8 +1,9 @@
 """Configuration: one TOML file, overridden key by key by RELAY_<SECTION>__<KEY>.
 
-Every section is a frozen dataclass whose field types drive parsing, so a TOML value and
-an environment string go through the same checks. Any bad value raises ConfigError naming
-the key (`smtp.port`) and the reason, before anything starts. Called by the CLI.
+Every section is a frozen dataclass whose field types drive parsing (relay.config_values),
+so a TOML value and an environment string go through the same checks. Any bad value
+raises ConfigError naming the key (`smtp.port`) and the reason, before anything starts.
+Called by the CLI.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from relay.config_values import coerce
+from relay.config_values import parse_duration as parse_duration
+from relay.config_values import parse_size as parse_size
 from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"
@@ -314,91 +318,15 @@ def _port(key: str, value: int) -> None:
         raise ConfigError(key, f"must be a port number 0-65535, got {value}")
 
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
-
-
-def parse_duration(key: str, value: Any) -> float:
-    """Seconds from a number or a string such as "300", "30s", "5m", "5d", "250ms"."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"must be a duration such as 30s, 5m or 5d, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(value))
-        if not m:
-            raise ConfigError(key, f"must be a duration such as 30s, 5m or 5d, got {value!r}")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
-    if seconds < 0:
-        raise ConfigError(key, "must not be negative")
-    return seconds
-
-
-def parse_size(key: str, value: Any) -> int:
-    """Bytes from a number or a string such as "10MB", "512k"."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"must be a size such as 10MB, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _SIZE_UNITS:
-            raise ConfigError(key, f"must be a size such as 10MB or 512KB, got {value!r}")
-        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    if n < 0:
-        raise ConfigError(key, "must not be negative")
-    return n
-
-
-def _coerce(key: str, f: dataclasses.Field[Any], typ: Any, value: Any, from_env: bool) -> Any:
-    if f.metadata.get("duration"):
-        return parse_duration(key, value)
-    if f.metadata.get("size"):
-        return parse_size(key, value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if from_env and str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if from_env and str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(key, f"must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_env and re.fullmatch(r"-?\d+", str(value).strip()):
-            return int(value)
-        raise ConfigError(key, f"must be an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_env:
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, f"must be a string, got {value!r}")
-    if typ == tuple[str, ...]:
-        if from_env and isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(key, f"must be a list of strings, got {value!r}")
-    raise ConfigError(key, f"unsupported type {typ!r}")  # pragma: no cover
-
-
-def _build_section(name: str, cls: type, values: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+def _build_section(name: str, cls: type, values: Mapping[str, Any],
+                   env: Mapping[str, str]) -> Any:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key in [{name}]")
-        kwargs[key] = _coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=False)
+        kwargs[key] = coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=False)
     prefix = f"{ENV_PREFIX}{name.upper()}__"
     for var, value in env.items():
         if not var.startswith(prefix):
@@ -406,13 +334,14 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any], env: Mapping
         key = var[len(prefix):].lower()
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key (from environment variable {var})")
-        kwargs[key] = _coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=True)
+        kwargs[key] = coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=True)
     section = cls(**kwargs)
     section.check()
     return section
 
 
-def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike[str] | None = None,
+         env: Mapping[str, str] | None = None) -> Config:
     """Load the configuration.
 
     path None means $RELAY_CONFIG, else conf/relay.toml if present, else the defaults.

@@ -74,7 +74,9 @@ def test_durations(value, seconds):
     assert config.parse_duration("k", value) == seconds
 
 
-@pytest.mark.parametrize("value, size", [(1024, 1024), ("10MB", 10 * 1024**2), ("512k", 512 * 1024)])
+@pytest.mark.parametrize(
+    "value, size", [(1024, 1024), ("10MB", 10 * 1024**2), ("512k", 512 * 1024)]
+)
 def test_sizes(value, size):
     assert config.parse_size("k", value) == size
 

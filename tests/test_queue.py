@@ -13,7 +13,8 @@ import pytest
 
 from relay.sandbox.server import SandboxState, SandboxThread
 from relay.spool.queue import Queue, arrival, bucket
-from relay.spool.spool import Envelope, Spool, State
+from relay.spool.record import Envelope, State
+from relay.spool.spool import Spool
 from tests.conftest import ROOT, RelayProcess, relayed, wait_for
 from tests.test_spine import message, send
 
@@ -229,7 +230,7 @@ def test_progress_shows_on_a_terminal_only(tmp_path: Path):
 
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.ensure()
-    for i in range(300):
+    for _ in range(300):
         qid = spool.accept(Envelope("a@x.example", ("b@y.example",), time.time()), b"m\r\n")
         spool.move(qid, State.ACTIVE, State.DEFERRED, when=time.time() + 3600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}

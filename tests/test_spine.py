@@ -256,7 +256,8 @@ def test_quick_start_config_with_swaks(tmp_path):
 
 def test_core_modules_import_no_transport():
     code = (
-        "import sys, relay.spool.spool, relay.spool.commit, relay.delivery.pool, relay.delivery.retry, relay.delivery.ratelimit, relay.errors;"
+        "import sys, relay.spool.record, relay.spool.spool, relay.spool.commit,"
+        " relay.delivery.pool, relay.delivery.retry, relay.delivery.ratelimit, relay.errors;"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('aiosmtpd', 'aioboto3', 'aiobotocore', 'botocore', 'aiohttp')];"
         "print(bad); sys.exit(1 if bad else 0)"

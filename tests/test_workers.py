@@ -6,15 +6,18 @@ sandbox counting every call against its rate.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 
+from relay.ops.workers import MAX_RESTARTS
 from relay.sandbox.server import SandboxState, SandboxThread
-from relay.spool.spool import partition
-from tests.conftest import ROOT, RelayProcess, relay_sections, wait_for
+from relay.spool.record import partition
+from tests.conftest import ROOT, RelayProcess, relay_sections, wait_for, write_config
 
 SENDER = "app@example.com"
 
@@ -105,3 +108,30 @@ def test_workers_need_a_real_endpoint_and_a_sane_count(tmp_path):
                      RELAY_SPOOL__DIR=str(tmp_path / "spool")),
             capture_output=True, text=True)
         assert out.returncode == 2 and "smtp.workers" in out.stderr, out.stderr
+
+
+def test_workers_that_keep_dying_stop_the_supervisor_with_exit_1(tmp_path):
+    # a port taken without SO_REUSEPORT: every worker fails to listen and exits
+    with socket.socket() as taken, SandboxThread(SandboxState()) as sb:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "relay.toml", relay_sections(
+            tmp_path, sb.url, smtp={"workers": 2, "port": port}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        out = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(config)],
+                             cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)), timeout=240,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    events = []
+    for line in out.stderr.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    names = [e.get("event") for e in events]
+    assert out.returncode == 1, out.stderr[-3000:]
+    failing = [e for e in events if e.get("event") == "workers_failing"]
+    assert len(failing) == 1 and failing[0]["restarts"] == MAX_RESTARTS, names
+    assert names.count("worker_restarted") >= MAX_RESTARTS
+    assert "listening" not in names
+    assert names[-1] == "stopped"

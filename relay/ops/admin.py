@@ -1,9 +1,9 @@
 """Admin HTTP listener: /healthz (alive), /readyz (able to take and send mail), /metrics.
 
 /readyz answers 503 with the reasons when the spool is not writable, the database does
-not answer, or delivery is paused (SES sending disabled, account paused, reputation). /metrics is Prometheus text from
-relay.ops.metrics. Reads the spool root and the delivery pool's state; built by
-relay.service on admin.host:admin.port.
+not answer, or delivery is paused (SES sending disabled, account paused, reputation).
+/metrics is Prometheus text from relay.ops.metrics. Reads the spool root and the delivery
+pool's state; built by relay.service on admin.host:admin.port.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class Admin:
         if self.async_checks is not None:
             problems += await self.async_checks()
         if problems:
-            return web.Response(status=503, text="not ready\n" + "".join(f"- {p}\n" for p in problems))
+            text = "not ready\n" + "".join(f"- {p}\n" for p in problems)
+            return web.Response(status=503, text=text)
         return web.Response(text="ready\n")
 
     async def scrape(self, request: web.Request) -> web.Response:
@@ -62,7 +63,9 @@ class Admin:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
-        return site._server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        bound_host, bound_port = sock.getsockname()[:2]
+        return str(bound_host), int(bound_port)
 
     async def stop(self) -> None:
         if self._runner is not None:

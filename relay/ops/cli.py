@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check", parents=[common], help="validate the config and ask SES for the account")
+    p = sub.add_parser("check", parents=[common],
+                       help="validate the config and ask SES for the account")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("sandbox", parents=[common], help="run only the SES sandbox endpoint")
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_operator_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                          common: argparse.ArgumentParser) -> None:
     """`relay queue ...` and `relay sendmail`, defined in their own modules."""
     from relay.ingress import sendmail
     from relay.ops import queue_cli

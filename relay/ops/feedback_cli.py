@@ -26,7 +26,8 @@ def _fmt(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
 
 
-def _run(args: argparse.Namespace, body: Callable[[Database, config_mod.Config], Awaitable[int]]) -> int:
+def _run(args: argparse.Namespace,
+         body: Callable[[Database, config_mod.Config], Awaitable[int]]) -> int:
     cfg = config_mod.load(args.config)
 
     async def main() -> int:
@@ -44,48 +45,81 @@ def _err(msg: str) -> int:
     return 1
 
 
+#: one `relay suppression` action: (the list, the arguments, the config) -> exit status
+_Action = Callable[[SuppressionList, argparse.Namespace, config_mod.Config], Awaitable[int]]
+
+
+async def _list(sl: SuppressionList, args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    entries = await sl.entries()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=1))
+    else:
+        for e in entries:
+            print(f"{e.address}\t{e.reason}\t{e.source}\t{_fmt(e.updated_at)}\t{e.detail}")
+        print(f"{len(entries)} suppressed", file=sys.stderr)
+    return 0
+
+
+async def _add(sl: SuppressionList, args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    if not valid(args.address):
+        return _err(f"not an email address: {args.address!r}")
+    new = await sl.add(args.address, reason=args.reason, detail=args.detail)
+    print(f"{'added' if new else 'already suppressed'}: {args.address}")
+    return 0
+
+
+async def _remove(sl: SuppressionList, args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    if not await sl.remove(args.address):
+        return _err(f"not on the suppression list: {args.address}")
+    print(f"removed: {args.address}")
+    return 0
+
+
+async def _export(sl: SuppressionList, args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    sys.stdout.write(to_csv(await sl.entries()))
+    return 0
+
+
+async def _sync_action(sl: SuppressionList, args: argparse.Namespace,
+                       cfg: config_mod.Config) -> int:
+    return await _sync(sl, cfg)
+
+
+def _importer(rows: list[dict[str, str]]) -> _Action:
+    async def run(sl: SuppressionList, args: argparse.Namespace, cfg: config_mod.Config) -> int:
+        added = await sl.import_rows(rows)
+        print(f"imported {len(rows)} addresses ({added} new)")
+        return 0
+    return run
+
+
+def _read_csv(path: str) -> tuple[list[dict[str, str]], str]:
+    """The rows of an import file, or the reason it cannot be read (before any database)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_csv(fh.read()), ""
+    except OSError as exc:
+        return [], f"cannot read {path}: {exc.strerror}"
+    except ValueError as exc:
+        return [], f"{path}: {exc}"
+
+
+_ACTIONS: dict[str, _Action] = {
+    "list": _list, "add": _add, "remove": _remove, "export": _export, "sync": _sync_action,
+}
+
+
 def cmd_suppression(args: argparse.Namespace) -> int:
-    action = args.action
-    rows: list[dict[str, str]] = []
-    if action == "import":
-        try:
-            with open(args.csv, encoding="utf-8") as fh:
-                rows = parse_csv(fh.read())
-        except OSError as exc:
-            return _err(f"cannot read {args.csv}: {exc.strerror}")
-        except ValueError as exc:
-            return _err(f"{args.csv}: {exc}")
+    if args.action == "import":
+        rows, error = _read_csv(args.csv)
+        if error:
+            return _err(error)
+        action = _importer(rows)
+    else:
+        action = _ACTIONS[args.action]
 
     async def body(db: Database, cfg: config_mod.Config) -> int:
-        sl = SuppressionList(db)
-        if action == "list":
-            entries = await sl.entries()
-            if args.json:
-                print(json.dumps([e.as_dict() for e in entries], indent=1))
-            else:
-                for e in entries:
-                    print(f"{e.address}\t{e.reason}\t{e.source}\t{_fmt(e.updated_at)}\t{e.detail}")
-                print(f"{len(entries)} suppressed", file=sys.stderr)
-            return 0
-        if action == "add":
-            if not valid(args.address):
-                return _err(f"not an email address: {args.address!r}")
-            new = await sl.add(args.address, reason=args.reason, detail=args.detail)
-            print(f"{'added' if new else 'already suppressed'}: {args.address}")
-            return 0
-        if action == "remove":
-            if not await sl.remove(args.address):
-                return _err(f"not on the suppression list: {args.address}")
-            print(f"removed: {args.address}")
-            return 0
-        if action == "import":
-            added = await sl.import_rows(rows)
-            print(f"imported {len(rows)} addresses ({added} new)")
-            return 0
-        if action == "export":
-            sys.stdout.write(to_csv(await sl.entries()))
-            return 0
-        return await _sync(sl, cfg)
+        return await action(SuppressionList(db), args, cfg)
 
     return _run(args, body)
 

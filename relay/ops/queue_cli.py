@@ -15,9 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from relay import config as config_mod
-from relay.config import ConfigError, parse_duration
+from relay.config_values import parse_duration
+from relay.errors import ConfigError
 from relay.spool.queue import BUCKET_NAMES, STATES, Queue, QueueError, dumps
-from relay.spool.spool import Spool, State
+from relay.spool.record import State
+from relay.spool.spool import Spool
 
 #: deferred envelopes read for the domain table beyond which stats samples evenly
 SAMPLE = 20000
@@ -137,40 +139,63 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selected(q: Queue, args: argparse.Namespace, name: str,
+              state_for_all: State | None) -> list[str] | None:
+    """The queue ids a verb acts on: those given, or every one in a state with --all.
+
+    None when --all finds the state empty (nothing to do, not an error).
+    """
+    ids: list[str] = list(args.ids)
+    if getattr(args, "all", False):
+        if ids:
+            raise QueueError("give queue ids or --all, not both")
+        assert state_for_all is not None
+        ids = q.all_ids(state_for_all)
+        if not ids:
+            print(f"{name}: nothing in {state_for_all.value}/", file=sys.stderr)
+            return None
+    if not ids:
+        raise QueueError(f"{name}: give one or more queue ids"
+                         + (" or --all" if state_for_all else ""))
+    return ids
+
+
+def _confirm_delete(count: int) -> bool:
+    """Ask on the terminal before deleting for good; never assume a yes from a pipe."""
+    if not sys.stdin.isatty():
+        raise QueueError("delete: refusing without --yes (stdin is not a terminal)")
+    answer = input(f"delete {count} message(s) for good? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        print("nothing deleted", file=sys.stderr)
+        return False
+    return True
+
+
+def _report(name: str, results: list[tuple[str, str, bool]], args: argparse.Namespace) -> int:
+    """A line per message (JSON, failures, or up to 50 successes), a count; 1 if any failed."""
+    ok = sum(1 for _, _, good in results if good)
+    for qid, what, good in results:
+        if args.json:
+            print(dumps({"id": qid, "ok": good, "result": what}))
+        elif not good:
+            print(f"relay queue {name}: {what}", file=sys.stderr)
+        elif len(results) <= 50 or args.verbose:
+            print(f"{qid}: {what}")
+    if not args.json:
+        print(f"{name}: {ok} of {len(results)} message(s)", file=sys.stderr)
+    return 0 if ok == len(results) else 1
+
+
 def _verb(name: str, state_for_all: State | None) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         q = _queue(args)
-        ids: list[str] = list(args.ids)
-        if getattr(args, "all", False):
-            if ids:
-                raise QueueError("give queue ids or --all, not both")
-            assert state_for_all is not None
-            ids = q.all_ids(state_for_all)
-            if not ids:
-                print(f"{name}: nothing in {state_for_all.value}/", file=sys.stderr)
-                return 0
-        if not ids:
-            raise QueueError(f"{name}: give one or more queue ids"
-                             + (" or --all" if state_for_all else ""))
-        if name == "delete" and not args.yes:
-            if not sys.stdin.isatty():
-                raise QueueError("delete: refusing without --yes (stdin is not a terminal)")
-            answer = input(f"delete {len(ids)} message(s) for good? [y/N] ")
-            if answer.strip().lower() not in ("y", "yes"):
-                print("nothing deleted", file=sys.stderr)
-                return 1
+        ids = _selected(q, args, name, state_for_all)
+        if ids is None:
+            return 0
+        if name == "delete" and not args.yes and not _confirm_delete(len(ids)):
+            return 1
         results = getattr(q, name)(ids, progress=Progress(name), total=len(ids))
-        ok = sum(1 for _, _, good in results if good)
-        for qid, what, good in results:
-            if args.json:
-                print(dumps({"id": qid, "ok": good, "result": what}))
-            elif not good:
-                print(f"relay queue {name}: {what}", file=sys.stderr)
-            elif len(results) <= 50 or args.verbose:
-                print(f"{qid}: {what}")
-        if not args.json:
-            print(f"{name}: {ok} of {len(results)} message(s)", file=sys.stderr)
-        return 0 if ok == len(results) else 1
+        return _report(name, results, args)
     return run
 
 

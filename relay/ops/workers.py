@@ -8,7 +8,7 @@ MAX_RESTARTS within RESTART_WINDOW seconds, then stops everything and exits 1), 
 SIGTERM/SIGINT on so every worker finishes its in-flight calls.
 
 Each worker listens on the same port with SO_REUSEPORT, writes into the same spool with
-queue ids in its own partition (relay.spool.spool.partition), and delivers that partition at
+queue ids in its own partition (relay.spool.record.partition), and delivers that partition at
 1/workers of the account's rate and quota. Worker 0 also runs the feedback ingester and
 the admin listener.
 """
@@ -61,65 +61,89 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-def supervise(config: Config, *, config_path: str | None, log_level: str) -> int:
-    check(config)
-    count = config.smtp.workers
-    spool = Spool(config.spool.dir, fsync=config.spool.fsync)
-    event(log, "recovered", spool=str(spool.root), incoming_removed=spool.recover())
-
-    env = dict(os.environ)
+def _reserve_ports(config: Config) -> tuple[list[socket.socket], dict[str, str]]:
+    """Ports the configuration leaves to the system (0), held so every worker binds the same
+    one: the held sockets, and the environment overrides that name the ports to workers."""
     held: list[socket.socket] = []
+    env: dict[str, str] = {}
     if config.smtp.port == 0:
         held.append(_reserve(config.smtp.host, 0))
         env["RELAY_SMTP__PORT"] = str(held[-1].getsockname()[1])
     if config.smtp.implicit_tls and config.smtp.tls_port == 0:
         held.append(_reserve(config.smtp.host, 0))
         env["RELAY_SMTP__TLS_PORT"] = str(held[-1].getsockname()[1])
+    return held, env
 
-    def spawn(index: int) -> subprocess.Popen[bytes]:
+
+class _Supervisor:
+    """The worker processes: start them, restart the ones that die, pass signals on."""
+
+    def __init__(self, *, env: dict[str, str], config_path: str | None, log_level: str) -> None:
+        self.env = env
+        self.config_path = config_path
+        self.log_level = log_level
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+        self.restarts: list[float] = []
+        self.status = 0
+
+    def spawn(self, index: int) -> None:
         args = [sys.executable, "-m", "relay", "serve", "--worker", str(index),
-                "--log-level", log_level]
-        if config_path:
-            args += ["-c", config_path]
-        return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
+                "--log-level", self.log_level]
+        if self.config_path:
+            args += ["-c", self.config_path]
+        self.procs[index] = subprocess.Popen(args, env=self.env, preexec_fn=_die_with_parent)
 
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for proc in procs.values():
+    def stop(self, signum: int, frame: object) -> None:
+        """Signal handler: pass the signal to every live worker; restart none from now on."""
+        self.stopping = True
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    procs: dict[int, subprocess.Popen[bytes]] = {}
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for index in range(count):
-        procs[index] = spawn(index)
-    event(log, "workers", count=count, pids=[p.pid for p in procs.values()])
+    def wait(self) -> int:
+        """Until every worker has exited: 0, or 1 when they failed too often and were stopped."""
+        while self.procs:
+            time.sleep(0.2)
+            for index, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del self.procs[index]
+                if not self.stopping:
+                    self._exited(index, code)
+        return self.status
 
-    restarts: list[float] = []
-    status = 0
-    while procs:
-        time.sleep(0.2)
-        for index, proc in list(procs.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            del procs[index]
-            if stopping:
-                continue
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-            if len(restarts) > MAX_RESTARTS:
-                event(log, "workers_failing", level=logging.ERROR, worker=index, exit_code=code,
-                      restarts=len(restarts) - 1, window=RESTART_WINDOW)
-                status = 1
-                stop(signal.SIGTERM, None)
-                continue
-            event(log, "worker_restarted", level=logging.ERROR, worker=index, exit_code=code)
-            procs[index] = spawn(index)
+    def _exited(self, index: int, code: int) -> None:
+        """A worker died on its own: restart it, unless workers die too often."""
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            event(log, "workers_failing", level=logging.ERROR, worker=index, exit_code=code,
+                  restarts=len(self.restarts) - 1, window=RESTART_WINDOW)
+            self.status = 1
+            self.stop(signal.SIGTERM, None)
+            return
+        event(log, "worker_restarted", level=logging.ERROR, worker=index, exit_code=code)
+        self.spawn(index)
+
+
+def supervise(config: Config, *, config_path: str | None, log_level: str) -> int:
+    check(config)
+    count = config.smtp.workers
+    spool = Spool(config.spool.dir, fsync=config.spool.fsync)
+    event(log, "recovered", spool=str(spool.root), incoming_removed=spool.recover())
+
+    held, ports = _reserve_ports(config)
+    workers = _Supervisor(env=dict(os.environ) | ports, config_path=config_path,
+                          log_level=log_level)
+    signal.signal(signal.SIGTERM, workers.stop)
+    signal.signal(signal.SIGINT, workers.stop)
+    for index in range(count):
+        workers.spawn(index)
+    event(log, "workers", count=count, pids=[p.pid for p in workers.procs.values()])
+
+    status = workers.wait()
     for sock in held:
         sock.close()
     event(log, "stopped")

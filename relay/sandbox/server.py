@@ -150,6 +150,30 @@ def _error(status: int, code: str, message: str) -> web.Response:
     )
 
 
+def _recipients(body: dict[str, Any]) -> list[str]:
+    dest = body.get("Destination", {})
+    return [
+        *dest.get("ToAddresses", []),
+        *dest.get("CcAddresses", []),
+        *dest.get("BccAddresses", []),
+    ]
+
+
+def counted_at(stamp: str | None, arrived: float) -> float:
+    """When a call counts against the rate: the sender's departure stamp, else arrival.
+
+    Scheduling delays on a shared test machine are not the sender's doing; a wild stamp
+    (unparsable, in the future, or over 5 s old) falls back on arrival.
+    """
+    if not stamp:
+        return arrived
+    try:
+        departed = float(stamp)
+    except ValueError:
+        departed = 0.0
+    return departed if arrived - 5.0 <= departed <= arrived else arrived
+
+
 def _message_id() -> str:
     return f"{int(time.time() * 1000):016x}-{uuid.uuid4()}-000000"
 
@@ -202,50 +226,50 @@ class Sandbox:
             data = base64.b64decode(body["Content"]["Raw"]["Data"], validate=True)
         except (ValueError, KeyError, TypeError, binascii.Error):
             return _error(400, "BadRequestException", "Content.Raw.Data is required")
-        dest = body.get("Destination", {})
-        rcpts = [
-            *dest.get("ToAddresses", []),
-            *dest.get("CcAddresses", []),
-            *dest.get("BccAddresses", []),
-        ]
-        at = arrived
-        stamp = request.headers.get("X-Relay-Departed")
-        if stamp:
-            try:
-                departed = float(stamp)
-            except ValueError:
-                departed = 0.0
-            # count on the sender's departure time: scheduling delays on a shared test
-            # machine are not the sender's doing (a wild stamp falls back on arrival)
-            if arrived - 5.0 <= departed <= arrived:
-                at = departed
         call = Call(
-            at=at,
+            at=counted_at(request.headers.get("X-Relay-Departed"), arrived),
             arrived=arrived,
             sender=body.get("FromEmailAddress", ""),
-            recipients=rcpts,
+            recipients=_recipients(body),
             configuration_set=body.get("ConfigurationSetName", ""),
         )
+        error = self.refusal(await self._play_fault(), call)
+        if error is not None:
+            call.error = error[1]
+            with st.lock:
+                st.calls.append(call)
+            return _error(*error)
+        await self._accept(call, data)
+        return web.json_response({"MessageId": call.message_id})
+
+    async def _play_fault(self) -> str | None:
+        """Take the next scripted fault; the ones that delay the answer wait here."""
+        st = self.state
         with st.lock:
             fault = st.faults.popleft() if st.faults else None
         if fault == "timeout":
             await asyncio.sleep(60)
         elif fault == "slow":
             await asyncio.sleep(st.slow_seconds)
+        return fault
+
+    def refusal(self, fault: str | None, call: Call) -> tuple[int, str, str] | None:
+        """The error SES would answer this call with, or None; only an otherwise valid
+        call is counted against the rate and quota."""
         error = FAULTS.get(fault or "")
-        if error is None and not rcpts:
-            error = (400, "BadRequestException", "Destination is required")
-        if error is None and len(rcpts) > 50:
-            error = (400, "MessageRejected", "Recipient count exceeds 50.")
-        if error is None and not st.sending_enabled:
-            error = FAULTS["paused"]
-        if error is None:
-            error = st._admit(len(rcpts), call.at)
         if error is not None:
-            call.error = error[1]
-            with st.lock:
-                st.calls.append(call)
-            return _error(*error)
+            return error
+        if not call.recipients:
+            return (400, "BadRequestException", "Destination is required")
+        if len(call.recipients) > 50:
+            return (400, "MessageRejected", "Recipient count exceeds 50.")
+        if not self.state.sending_enabled:
+            return FAULTS["paused"]
+        return self.state._admit(len(call.recipients), call.at)
+
+    async def _accept(self, call: Call, data: bytes) -> None:
+        """Record an accepted call, write its message to the outbox, queue its feedback."""
+        st = self.state
         call.message_id = _message_id()
         if st.keep_raw:
             call.raw = data
@@ -254,9 +278,8 @@ class Sandbox:
         with st.lock:
             st.calls.append(call)
         for doc in notifications(message_id=call.message_id, sender=call.sender,
-                                 recipients=rcpts, raw=data):
+                                 recipients=call.recipients, raw=data):
             st.feedback.send(sns_envelope(doc))
-        return web.json_response({"MessageId": call.message_id})
 
     def _write(self, message_id: str, data: bytes) -> None:
         assert self.state.outbox is not None

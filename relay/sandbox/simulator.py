@@ -72,7 +72,8 @@ def notifications(*, message_id: str, sender: str, recipients: Sequence[str], ra
             doc: dict[str, Any] = {"notificationType": kind, "mail": mail}
             if kind == "Delivery":
                 doc["delivery"] = {"timestamp": _iso(now), "processingTimeMillis": 10,
-                                   "recipients": [rcpt], "smtpResponse": "250 2.6.0 Message received",
+                                   "recipients": [rcpt],
+                                   "smtpResponse": "250 2.6.0 Message received",
                                    "reportingMTA": "a8-1.smtp-out.amazonses.com"}
             elif kind == "Bounce":
                 doc["bounce"] = {"bounceType": btype, "bounceSubType": sub, "feedbackId": fid,
@@ -83,7 +84,8 @@ def notifications(*, message_id: str, sender: str, recipients: Sequence[str], ra
             else:
                 doc["complaint"] = {"complainedRecipients": [{"emailAddress": rcpt}],
                                     "complaintFeedbackType": sub, "feedbackId": fid,
-                                    "timestamp": _iso(now), "userAgent": "Amazon SES Mailbox Simulator"}
+                                    "timestamp": _iso(now),
+                                    "userAgent": "Amazon SES Mailbox Simulator"}
             docs.append(doc)
     return docs
 

@@ -21,7 +21,8 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-from relay.spool.spool import ENVELOPE, FAILED, MESSAGE, Record, Spool, State
+from relay.spool.record import FAILED, Record, State
+from relay.spool.spool import ENVELOPE, MESSAGE, Spool
 
 #: States an operator sees; incoming/ holds only half-written or deleted mail.
 STATES = (State.ACTIVE, State.DEFERRED, State.HOLD, State.FAILED, State.CORRUPT)

@@ -8,9 +8,11 @@ import os
 import pytest
 
 from relay.errors import SpoolFullError
-from relay.spool.spool import CorruptMessage, Envelope, Record, Spool, State, new_queue_id
+from relay.spool.record import Envelope, Record, State, new_queue_id
+from relay.spool.spool import CorruptMessage, Spool
 
-ENV = Envelope(sender="a@example.com", recipients=("b@example.net", "c@example.net", "b@example.net"),
+ENV = Envelope(sender="a@example.com",
+               recipients=("b@example.net", "c@example.net", "b@example.net"),
                received_at=1000.0, client="127.0.0.1", helo="h")
 
 
