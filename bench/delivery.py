@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from common import tree_cpu_seconds  # noqa: E402
 
 from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
-from relay.spool.spool import Envelope, Spool, set_worker  # noqa: E402
+from relay.spool.record import Envelope, set_worker  # noqa: E402
+from relay.spool.spool import Spool  # noqa: E402
 
 
 def fill(spool_dir: Path, n: int, workers: int) -> None:

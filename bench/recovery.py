@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 from common import cpu_seconds, free_port  # noqa: E402
 
 from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
-from relay.spool.spool import Envelope, Spool, State  # noqa: E402
+from relay.spool.record import Envelope, State  # noqa: E402
+from relay.spool.spool import Spool  # noqa: E402
 
 #: group -> share of the spool; the rest is deferred with the next attempt ahead
 MIX = {"active": 0.08, "due": 0.05, "hold": 0.01, "failed": 0.01}

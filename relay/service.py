@@ -42,7 +42,8 @@ from relay.ops.metrics import Gauges, Metrics, TimedSender
 from relay.sandbox.server import Sandbox, SandboxState
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import Envelope, Spool, set_worker
+from relay.spool.record import Envelope, set_worker
+from relay.spool.spool import Spool
 from relay.store.budget import shared_budget
 from relay.store.db import Database
 from relay.store.messages import MessageLog

@@ -24,7 +24,8 @@ from relay.delivery.retry import RetryPolicy
 from relay.sandbox.server import SandboxState, SandboxThread
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import Envelope, Spool, State
+from relay.spool.record import Envelope, State
+from relay.spool.spool import Spool
 from tests.conftest import wait_for
 from tests.ingress_server import IngressThread
 

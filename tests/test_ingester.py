@@ -126,7 +126,7 @@ async def test_event_kinds_update_the_log(tmp_path):
     db = await Database.open(database_for(tmp_path), tmp_path)
     applier = FeedbackApplier(db)
     try:
-        from relay.spool.spool import Envelope, Record
+        from relay.spool.record import Envelope, Record
         from relay.store.messages import MessageLog
 
         record = Record(id="Q1", envelope=Envelope("s@example.com", ("r@example.net",), 0.0),

@@ -21,7 +21,8 @@ from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.scheduler import ACTIVATE_BATCH, Scheduler
 from relay.delivery.settings import PoolSettings
-from relay.spool.spool import Envelope, Spool, State
+from relay.spool.record import Envelope, State
+from relay.spool.spool import Spool
 from tests.conftest import wait_for
 
 ENV = Envelope(sender="a@example.com", recipients=("b@example.net",), received_at=1000.0)

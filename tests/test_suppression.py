@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import event as sa_event
 
 from relay.feedback.guard import Rates, verdict
-from relay.spool.spool import Envelope, Record
+from relay.spool.record import Envelope, Record
 from relay.store.db import Database
 from relay.store.messages import MessageLog, message_id_header
 from relay.store.suppression import SuppressionList, normalize, parse_csv

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
 
-from relay.spool.spool import Envelope, Record
+from relay.spool.record import Envelope, Record
 from relay.store.db import Database, MessageRow
 from relay.store.messages import MessageLog, Write, message_id_header
 from tests.conftest import database_for

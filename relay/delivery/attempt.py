@@ -31,7 +31,8 @@ from relay.errors import (
     TransientError,
 )
 from relay.log import event
-from relay.spool.spool import FAILED, SENT, SUPPRESSED, CorruptMessage, Record, Spool, State
+from relay.spool.record import FAILED, SENT, SUPPRESSED, Record, State
+from relay.spool.spool import CorruptMessage, Spool
 
 log = logging.getLogger("relay.delivery")
 

@@ -16,7 +16,8 @@ import time
 
 from relay.delivery.ports import QueuedListener
 from relay.log import event
-from relay.spool.spool import FAILED, Envelope, Record, Spool, State
+from relay.spool.record import FAILED, Envelope, Record, State
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.service")
 

@@ -17,7 +17,8 @@ from relay.delivery.ports import Listener
 from relay.delivery.retry import RetryPolicy
 from relay.log import event
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import FAILED, Record, Spool, State
+from relay.spool.record import FAILED, Record, State
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.delivery")
 

@@ -26,7 +26,8 @@ from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import Partition, PoolSettings
 from relay.log import event
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import Record, Spool
+from relay.spool.record import Record
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.delivery")
 

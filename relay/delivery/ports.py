@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.spool.spool import Envelope, Record
+from relay.spool.record import Envelope, Record
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from relay.delivery.account import Gate
 from relay.delivery.settings import PoolSettings
 from relay.log import event
-from relay.spool.spool import Spool, State
+from relay.spool.record import State
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.delivery")
 

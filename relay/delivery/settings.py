@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay.config import DeliveryConfig
-from relay.spool.spool import partition
+from relay.spool.record import partition
 
 
 @dataclass(frozen=True)

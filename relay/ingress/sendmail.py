@@ -24,7 +24,8 @@ from typing import Any
 from relay import config as config_mod
 from relay.errors import SpoolError
 from relay.ingress import addresses, headers
-from relay.spool.spool import Envelope, Spool
+from relay.spool.record import Envelope
+from relay.spool.spool import Spool
 
 #: sysexits.h codes that sendmail callers understand
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_IOERR = 64, 65, 69, 75, 74

@@ -60,7 +60,8 @@ from relay.ingress.session import (
 from relay.ingress.tls import server_context
 from relay.log import event
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import Envelope, Spool
+from relay.spool.record import Envelope
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.smtp")
 

@@ -28,7 +28,8 @@ from relay.errors import (
     TransientError,
 )
 from relay.spool.queue import STATES, arrival
-from relay.spool.spool import Record, Spool
+from relay.spool.record import Record
+from relay.spool.spool import Spool
 from relay.store.db import Database, FeedbackEvent, Suppression
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -25,36 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.errors import SpoolError, SpoolFullError
-
-# The record's names stay importable from here for the modules that still do so.
-from relay.spool.record import (
-    FAILED,
-    SENT,
-    SUPPRESSED,
-    Envelope,
-    Record,
-    State,
-    new_queue_id,
-    partition,
-    set_worker,
-)
-
-__all__ = [
-    "ENVELOPE",
-    "FAILED",
-    "MESSAGE",
-    "SENT",
-    "SUPPRESSED",
-    "CorruptMessage",
-    "Envelope",
-    "Record",
-    "Spool",
-    "State",
-    "as_spool_error",
-    "new_queue_id",
-    "partition",
-    "set_worker",
-]
+from relay.spool.record import Envelope, Record, State, new_queue_id
 
 MESSAGE = "message.eml"
 ENVELOPE = "envelope.json"

@@ -24,7 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from relay.log import event
-from relay.spool.spool import Envelope, Record, Spool
+from relay.spool.record import Envelope, Record
+from relay.spool.spool import Spool
 from relay.store import feedback_events
 from relay.store.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
 from relay.store.suppression import normalize

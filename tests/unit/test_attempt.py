@@ -31,7 +31,8 @@ from relay.errors import (
     TransientError,
 )
 from relay.spool.commit import GroupCommit
-from relay.spool.spool import Envelope, Record, Spool, State
+from relay.spool.record import Envelope, Record, State
+from relay.spool.spool import Spool
 
 NOW = 1_000_000.0
 POLICY = RetryPolicy(min_backoff=300.0, max_backoff=4000.0, max_lifetime=86400.0)
