@@ -134,14 +134,16 @@ def test_held_message_is_never_sent_until_released(start_relay):
 
 
 def test_hold_during_ses_call_records_result_and_never_resends(start_relay):
-    state = SandboxState(max_send_rate=100, latency=3.0)
+    state = SandboxState(max_send_rate=100)
+    state.answers.clear()  # the sandbox answers SendEmail only once the test says so
     with SandboxThread(state) as sb:
         relay = start_relay(sb.url, delivery=SLOW_RETRY)
         _, reply = send(relay.smtp_port, ["a@example.net"], message("inflight"))
         qid = qid_of(reply)
-        time.sleep(1.0)  # the pool took it at once; the sandbox answers after 3 s
+        wait_for(lambda: state.inflight == 1, 20)  # the pool's call waits at the sandbox
         assert relay_cli(relay, "queue", "hold", qid).returncode == 0
         assert state.accepted() == []
+        state.answers.set()
         # the SES answer is recorded in the message's new place, not in a second copy
         env = relay.spool / "hold" / qid / "envelope.json"
         wait_for(lambda: json.loads(env.read_text())["results"], 10)

@@ -56,6 +56,15 @@ class Call:
     arrived: float = 0.0
 
 
+#: seconds a held SendEmail answer waits at most for SandboxState.answers
+HOLD_LIMIT = 60.0
+
+
+def _set(flag: threading.Event) -> threading.Event:
+    flag.set()
+    return flag
+
+
 @dataclass
 class SandboxState:
     """Everything the sandbox knows; tests read and change it between calls."""
@@ -71,6 +80,9 @@ class SandboxState:
     #: through, "slow" answers it normally after slow_seconds, "timeout" sleeps 60 s)
     faults: deque[str] = field(default_factory=deque)
     slow_seconds: float = 3.0
+    #: cleared, SendEmail calls wait (at most HOLD_LIMIT seconds) until it is set again: a
+    #: test holds the answer while it acts on the message in flight
+    answers: threading.Event = field(default_factory=lambda: _set(threading.Event()))
     #: SendEmail calls being handled right now
     inflight: int = 0
     #: GetAccount calls answered
@@ -221,6 +233,9 @@ class Sandbox:
         st = self.state
         if st.latency:
             await asyncio.sleep(st.latency)
+        deadline = time.monotonic() + HOLD_LIMIT
+        while not st.answers.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         try:
             body = await request.json()
             data = base64.b64decode(body["Content"]["Raw"]["Data"], validate=True)
