@@ -17,13 +17,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from relay.delivery.account import AccountWatch, Gate
-from relay.delivery.attempt import MAX_DESTINATIONS, Attempt
+from relay.delivery.attempt import Attempt
 from relay.delivery.outcomes import Outcomes
 from relay.delivery.ports import Account, AccountSource, Listener, Sender, Suppressions
 from relay.delivery.ratelimit import Quota, RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.scheduler import Scheduler
-from relay.delivery.settings import Partition, PoolSettings
+from relay.delivery.settings import PoolSettings
 from relay.log import event
 from relay.spool.commit import GroupCommit
 from relay.spool.record import Record
@@ -171,7 +171,3 @@ class DeliveryPool:
                 self._inflight.discard(task)
                 self.scheduler.release(qid)
             return
-
-
-__all__ = ["Account", "AccountSource", "DeliveryPool", "Listener", "MAX_DESTINATIONS",
-           "Partition", "PoolSettings", "Sender", "Suppressions"]

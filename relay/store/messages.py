@@ -149,7 +149,7 @@ class LogLine:
 
 
 class MessageLog:
-    """Implements relay.delivery.pool.Listener; also writes queued rows and answers lookups."""
+    """Implements relay.delivery.ports.Listener; also writes queued rows and answers lookups."""
 
     def __init__(self, db: Database, *, spool: Spool | None = None) -> None:
         self.db = db

@@ -131,7 +131,7 @@ class _Check:
 
 
 class SuppressionList:
-    """Implements relay.delivery.pool.Suppressions over the database."""
+    """Implements relay.delivery.ports.Suppressions over the database."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
