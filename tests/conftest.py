@@ -171,6 +171,24 @@ def relay_sections(
 #: tests/run.sh sets it for its second pass. Empty: SQLite files in each test's spool.
 PG_SERVER = os.environ.get("RELAY_TEST_DATABASE_URL", "")
 
+#: the test modules whose outcome depends on the database: the suppression list, the message
+#: log, feedback, metrics read from the database, delivery-time checks, shared state between
+#: relays. tests/run.sh runs only these again on PostgreSQL (`-m database`).
+DATABASE_MODULES = frozenset({
+    "test_suppression", "test_tracking", "test_ingester", "test_sns", "test_feedback_moto",
+    "test_sandbox_feedback", "test_shared", "test_metrics", "test_delivery", "test_readiness",
+})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "database: runs again on the PostgreSQL pass")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in DATABASE_MODULES:
+            item.add_marker(pytest.mark.database)
+
 
 _databases: dict[str, str] = {}
 

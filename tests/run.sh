@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs on a fresh Debian machine, then runs it twice:
-# on SQLite, then on a private PostgreSQL server started here on loopback (stopped at the
-# end). Extra arguments go to pytest.
+# Installs everything the test suite needs on a fresh Debian machine, checks lint and types,
+# then runs the suite on SQLite, and the tests that depend on the database again on a
+# private PostgreSQL server started here on loopback (stopped at the end). Extra arguments
+# go to pytest.
 #   bash tests/run.sh [pytest args...]
 # RELAY_TEST_POSTGRES=0 skips the PostgreSQL pass (on by default: .ci/run runs both).
 set -euo pipefail
@@ -17,8 +18,10 @@ if [ "${RELAY_TEST_POSTGRES:-1}" != 0 ]; then
   { [ -n "$(pg_bin)" ] && command -v psql >/dev/null; } || need+=(postgresql postgresql-client)
 fi
 if [ ${#need[@]} -gt 0 ]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  # another apt run (unattended upgrades, a machine's first boot) may hold the dpkg lock
+  lock=(-o DPkg::Lock::Timeout=600)
+  $SUDO apt-get "${lock[@]}" update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${lock[@]}" install -y -qq "${need[@]}" >/dev/null
 fi
 
 # Python packages, pinned by constraints.txt so pip never backtracks.
@@ -47,6 +50,7 @@ as_pg "$PGBIN/initdb" -D "$PGDIR/data" -A trust -U postgres >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/log" -w start \
   -o "-h 127.0.0.1 -p $PGPORT -k $PGDIR -c fsync=off -c max_connections=300" >/dev/null
 echo "PostgreSQL pass: server on 127.0.0.1:$PGPORT"
+# only the tests whose outcome depends on the database (tests/conftest.py DATABASE_MODULES)
 RELAY_TEST_DATABASE_URL="postgresql://postgres@127.0.0.1:$PGPORT/postgres" \
-  .venv/bin/python -m pytest "$@" || status=$?
+  .venv/bin/python -m pytest -m database "$@" || status=$?
 exit $status
