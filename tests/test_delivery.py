@@ -133,7 +133,8 @@ def test_sending_paused_stops_all_calls_and_resumes_by_itself(start_relay):
         send_many(relay.smtp_port, batch)
         code, text = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(readyz(relay)), 20)
         assert "paused" in text
-        assert relay.find("paused") is not None
+        # the log line may follow /readyz's 503 by a moment: wait for it, do not race it
+        assert wait_for(lambda: relay.find("paused"), 20) is not None
         calls_when_paused = len(state.calls)
         assert calls_when_paused >= 1 and state.accepted() == []
         # several GetAccount probes later, still no SendEmail call and nothing failed
