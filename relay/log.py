@@ -62,6 +62,8 @@ def setup(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("botocore", "aiobotocore", "aioboto3", "mail.log", "aiohttp.access", "asyncio"):
+    # libraries that narrate their own start-up (alembic lists its plugins on every start)
+    for noisy in ("botocore", "aiobotocore", "aioboto3", "mail.log", "aiohttp.access", "asyncio",
+                  "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime

@@ -1,4 +1,4 @@
-"""What the relay says about a setup that cannot work: /readyz names missing AWS
+"""What the relay says at start: /readyz names missing AWS
 credentials (mail accepted then would never leave), and a refused client's log line names
 the setting that admits it."""
 
@@ -56,3 +56,10 @@ def test_refused_client_log_line_names_the_setting_to_change(start_relay, sandbo
     refused = wait_for(lambda: relay.find("refused"), 20)
     assert "RELAY_SMTP__ALLOWED_NETWORKS" in refused["fix"]
     assert "smtp.allowed_networks" in refused["fix"]
+
+
+def test_start_up_logs_only_the_relays_own_lines(start_relay, sandbox):
+    relay = start_relay(sandbox.url)
+    wait_for(lambda: relay.find("listening"), 20)
+    loggers = {line.get("logger", "") for line in relay.lines}
+    assert loggers and all(name.startswith("relay") for name in loggers), loggers
