@@ -1,6 +1,6 @@
-"""What the relay says at start: /readyz names missing AWS
-credentials (mail accepted then would never leave), and a refused client's log line names
-the setting that admits it."""
+"""What the relay says about a setup that cannot work, and at start: /readyz names missing
+AWS credentials (mail accepted then would never leave), a refused client's log line names
+the setting that admits it, and start-up logs only the relay's own lines."""
 
 from __future__ import annotations
 
