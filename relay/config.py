@@ -36,6 +36,11 @@ def _size(**kw: Any) -> Any:
     return field(metadata={"size": True}, **kw)
 
 
+def _path(**kw: Any) -> Any:
+    """A file or directory: relative in a config file means relative to that file's folder."""
+    return field(metadata={"path": True}, **kw)
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
     host: str = "127.0.0.1"
@@ -46,12 +51,12 @@ class SmtpConfig:
     max_recipients: int = 1000
     timeout: float = _duration(default=300.0)
     # Ingress hardening (TLS, AUTH, access, limits); checked in _check_hardening.
-    tls_cert: str = ""
-    tls_key: str = ""
+    tls_cert: str = _path(default="")
+    tls_key: str = _path(default="")
     require_tls: bool = False
     implicit_tls: bool = False
     tls_port: int = 465
-    auth_file: str = ""
+    auth_file: str = _path(default="")
     allow_plain_auth_from: tuple[str, ...] = ()
     auth_failure_delay: float = _duration(default=1.0)
     auth_max_failures: int = 10
@@ -84,7 +89,7 @@ class SmtpConfig:
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    dir: str = "spool"
+    dir: str = _path(default="spool")
     min_free_bytes: int = _size(default=64 * 1024 * 1024)
     fsync: bool = True
 
@@ -222,7 +227,7 @@ class DkimConfig:
     enabled: bool = False
     domain: str = ""
     selector: str = ""
-    key_file: str = ""
+    key_file: str = _path(default="")
     headers: tuple[str, ...] = DKIM_DEFAULT_HEADERS
 
     def check(self) -> None:
@@ -245,7 +250,7 @@ class DkimConfig:
 class SandboxConfig:
     """The embedded SES-compatible endpoint used when ses.endpoint_url = "sandbox"."""
 
-    dir: str = ""
+    dir: str = _path(default="")
     host: str = "127.0.0.1"
     port: int = 0
     max_send_rate: float = 14.0
@@ -319,7 +324,10 @@ def _port(key: str, value: int) -> None:
 
 
 def _build_section(name: str, cls: type, values: Mapping[str, Any],
-                   env: Mapping[str, str]) -> Any:
+                   env: Mapping[str, str], base: Path | None = None) -> Any:
+    """One section from the file's values, then the environment's. A relative path from
+    the file is taken relative to the file's folder (`base`), so that a command run from
+    anywhere finds the same spool; one from the environment, relative to the current one."""
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -327,6 +335,9 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key in [{name}]")
         kwargs[key] = coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=False)
+        if base is not None and fields[key].metadata.get("path") and kwargs[key]:
+            # an absolute value stays as it is
+            kwargs[key] = os.path.normpath(base / kwargs[key])
     prefix = f"{ENV_PREFIX}{name.upper()}__"
     for var, value in env.items():
         if not var.startswith(prefix):
@@ -351,6 +362,7 @@ def load(path: str | os.PathLike[str] | None = None,
         path = env.get("RELAY_CONFIG") or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     data: dict[str, Any] = {}
     source = "built-in defaults"
+    base: Path | None = None
     if path is not None:
         try:
             with open(path, "rb") as fh:
@@ -360,6 +372,7 @@ def load(path: str | os.PathLike[str] | None = None,
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
         source = str(path)
+        base = Path(path).resolve().parent
     for name in data:
         if name not in SECTIONS:
             raise ConfigError(name, f"unknown section [{name}]; known: {', '.join(SECTIONS)}")
@@ -371,6 +384,7 @@ def load(path: str | os.PathLike[str] | None = None,
             if section not in SECTIONS:
                 raise ConfigError(section, f"unknown section (from environment variable {var})")
     sections = {
-        name: _build_section(name, cls, data.get(name, {}), env) for name, cls in SECTIONS.items()
+        name: _build_section(name, cls, data.get(name, {}), env, base)
+        for name, cls in SECTIONS.items()
     }
     return Config(source=source, **sections)

@@ -99,3 +99,26 @@ def test_cli_reports_config_error(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "smtp.port" in out.stderr
+
+
+def test_relative_paths_in_a_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    conf = tmp_path / "etc" / "relay.toml"
+    conf.parent.mkdir()
+    users = tmp_path / "users"  # an absolute path stays as it is
+    users.write_text("")
+    conf.write_text('[spool]\ndir = "../queue"\n[sandbox]\ndir = "mail"\n'
+                    f'[smtp]\nauth_file = "{users}"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the command runs from another directory
+    cfg = config.load(conf, env={})
+    assert cfg.spool.dir == str(tmp_path / "queue")
+    assert cfg.sandbox.dir == str(tmp_path / "etc" / "mail")
+    assert cfg.smtp.auth_file == str(users)
+    # the same file named by a relative path gives the same answer
+    monkeypatch.chdir(tmp_path)
+    assert config.load("etc/relay.toml", env={}).spool.dir == str(tmp_path / "queue")
+    # from the environment, relative to the current directory as before
+    assert config.load(conf, env={"RELAY_SPOOL__DIR": "here"}).spool.dir == "here"
+    # no file: the built-in default, relative to the current directory
+    assert config.load(None, env={}).spool.dir == "spool"
