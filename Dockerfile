@@ -39,7 +39,8 @@ RUN groupadd --gid 10001 relay \
 
 COPY pyproject.toml README.md /tmp/build/
 COPY relay /tmp/build/relay
-RUN pip install -q --no-deps --no-build-isolation /tmp/build && rm -rf /tmp/build
+RUN pip install -q --no-deps --no-build-isolation /tmp/build && rm -rf /tmp/build \
+ && ln -s /opt/relay/bin/relay /usr/sbin/sendmail
 COPY conf /usr/share/relay/conf
 COPY deploy/container/relay.toml /etc/relay/relay.toml
 COPY deploy/container/entrypoint.sh /usr/local/bin/relay-entrypoint

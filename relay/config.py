@@ -264,6 +264,21 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class SendmailConfig:
+    """`relay sendmail`, the injector for programs that pipe mail to /usr/sbin/sendmail."""
+
+    #: the domain a bare local name (`root`, `www-data`) gets, as cron and daemons address
+    #: mail; "" means this host's fully qualified name
+    local_domain: str = ""
+
+    def check(self) -> None:
+        domain = self.local_domain
+        if domain and (domain.startswith("@") or "." not in domain.strip(".")):
+            raise ConfigError("sendmail.local_domain",
+                              f"must be a domain such as example.com, got {self.local_domain!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     smtp: SmtpConfig = SmtpConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -274,6 +289,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     dkim: DkimConfig = DkimConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    sendmail: SendmailConfig = SendmailConfig()
     source: str = "built-in defaults"
 
     @property

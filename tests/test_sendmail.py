@@ -91,8 +91,8 @@ def test_errors_name_what_is_wrong(start_relay, sandbox):
     relay = start_relay(sandbox.url)
     out = sendmail(relay, relay.smtp_port, data="Subject: none\n\nbody\n")
     assert out.returncode == 64 and "no recipients" in out.stderr
-    out = sendmail(relay, relay.smtp_port, "nobody")
-    assert out.returncode == 65 and "not an address: nobody" in out.stderr
+    out = sendmail(relay, relay.smtp_port, "@example.net")
+    assert out.returncode == 65 and "not an address: @example.net" in out.stderr
     out = sendmail(relay, relay.smtp_port, "a@example.net", data="")
     assert out.returncode == 65 and "no message" in out.stderr
     assert sandbox.state.calls == [] and relay.queued("active") == []
@@ -169,3 +169,50 @@ def test_header_recipients_keep_other_bytes_untouched():
 def test_old_style_options():
     assert normalize_argv(["-oi", "-odb", "-bm", "-ffrom@x.example", "-t", "a@b.example"]) == [
         "-i", "-f", "from@x.example", "-t", "a@b.example"]
+
+
+def test_debian_crons_exact_command_line_delivers_to_the_sandbox(start_relay, sandbox):
+    """cron runs `sendmail -FCronDaemon -i -B8BITMIME -oem root` with its own headers and
+    no From address: the bare name gets sendmail.local_domain, sender and recipient."""
+    relay = start_relay(sandbox.url, sendmail={"local_domain": "host.example.com"})
+    cron_mail = ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> run-parts\n"
+                 "Content-Type: text/plain; charset=UTF-8\n\nhello from cron\n")
+    out = sendmail(relay, relay.smtp_port, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
+                   data=cron_mail)
+    assert out.returncode == 0, out.stderr
+    calls = wait_for(lambda: sandbox.state.accepted(), 20)
+    assert calls[0].recipients == ["root@host.example.com"]
+    assert calls[0].sender.endswith("@host.example.com")
+    assert b"hello from cron" in calls[0].raw
+
+
+def test_options_daemons_pass_are_taken_apart_or_attached():
+    assert normalize_argv(["-B", "8BITMIME", "-F", "Cron Daemon", "-N", "never", "-R", "hdrs",
+                           "-V", "envid", "-X", "/log", "-r", "a@b.example", "-i", "c@d.example"]
+                          ) == ["-f", "a@b.example", "-i", "c@d.example"]
+    assert normalize_argv(["-FCronDaemon", "-B8BITMIME", "-oem", "-odb", "-bm", "-U", "root"]
+                          ) == ["root"]
+
+
+def test_a_sender_the_relay_refuses_is_named_with_the_setting_to_change(start_relay, sandbox):
+    relay = start_relay(sandbox.url, smtp={"allowed_sender_domains": ["example.com"]},
+                        sendmail={"local_domain": "other.example"})
+    out = sendmail(relay, relay.smtp_port, "root", data="Subject: x\n\nbody\n")
+    assert out.returncode == 69
+    assert "553" in out.stderr and "root@other.example" in out.stderr
+    assert "sendmail.local_domain" in out.stderr and "b'" not in out.stderr
+    assert sandbox.state.calls == []
+
+
+
+def test_relay_called_by_the_name_sendmail_is_the_injector(start_relay, sandbox, tmp_path):
+    relay = start_relay(sandbox.url, sendmail={"local_domain": "host.example.com"})
+    link = tmp_path / "bin" / "sendmail"  # as /usr/sbin/sendmail -> relay in the image
+    link.parent.mkdir()
+    link.symlink_to(Path(sys.executable).parent / "relay")
+    env = {**env_for(relay.smtp_port), "RELAY_CONFIG": str(relay.config)}
+    out = subprocess.run([str(link), "-oi", "-t"], input=MESSAGE, capture_output=True,
+                         text=True, timeout=60, env=env, cwd=relay.workdir)
+    assert out.returncode == 0, out.stderr
+    calls = wait_for(lambda: sandbox.state.accepted(), 20)
+    assert sorted(calls[0].recipients) == sorted(ALL)

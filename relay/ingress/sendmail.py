@@ -85,19 +85,46 @@ def from_address(data: bytes) -> str:
     return ""
 
 
+#: sendmail options that take a value and mean nothing here: -B body type (8BITMIME),
+#: -F full name, -N DSN notify, -R DSN return, -V envelope id, -X traffic log, -L tag
+IGNORED_WITH_VALUE = ("-B", "-F", "-N", "-R", "-V", "-X", "-L")
+#: and without a value: -bm (deliver mail, the default), -U (initial submission), -m, -em
+IGNORED = ("-bm", "-U", "-m", "-n")
+
+
 def normalize_argv(argv: Sequence[str]) -> list[str]:
-    """sendmail's old-style options: -oi is -i; -odb, -bm, -oem and friends are ignored."""
+    """The options daemons pass to /usr/sbin/sendmail, as `relay sendmail` parses them.
+
+    -oi is -i, -f/-r take the sender attached or apart; -o<x> (-oem, -odb, -oi),
+    -B8BITMIME, -FCronDaemon and the others in IGNORED_WITH_VALUE are dropped with their
+    value, attached or apart, as sendmail itself accepts them.
+    """
     out: list[str] = []
-    for arg in argv:
+    args = iter(argv)
+    for arg in args:
+        flag = arg[:2]
         if arg == "-oi":
             out.append("-i")
-        elif arg in ("-bm", "-U") or (arg.startswith("-o") and len(arg) > 2):
+        elif arg in IGNORED or (flag == "-o" and len(arg) > 2):
             continue
-        elif arg.startswith("-f") and len(arg) > 2:
-            out += ["-f", arg[2:]]
+        elif flag in IGNORED_WITH_VALUE:
+            if len(arg) == 2:
+                next(args, None)  # the value given apart: -B 8BITMIME
+        elif flag in ("-f", "-r"):
+            out += ["-f", arg[2:] if len(arg) > 2 else next(args, "")]
         else:
             out.append(arg)
     return out
+
+
+def qualify(address: str, domain: str) -> str:
+    """A bare local name (root, www-data) gets @domain, as sendmail gives it @$myhostname."""
+    address = address.strip()
+    return f"{address}@{domain}" if address and "@" not in address else address
+
+
+def local_domain(cfg: config_mod.Config) -> str:
+    return cfg.sendmail.local_domain or socket.getfqdn()
 
 
 def via_smtp(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -> str | None:
@@ -112,8 +139,8 @@ def via_smtp(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -
     finally:
         _quit(client)
     for rcpt, (code, text) in refused.items():
-        print(f"relay sendmail: {rcpt} refused: {code} {text.decode(errors='replace')}",
-              file=sys.stderr)
+        print(f"relay sendmail: recipient {rcpt} refused: {code} "
+              f"{text.decode(errors='replace')}", file=sys.stderr)
     return "smtp-partial" if refused else "smtp"
 
 
@@ -158,16 +185,17 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     data = read_message(sys.stdin.buffer, dot_ends=not args.i)
     if not data.strip():
         return _complain("no message on stdin", EX_DATAERR)
-    rcpts = list(args.recipients)
+    domain = local_domain(cfg)
+    rcpts = [qualify(r, domain) for r in args.recipients]
     if args.t:
         found, data = header_recipients(data)
         rcpts = found + [r for r in rcpts if r not in found]
     if not rcpts:
         return _complain("no recipients (name them, or use -t to read To/Cc/Bcc)", EX_USAGE)
-    bad = [r for r in rcpts if "@" not in r or r.startswith("@") or r.endswith("@")]
+    bad = [r for r in rcpts if r.startswith("@") or r.endswith("@")]
     if bad:
         return _complain(f"not an address: {', '.join(bad)}", EX_DATAERR)
-    sender = args.f or from_address(data) or f"{getpass.getuser()}@{socket.getfqdn()}"
+    sender = qualify(args.f, domain) or from_address(data) or f"{getpass.getuser()}@{domain}"
     return _queue(cfg, sender, rcpts, data, verbose=args.verbose)
 
 
@@ -178,7 +206,12 @@ def _queue(cfg: config_mod.Config, sender: str, rcpts: list[str], data: bytes, *
     try:
         how = via_smtp(host, cfg.smtp.port, sender, rcpts, data) if cfg.smtp.port else None
     except smtplib.SMTPResponseException as exc:
-        return _complain(f"the relay answered {exc.smtp_code} {exc.smtp_error!r}",
+        text = exc.smtp_error.decode(errors="replace") if isinstance(
+            exc.smtp_error, bytes) else str(exc.smtp_error)
+        hint = ("; set sendmail.local_domain or pass -f"
+                if isinstance(exc, smtplib.SMTPSenderRefused) else "")
+        return _complain(f"the relay answered {exc.smtp_code} {text} (sender {sender}, "
+                         f"recipients {', '.join(rcpts)}){hint}",
                          EX_TEMPFAIL if 400 <= exc.smtp_code < 500 else EX_UNAVAILABLE)
     except (smtplib.SMTPException, OSError) as exc:
         # the relay was reached but the exchange broke: not known to be queued
@@ -198,7 +231,7 @@ def _spool_locally(cfg: config_mod.Config, sender: str, rcpts: list[str], data: 
     try:
         sender, rcpts, data = accept_locally(cfg, sender, rcpts, data)
     except (addresses.AddressError, ValueError) as exc:
-        return _complain(str(exc), EX_DATAERR)
+        return _complain(f"{exc} (sender {sender}, recipients {', '.join(rcpts)})", EX_DATAERR)
     spool = Spool(cfg.spool.dir, fsync=cfg.spool.fsync, min_free_bytes=cfg.spool.min_free_bytes)
     try:
         spool.ensure()

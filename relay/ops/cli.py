@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -173,6 +174,9 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.path.basename(sys.argv[0]) == "sendmail" and argv[:1] != ["sendmail"]:
+        # installed as /usr/sbin/sendmail (a symlink), called the way daemons call sendmail
+        argv = ["sendmail", *argv]
     if argv[:1] == ["sendmail"]:
         from relay.ingress.sendmail import normalize_argv
 
