@@ -256,6 +256,10 @@ class SandboxConfig:
     max_send_rate: float = 14.0
     max_24hour_send: float = 50000.0
     latency: float = _duration(default=0.0)
+    #: faults the sandbox answers to its first SendEmail calls, in order (throttle, 5xx,
+    #: unavailable, paused, suspended, rejected, mailfrom, noconfigset, badrequest, slow,
+    #: timeout, ok): a failure mode seen without writing code
+    faults: tuple[str, ...] = ()
 
     def check(self) -> None:
         _port("sandbox.port", self.port)

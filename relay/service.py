@@ -30,6 +30,7 @@ from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import Partition, PoolSettings
+from relay.errors import ConfigError
 from relay.feedback.applier import Applied, FeedbackApplier
 from relay.feedback.guard import ReputationGuard
 from relay.feedback.sns import SnsEndpoint
@@ -126,10 +127,15 @@ async def _start_sandbox(config: Config) -> StartedSandbox | None:
     if config.ses.endpoint_url != SANDBOX:
         return None
     sb = config.sandbox
-    sandbox = Sandbox(SandboxState(
+    state = SandboxState(
         outbox=config.sandbox_dir, max_send_rate=sb.max_send_rate,
         max_24hour_send=sb.max_24hour_send, latency=sb.latency, keep_raw=False,
-    ))
+    )
+    try:
+        state.script(*sb.faults)
+    except ValueError as exc:
+        raise ConfigError("sandbox.faults", str(exc)) from None
+    sandbox = Sandbox(state)
     url = await sandbox.start(sb.host, sb.port)
     event(log, "sandbox", url=url, outbox=str(config.sandbox_dir))
     return StartedSandbox(sandbox, url)

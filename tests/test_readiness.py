@@ -63,3 +63,26 @@ def test_start_up_logs_only_the_relays_own_lines(start_relay, sandbox):
     wait_for(lambda: relay.find("listening"), 20)
     loggers = {line.get("logger", "") for line in relay.lines}
     assert loggers and all(name.startswith("relay") for name in loggers), loggers
+
+
+def test_sandbox_faults_from_the_config_are_played_then_mail_goes_out(start_relay, tmp_path):
+    relay = start_relay("sandbox", sandbox={"dir": str(tmp_path / "mail"),
+                                            "faults": ["throttle", "5xx"]},
+                        delivery={"min_backoff": 0.1, "max_backoff": 0.2, "throttle_retry": 0.1})
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
+        s.sendmail("app@example.com", ["you@example.net"], b"Subject: faults\r\n\r\nbody\r\n")
+    wait_for(lambda: list((tmp_path / "mail").glob("*.eml")), 30)
+    assert relay.find("throttled") is not None
+    assert any("InternalFailure" in line.get("error", "") for line in relay.events("deferred"))
+
+
+def test_an_unknown_sandbox_fault_is_a_configuration_error_naming_the_key(tmp_path):
+    relay = RelayProcess(tmp_path, relay_sections(tmp_path, "sandbox",
+                                                  sandbox={"faults": ["nosuch"]}))
+    try:
+        relay.start()
+    except AssertionError:
+        pass  # it never listens: it exits with the error
+    assert relay.proc is not None and relay.proc.wait(timeout=30) != 0
+    assert any("sandbox.faults" in line and "nosuch" in line for line in relay.raw_lines)
+    assert not any("Traceback" in line for line in relay.raw_lines)

@@ -122,7 +122,8 @@ class SandboxState:
     def script(self, *faults: str) -> None:
         for f in faults:
             if f not in FAULTS and f not in ("ok", "slow", "timeout"):
-                raise ValueError(f"unknown fault {f!r}")
+                known = ", ".join([*FAULTS, "ok", "slow", "timeout"])
+                raise ValueError(f"unknown fault {f!r}; known: {known}")
         with self.lock:
             self.faults.extend(faults)
 
