@@ -329,6 +329,9 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         problems = list(missing)
         if not spool_writable(spool.root):
             problems.append(f"spool {spool.root} is not writable")
+        if full := spool.room_problem():
+            problems.append(full)
+        problems += pool.holds  # results the spool could not record; database down
         if pool.paused:
             problems.append(f"delivery paused: {pool.paused_reason}")
         if ingress.handler.closing:

@@ -14,6 +14,7 @@ flush() once for every change waiting at that moment (group commit).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -57,6 +58,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take only part of them)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def as_spool_error(exc: BaseException) -> BaseException:
@@ -176,13 +185,22 @@ class Spool:
                 f"spool has {free} bytes free, below spool.min_free_bytes={self.min_free_bytes}"
             )
 
+    def room_problem(self) -> str:
+        """Why the spool cannot take mail for lack of room (for /readyz); "" when it can."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            return f"spool {self.root}: {exc}"
+        free = st.f_bavail * st.f_frsize
+        if free >= max(self.min_free_bytes, st.f_frsize):
+            return ""
+        return (f"spool {self.root} is full: {free} bytes free "
+                f"(spool.min_free_bytes = {self.min_free_bytes})")
+
     def _write(self, path: Path, data: bytes, *, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             if sync and self.fsync:
                 os.fsync(fd)
         finally:
@@ -250,11 +268,16 @@ class Spool:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=dir_fd)
         sync = durable and self.fsync
         try:
-            os.write(fd, record.to_json())
+            # a nearly full disk may take part of a write: never rename a truncated record
+            _write_all(fd, record.to_json())
             if sync:
                 os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):  # give back what the half copy took
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.close(fd)
         os.rename(tmp, ENVELOPE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         if sync:
             os.fsync(dir_fd)
