@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from relay.sandbox.server import SandboxState, SandboxThread
-from tests.conftest import PG_SERVER, RelayProcess, relay_sections, wait_for
+from tests.conftest import PG_SERVER, ROOT, RelayProcess, relay_sections, wait_for
 from tests.test_delivery import msg, readyz, send_many, spool_empty
 
 
@@ -114,3 +115,20 @@ def test_disk_full_during_multi_call_messages_sends_no_recipient_twice(tmp_path,
     expected = {r for rcpts in messages for r in rcpts}
     assert {r for c in state.accepted() for r in c.recipients} == expected  # 0 lost
     assert duplicated(state) == []
+
+
+def test_a_second_relay_on_the_same_spool_stops_at_once_and_touches_nothing(
+        start_relay, sandbox, tmp_path):
+    first = start_relay(sandbox.url)
+    unfinished = first.spool / "incoming" / "0000000000000ABCDE"
+    unfinished.mkdir()  # as if a session of the first relay were writing it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    out = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(first.config)],
+                         cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)), timeout=60,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr[-3000:]
+    assert str(first.spool) in lines[0] and f"pid {first.proc.pid}" in lines[0], lines[0]
+    assert unfinished.is_dir()  # incoming/ untouched
+    assert first.proc.poll() is None
