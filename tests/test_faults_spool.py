@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from relay.sandbox.server import SandboxState, SandboxThread
+from relay.spool.record import Envelope, State
+from relay.spool.spool import Spool
 from tests.conftest import PG_SERVER, ROOT, RelayProcess, relay_sections, wait_for
 from tests.test_delivery import msg, readyz, send_many, spool_empty
 
@@ -132,3 +135,35 @@ def test_a_second_relay_on_the_same_spool_stops_at_once_and_touches_nothing(
     assert str(first.spool) in lines[0] and f"pid {first.proc.pid}" in lines[0], lines[0]
     assert unfinished.is_dir()  # incoming/ untouched
     assert first.proc.poll() is None
+
+
+def test_entries_that_are_not_messages_go_to_corrupt_once_and_never_to_ses(
+        start_relay, sandbox, tmp_path):
+    relay = start_relay(sandbox.url)
+    spool = Spool(relay.spool, fsync=False)
+    env = Envelope("app@example.com", ("x@example.net",), time.time())
+    data = msg("bad", ["x@example.net"])
+    no_message = spool.prepare(env, data)
+    (spool.path(State.INCOMING, no_message) / "message.eml").unlink()
+    truncated = spool.prepare(env, data)
+    with open(spool.path(State.INCOMING, truncated) / "message.eml", "r+b") as f:
+        f.truncate(len(data) // 2)
+    (relay.spool / "incoming" / "stray").write_text("left here by someone\n")
+    for qid in (no_message, truncated):
+        spool.publish(qid)
+    os.rename(relay.spool / "incoming" / "stray", relay.spool / "active" / "stray.txt")
+
+    bad = sorted([no_message, truncated, "stray.txt"])
+    wait_for(lambda: relay.queued("corrupt") == bad, 20)
+    reasons = {q: (relay.spool / "corrupt" / q / "reason.txt").read_text() for q in bad}
+    assert "message.eml missing" in reasons[no_message]
+    assert f"message.eml is {len(data) // 2} bytes, its envelope records {len(data)}" in (
+        reasons[truncated])
+    assert "not a message directory" in reasons["stray.txt"]
+    assert (relay.spool / "corrupt" / "stray.txt" / "stray.txt").read_text().startswith("left")
+
+    # a good message after them goes through; the bad ones were looked at once each
+    send_many(relay.smtp_port, [(["good@example.net"], msg("good", ["good@example.net"]))])
+    wait_for(lambda: sandbox.state.recipients_sent() == 1 and spool_empty(relay), 20)
+    assert [c.recipients for c in sandbox.state.calls] == [["good@example.net"]]
+    assert sorted(e["queue_id"] for e in relay.events("corrupt")) == bad

@@ -71,6 +71,8 @@ class Attempt:
         self.clock = clock
         #: the suppression list failed and has not answered since (one log line per outage)
         self.database_down = False
+        #: entries in active/ that are not messages and could not be moved to corrupt/
+        self.corrupt: set[str] = set()
         #: time a worker holds one call's work (SES latency plus spool writes), smoothed;
         #: the pool sizes its concurrency on it (Little's law)
         self.latency = 0.05
@@ -86,7 +88,8 @@ class Attempt:
 
     async def run(self, qid: str) -> None:
         """process(), with every failure kept to this one message."""
-        if qid in self.outcomes.commit.unacknowledged or self.outcomes.unsaved.holds(qid):
+        if (qid in self.outcomes.commit.unacknowledged or self.outcomes.unsaved.holds(qid)
+                or qid in self.corrupt):
             # its client has no 250 yet (a failing flush would answer 451 and take it back),
             # or its newest record is not on disk: the scheduler offers it again later
             return
@@ -95,7 +98,10 @@ class Attempt:
         except ResultNotSaved:
             pass  # kept in memory, delivery held, both logged by relay.delivery.unsaved
         except CorruptMessage as exc:
+            # moved to corrupt/; if even that failed, never looked at again by this process
             event(log, "corrupt", level=logging.ERROR, queue_id=qid, error=str(exc))
+            if self.spool.path(State.ACTIVE, qid).exists():
+                self.corrupt.add(qid)
         except FileNotFoundError:
             pass  # moved away by an operator (hold, delete) while waiting
         except Exception as exc:  # noqa: BLE001 - one message must not stop the pool
@@ -123,8 +129,8 @@ class Attempt:
         await self.outcomes.finish(record)
 
     def _read(self, qid: str) -> tuple[Record, bytes]:
-        return (self.spool.load(State.ACTIVE, qid),
-                self.spool.read_message(State.ACTIVE, qid))
+        record = self.spool.load(State.ACTIVE, qid)
+        return record, self.spool.read_message(State.ACTIVE, qid, record)
 
     async def _drop_suppressed(self, record: Record, pending: list[str]
                                ) -> list[str] | None:

@@ -216,20 +216,47 @@ class Spool:
         except FileNotFoundError:
             if not path.exists():
                 raise
-            self._to_corrupt(state, qid)
-            raise CorruptMessage(f"{qid}: {ENVELOPE} missing") from None
+            raise self.to_corrupt(state, qid, f"{ENVELOPE} missing") from None
+        except NotADirectoryError:
+            raise self.to_corrupt(state, qid, "not a message directory") from None
         except (ValueError, KeyError, TypeError) as exc:
-            self._to_corrupt(state, qid)
-            raise CorruptMessage(f"{qid}: {ENVELOPE} unreadable: {exc}") from exc
+            raise self.to_corrupt(state, qid, f"{ENVELOPE} unreadable: {exc}") from exc
 
-    def read_message(self, state: State, qid: str) -> bytes:
-        return (self.path(state, qid) / MESSAGE).read_bytes()
-
-    def _to_corrupt(self, state: State, qid: str) -> None:
+    def read_message(self, state: State, qid: str, record: Record | None = None) -> bytes:
+        """message.eml; with its record, one missing or shorter than the size recorded at
+        acceptance is moved to corrupt/ (CorruptMessage), never forwarded."""
+        path = self.path(state, qid)
         try:
-            self.move(qid, state, State.CORRUPT)
-        except OSError:
-            pass
+            data = (path / MESSAGE).read_bytes()
+        except FileNotFoundError:
+            if record is None or not path.is_dir():
+                raise
+            raise self.to_corrupt(state, qid, f"{MESSAGE} missing") from None
+        if record is not None and len(data) != record.size:
+            raise self.to_corrupt(state, qid, f"{MESSAGE} is {len(data)} bytes, "
+                                              f"its envelope records {record.size}")
+        return data
+
+    def to_corrupt(self, state: State, qid: str, reason: str) -> CorruptMessage:
+        """Move an entry that is not a complete message to corrupt/<name>/ with a
+        reason.txt (a stray file goes inside a directory of its own name); the error to
+        raise. Never deletes anything. If the move fails the entry stays where it was."""
+        src, dst = self.path(state, qid), self.path(State.CORRUPT, qid)
+        try:
+            if dst.exists():
+                dst = self.path(State.CORRUPT, f"{qid}.{new_queue_id()}")
+            if src.is_dir() and not src.is_symlink():
+                os.rename(src, dst)
+            else:
+                dst.mkdir()
+                os.rename(src, dst / qid)
+            (dst / "reason.txt").write_text(f"{state.value}/{qid}: {reason}\n")
+            if self.fsync:
+                _fsync_dir(self.dir(state))
+                _fsync_dir(self.dir(State.CORRUPT))
+        except OSError as exc:
+            return CorruptMessage(f"{qid}: {reason} (not moved to corrupt/: {exc})")
+        return CorruptMessage(f"{qid}: {reason}")
 
     # -- state changes --------------------------------------------------------------
 
