@@ -43,6 +43,7 @@ from relay.ops.metrics import Gauges, Metrics, TimedSender
 from relay.sandbox.server import Sandbox, SandboxState
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
+from relay.spool.lock import SpoolLock
 from relay.spool.record import Envelope, set_worker
 from relay.spool.spool import Spool
 from relay.store.budget import shared_budget
@@ -62,8 +63,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     _prepare_loop(stop)
     part = Partition(*worker)
-    spool = await _open_spool(config, part)
+    spool, lock = await _open_spool(config, part)
     async with AsyncExitStack() as stack:
+        stack.callback(lock.release)
         sandbox = await _start_sandbox(config)
         if sandbox is not None:
             stack.push_async_callback(sandbox.stop)
@@ -98,16 +100,19 @@ def _prepare_loop(stop: asyncio.Event) -> None:
             pass
 
 
-async def _open_spool(config: Config, part: Partition) -> Spool:
+async def _open_spool(config: Config, part: Partition) -> tuple[Spool, SpoolLock]:
+    """The spool, locked before anything in it is touched (relay.spool.lock)."""
     spool = Spool(config.spool.dir, fsync=config.spool.fsync,
                   min_free_bytes=config.spool.min_free_bytes)
     if part.count > 1:
-        # the supervisor recovered the spool before starting the workers
+        # the supervisor locked and recovered the spool before starting the workers
+        lock = SpoolLock.take(spool.root, worker=part.index)
         set_worker(part.index, part.count)
     else:
+        lock = SpoolLock.take(spool.root)
         garbage = await asyncio.to_thread(spool.recover)
         event(log, "recovered", spool=str(spool.root), incoming_removed=garbage)
-    return spool
+    return spool, lock
 
 
 SANDBOX_CREDENTIALS = ("sandbox", "sandbox")
@@ -335,6 +340,9 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         problems = list(missing)
         if not spool_writable(spool.root):
             problems.append(f"spool {spool.root} is not writable")
+        if full := spool.room_problem():
+            problems.append(full)
+        problems += pool.holds  # results the spool could not record; database down
         if pool.paused:
             problems.append(f"delivery paused: {pool.paused_reason}")
         if ingress.handler.closing:

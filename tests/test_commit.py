@@ -21,6 +21,7 @@ from relay.config import SesConfig, SmtpConfig
 from relay.delivery.pool import DeliveryPool
 from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
+from relay.errors import SpoolError
 from relay.sandbox.server import SandboxState, SandboxThread
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
@@ -240,3 +241,62 @@ def test_delivery_result_is_flushed_before_anyone_hears_of_it(tmp_path):
     with SandboxThread(state) as sb:
         asyncio.run(run())
     assert list(spool.scan(State.ACTIVE)) == [] and qid not in list(spool.scan(State.INCOMING))
+
+
+def test_a_message_whose_second_flush_fails_is_never_sent_and_not_left_queued(tmp_path):
+    """The rename into active/ happens before the 250; if the flush after it fails the
+    client hears 451 and will send again, so delivery must not have taken that copy."""
+
+    class SecondFlushFails(Spool):
+        def __init__(self, root: Path) -> None:
+            super().__init__(root, fsync=True)
+            self.renamed = threading.Event()
+            self.go = threading.Event()
+            self.flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+            if self.flushes == 2:  # the one after the rename into active/
+                self.renamed.set()
+                assert self.go.wait(30), "the test never let the flush go on"
+                raise OSError(5, "Input/output error")
+            super().flush()
+
+    spool = SecondFlushFails(tmp_path / "spool")
+    spool.ensure()
+    state = SandboxState(max_send_rate=100)
+
+    async def run() -> None:
+        async with SesClient(SesConfig(region="us-east-1"), endpoint_url=sb.url,
+                             static_credentials=("t", "t")) as ses:
+            commit = GroupCommit(spool)
+            pool = DeliveryPool(spool=spool, sender=ses, accounts=ses,
+                                limiter=RateLimiter(100), policy=RetryPolicy(1, 10, 3600),
+                                commit=commit)
+            qid = spool.prepare(Envelope(sender="a@example.com", recipients=("b@example.net",),
+                                         received_at=time.time()), MESSAGE)
+            publishing = asyncio.create_task(commit.publish(qid))
+            loop = asyncio.get_running_loop()
+            try:
+                assert await loop.run_in_executor(None, spool.renamed.wait, 30)
+                assert list(spool.scan(State.ACTIVE)) == [qid]  # visible, not yet answered
+                # as if a scan of active/ had found it: it ends, or it sends
+                attempt = asyncio.create_task(pool.attempt.run(qid))
+                for _ in range(3000):
+                    if attempt.done() or state.calls:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                spool.go.set()
+            await attempt
+            try:
+                await publishing
+                raise AssertionError("the failed flush was answered as durable")
+            except SpoolError:
+                pass
+
+    with SandboxThread(state) as sb:
+        asyncio.run(run())
+    assert state.calls == []  # never sent: the client's retry is the only copy
+    assert list(spool.scan(State.ACTIVE)) == []
+    assert list(spool.scan(State.INCOMING)) == []

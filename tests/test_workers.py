@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from relay.ops.workers import MAX_RESTARTS
 from relay.sandbox.server import SandboxState, SandboxThread
 from relay.spool.record import partition
@@ -135,3 +137,58 @@ def test_workers_that_keep_dying_stop_the_supervisor_with_exit_1(tmp_path):
     assert names.count("worker_restarted") >= MAX_RESTARTS
     assert "listening" not in names
     assert names[-1] == "stopped"
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_no_second_supervisor_or_worker_while_old_workers_still_deliver(tmp_path):
+    """The spool's lock lasts until the last worker exits; each partition has its own."""
+    state = SandboxState(max_send_rate=200, max_24hour_send=-1, keep_raw=False)
+    with SandboxThread(state) as sb:
+        sections = relay_sections(tmp_path, sb.url, smtp={"workers": 2},
+                                  delivery={"shutdown_timeout": "60s"})
+        relay = RelayProcess(tmp_path, sections)
+        (tmp_path / "second").mkdir()
+        second = RelayProcess(tmp_path / "second", sections)
+        try:
+            relay.start()
+            wait_for(lambda: len(relay.events("listening")) == 2, 30)
+            pids = relay.find("workers")["pids"]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+            # a stray worker for a partition that is being delivered stops at once
+            out = subprocess.run(
+                [sys.executable, "-m", "relay", "serve", "--worker", "1", "-c",
+                 str(relay.config)], cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)),
+                timeout=60, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            assert out.returncode == 1, out.stderr[-2000:]
+            assert f"partition 1 is still delivered by pid {pids[1]}" in out.stderr
+
+            state.answers.clear()  # the workers' calls wait in the sandbox
+            send_collect(relay.smtp_port, 6)
+            wait_for(lambda: state.inflight >= 1, 20)
+            relay.kill()  # the supervisor only: its workers finish their held calls
+            assert all(alive(pid) for pid in pids)
+            with pytest.raises(AssertionError, match="did not start"):
+                second.start(timeout=60)
+            assert any("in use by another relay" in line for line in second.raw_lines)
+            assert all(alive(pid) for pid in pids)
+
+            state.answers.set()
+            wait_for(lambda: not any(alive(pid) for pid in pids), 60)
+            second.start()  # the old workers are gone: the lock is free
+            wait_for(lambda: len(second.events("listening")) == 2, 30)
+            wait_for(lambda: state.recipients_sent() >= 6, 60)
+            wait_for(lambda: not second.queued("active"), 20)
+        finally:
+            state.answers.set()
+            relay.kill()
+            assert second.stop() == 0
+    delivered = sorted(r for c in state.accepted() for r in c.recipients)
+    assert delivered == sorted(f"r{n}@example.net" for n in range(6))

@@ -27,22 +27,35 @@ SES_PAUSE = "SES"
 
 
 class Gate:
-    """Whether delivery may send: not paused (and why it is), not stopping."""
+    """Whether delivery may send: not paused (and why it is), not held, not stopping.
+
+    The pause is the account's and the reputation guard's (one reason, lifted by resume).
+    A hold is the relay's own, by name (the spool cannot record results, the database
+    cannot answer): each is lifted only by whoever set it, never by an operator's resume.
+    """
 
     def __init__(self) -> None:
         self.reason = ""
         self.stopping = False
+        #: name -> reason, for each hold in force
+        self.holds: dict[str, str] = {}
         self._unpaused = asyncio.Event()
         self._unpaused.set()
+        self._unheld = asyncio.Event()
+        self._unheld.set()
 
     @property
     def paused(self) -> bool:
         return bool(self.reason)
 
     @property
+    def held(self) -> bool:
+        return bool(self.holds)
+
+    @property
     def closed(self) -> bool:
-        """Paused or stopping: take nothing more, keep what waits queued."""
-        return self.paused or self.stopping
+        """Paused, held or stopping: take nothing more, keep what waits queued."""
+        return self.paused or self.held or self.stopping
 
     def pause(self, reason: str) -> None:
         self.reason = reason
@@ -52,11 +65,23 @@ class Gate:
         self.reason = ""
         self._unpaused.set()
 
+    def hold(self, name: str, reason: str) -> None:
+        self.holds[name] = reason
+        self._unheld.clear()
+
+    def release(self, name: str) -> None:
+        self.holds.pop(name, None)
+        if not self.holds:
+            self._unheld.set()
+
     def stop(self) -> None:
         self.stopping = True
 
     async def wait_unpaused(self) -> None:
-        await self._unpaused.wait()
+        """Until neither paused nor held."""
+        while not (self._unpaused.is_set() and self._unheld.is_set()):
+            await self._unpaused.wait()
+            await self._unheld.wait()
 
 
 class AccountWatch:

@@ -4,8 +4,10 @@ Fails the message if it outlived its lifetime, drops suppressed recipients (chec
 not at acceptance), then sends the rest in calls no larger than the limiter's per-call
 capacity and the 24-hour quota left. Each call's outcome has its own handler: accepted
 recipients are recorded durably before anything else (invariant 3); a refusal defers,
-holds, fails or pauses according to the exception class the SES edge raised. Reads
-active/; the spool side is relay.delivery.outcomes. Run by the delivery pool's workers.
+holds, fails or pauses according to the exception class the SES edge raised. A message
+is never taken while its 250 is still unanswered or its newest result waits in memory; a
+suppression list that cannot answer holds all delivery for a while, the message untouched.
+Reads active/; the spool side is relay.delivery.outcomes. Run by the delivery pool's workers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from relay.delivery.account import SES_PAUSE, Gate
-from relay.delivery.outcomes import Outcomes, failed
+from relay.delivery.outcomes import Outcomes, ResultNotSaved, failed
 from relay.delivery.ports import Sender, Suppressions
 from relay.delivery.ratelimit import Quota, RateLimiter
 from relay.delivery.retry import RetryPolicy
@@ -39,6 +41,8 @@ log = logging.getLogger("relay.delivery")
 #: SES accepts at most 50 destinations per SendEmail call.
 MAX_DESTINATIONS = 50
 QUOTA_USED_UP = "24-hour sending quota used up"
+#: the gate's hold while the suppression list cannot answer
+DATABASE = "database"
 
 #: What one refused call does to the message: (record, the call's recipients, every
 #: recipient still pending from it on, the error) -> whether to go on with the rest.
@@ -48,7 +52,7 @@ Handler = Callable[[Record, list[str], list[str], DeliveryError], Awaitable[bool
 class Attempt:
     def __init__(self, *, spool: Spool, sender: Sender, limiter: RateLimiter, quota: Quota,
                  policy: RetryPolicy, gate: Gate, pause: Callable[[str], None],
-                 outcomes: Outcomes, settings: PoolSettings,
+                 outcomes: Outcomes, settings: PoolSettings, on_retry: Callable[[], None],
                  suppressions: Suppressions | None = None,
                  clock: Callable[[], float]) -> None:
         self.spool = spool
@@ -59,10 +63,16 @@ class Attempt:
         self.gate = gate
         #: pauses the whole pool (the account watch's pause)
         self.pause = pause
+        #: called when a hold ends: mail left in active/ is read again
+        self.on_retry = on_retry
         self.outcomes = outcomes
         self.settings = settings
         self.suppressions = suppressions
         self.clock = clock
+        #: the suppression list failed and has not answered since (one log line per outage)
+        self.database_down = False
+        #: entries in active/ that are not messages and could not be moved to corrupt/
+        self.corrupt: set[str] = set()
         #: time a worker holds one call's work (SES latency plus spool writes), smoothed;
         #: the pool sizes its concurrency on it (Little's law)
         self.latency = 0.05
@@ -78,10 +88,20 @@ class Attempt:
 
     async def run(self, qid: str) -> None:
         """process(), with every failure kept to this one message."""
+        if (qid in self.outcomes.commit.unacknowledged or self.outcomes.unsaved.holds(qid)
+                or qid in self.corrupt):
+            # its client has no 250 yet (a failing flush would answer 451 and take it back),
+            # or its newest record is not on disk: the scheduler offers it again later
+            return
         try:
             await self.process(qid)
+        except ResultNotSaved:
+            pass  # kept in memory, delivery held, both logged by relay.delivery.unsaved
         except CorruptMessage as exc:
+            # moved to corrupt/; if even that failed, never looked at again by this process
             event(log, "corrupt", level=logging.ERROR, queue_id=qid, error=str(exc))
+            if self.spool.path(State.ACTIVE, qid).exists():
+                self.corrupt.add(qid)
         except FileNotFoundError:
             pass  # moved away by an operator (hold, delete) while waiting
         except Exception as exc:  # noqa: BLE001 - one message must not stop the pool
@@ -99,6 +119,8 @@ class Attempt:
             await self.outcomes.fail_pending(record, reason)
             return
         pending = await self._drop_suppressed(record, record.pending())
+        if pending is None:
+            return  # the suppression list cannot answer: untouched, tried again later
         while pending:
             chunk = await self._next_call(record, pending)
             if chunk is None or not await self._call(record, raw, chunk, pending):
@@ -107,15 +129,24 @@ class Attempt:
         await self.outcomes.finish(record)
 
     def _read(self, qid: str) -> tuple[Record, bytes]:
-        return (self.spool.load(State.ACTIVE, qid),
-                self.spool.read_message(State.ACTIVE, qid))
+        record = self.spool.load(State.ACTIVE, qid)
+        return record, self.spool.read_message(State.ACTIVE, qid, record)
 
-    async def _drop_suppressed(self, record: Record, pending: list[str]) -> list[str]:
-        """Record suppressed recipients as such; the rest, still to send."""
+    async def _drop_suppressed(self, record: Record, pending: list[str]
+                               ) -> list[str] | None:
+        """Record suppressed recipients as such; the rest, still to send. None: the list
+        could not be read, so nothing may be sent now."""
         if self.suppressions is None or not pending:
             return pending
         # checked now, not at acceptance: the list may have changed while mail waited
-        dropped = await self.suppressions.suppressed(pending)
+        try:
+            dropped = await self.suppressions.suppressed(pending)
+        except Exception as exc:  # noqa: BLE001 - any failure of the port: cannot check
+            self._database_failed(exc)
+            return None
+        if self.database_down:
+            self.database_down = False
+            event(log, "suppression_check_recovered")
         if not dropped:
             return pending
         at = self.clock()
@@ -125,6 +156,24 @@ class Attempt:
         event(log, "suppressed", queue_id=record.id, recipients=sorted(dropped))
         await self.outcomes.tell("suppressed", record, sorted(dropped))
         return [r for r in pending if r not in dropped]
+
+    def _database_failed(self, exc: Exception) -> None:
+        """The suppression list cannot answer: hold all delivery for pause_probe_interval
+        (then the next message tries again); no attempt counted, one log line per outage."""
+        first = (str(exc).splitlines() or [""])[0]
+        reason = f"suppression list unreachable: {type(exc).__name__}: {first}"
+        if not self.database_down:
+            self.database_down = True
+            event(log, "suppression_check_failed", level=logging.ERROR, error=reason,
+                  hint="delivery waits until the database answers; nothing is sent meanwhile")
+        if DATABASE not in self.gate.holds:
+            self.gate.hold(DATABASE, reason)
+            asyncio.get_running_loop().call_later(self.settings.pause_probe_interval,
+                                                  self._database_retry)
+
+    def _database_retry(self) -> None:
+        self.gate.release(DATABASE)
+        self.on_retry()
 
     async def _next_call(self, record: Record, pending: list[str]) -> list[str] | None:
         """The recipients of the next call, once the rate lets them go; None: stop here

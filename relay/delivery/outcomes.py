@@ -3,8 +3,10 @@
 Every outcome is durable before anyone hears of it: envelope.json replaced (save), the
 message removed from active/ (discard), or moved to deferred/ with its next attempt as
 the mtime (postpone), to hold/ (hold) or to failed/ (finish, then the on_failed hook,
-e.g. a DSN). The flushes are shared through the group commit. Reads and writes active/,
-deferred/, hold/ and failed/. Used by relay.delivery.attempt.
+e.g. a DSN). The flushes are shared through the group commit. A change the spool
+refuses (disk full, read-only, I/O error) leaves the newer record with
+relay.delivery.unsaved, which stops delivery until it is saved, and raises ResultNotSaved.
+Reads and writes active/, deferred/, hold/ and failed/. Used by relay.delivery.attempt.
 """
 
 from __future__ import annotations
@@ -12,15 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from relay.delivery.ports import Listener
 from relay.delivery.retry import RetryPolicy
+from relay.delivery.unsaved import Unsaved
+from relay.errors import SpoolError
 from relay.log import event
 from relay.spool.commit import GroupCommit
 from relay.spool.record import FAILED, Record, State
 from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.delivery")
+
+
+class ResultNotSaved(SpoolError):
+    """A delivery result could not be written: the record is kept in memory (Unsaved), the
+    message must not be tried again until it is saved."""
 
 
 def failed(record: Record) -> list[str]:
@@ -30,12 +40,13 @@ def failed(record: Record) -> list[str]:
 
 class Outcomes:
     def __init__(self, *, spool: Spool, commit: GroupCommit, policy: RetryPolicy,
-                 listeners: Sequence[Listener] = (),
+                 unsaved: Unsaved, listeners: Sequence[Listener] = (),
                  on_failed: Callable[[Record, str], Awaitable[None]] | None = None,
                  clock: Callable[[], float]) -> None:
         self.spool = spool
         self.commit = commit
         self.policy = policy
+        self.unsaved = unsaved
         self.listeners = list(listeners)
         self.on_failed = on_failed
         self.clock = clock
@@ -49,15 +60,28 @@ class Outcomes:
             except Exception:  # noqa: BLE001 - a listener must never stop delivery
                 log.exception("listener %r failed on %s", listener, kind)
 
+    async def _durably(self, record: Record, change: Callable[[], Path | None]) -> None:
+        """Run a spool change in a thread, then wait for the shared flush. FileNotFoundError
+        (moved or deleted by an operator) passes; any other failure keeps the record in
+        memory and raises ResultNotSaved."""
+        try:
+            grave = await asyncio.to_thread(change)
+            await self.commit.barrier(grave)
+        except FileNotFoundError:
+            raise
+        except (OSError, SpoolError) as exc:
+            self.unsaved.keep(record, exc)
+            raise ResultNotSaved(f"{record.id}: result not saved: {exc}") from exc
+
     async def save(self, record: Record) -> None:
         """Replace envelope.json; durable on return (the flush is shared)."""
-        await asyncio.to_thread(self.spool.save, State.ACTIVE, record, durable=False)
-        await self.commit.barrier()
+        def change() -> None:
+            self.spool.save(State.ACTIVE, record, durable=False)
+        await self._durably(record, change)
 
     async def discard(self, record: Record) -> None:
         """Remove a finished message from active/; durable on return (shared flush)."""
-        grave = await asyncio.to_thread(self.spool.bury, State.ACTIVE, record.id)
-        await self.commit.barrier(grave)
+        await self._durably(record, lambda: self.spool.bury(State.ACTIVE, record.id))
 
     async def finish(self, record: Record) -> None:
         """No recipient left: to failed/ if any failed (and on_failed told), else gone."""
@@ -65,9 +89,9 @@ class Outcomes:
         if not lost:
             await self.discard(record)
             return
-        await asyncio.to_thread(self.spool.move, record.id, State.ACTIVE, State.FAILED,
-                                durable=False)
-        await self.commit.barrier()
+        def change() -> None:
+            self.spool.move(record.id, State.ACTIVE, State.FAILED, durable=False)
+        await self._durably(record, change)
         event(log, "failed", level=logging.WARNING, queue_id=record.id,
               error=record.last_error, recipients=lost)
         await self.tell("failed", record, lost, error=record.last_error)
@@ -86,8 +110,7 @@ class Outcomes:
                        wait: float | None = None) -> None:
         """To deferred/ until the next attempt: after `wait` seconds, else the retry
         policy's backoff (`count`: this was an attempt that counts toward it)."""
-        await asyncio.to_thread(self._defer, record, error, count, wait)
-        await self.commit.barrier()
+        await self._durably(record, lambda: self._defer(record, error, count, wait))
         await self.tell("deferred", record, record.pending(), error=error)
 
     def _defer(self, record: Record, error: str, count: bool, wait: float | None) -> None:
@@ -111,8 +134,7 @@ class Outcomes:
 
     async def hold(self, record: Record) -> None:
         """To hold/ with its last error, until an operator releases it."""
-        await asyncio.to_thread(self._hold, record)
-        await self.commit.barrier()
+        await self._durably(record, lambda: self._hold(record))
 
     def _hold(self, record: Record) -> None:
         self.spool.save(State.ACTIVE, record, durable=False)

@@ -24,6 +24,7 @@ from relay.delivery.ratelimit import Quota, RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import PoolSettings
+from relay.delivery.unsaved import Unsaved
 from relay.log import event
 from relay.spool.commit import GroupCommit
 from relay.spool.record import Record
@@ -65,11 +66,16 @@ class DeliveryPool:
         self.watch = AccountWatch(accounts=accounts, limiter=limiter, quota=self.quota,
                                   gate=self.gate, settings=settings,
                                   on_resume=self.scheduler.wake)
+        #: results the spool could not record, kept until it can (delivery held meanwhile)
+        self.unsaved = Unsaved(spool=spool, commit=self.commit, gate=self.gate,
+                               on_saved=self.scheduler.wake, retry=settings.scan_interval)
         outcomes = Outcomes(spool=spool, commit=self.commit, policy=policy,
-                            listeners=listeners, on_failed=on_failed, clock=clock)
+                            unsaved=self.unsaved, listeners=listeners, on_failed=on_failed,
+                            clock=clock)
         self.attempt = Attempt(spool=spool, sender=sender, limiter=limiter, quota=self.quota,
                                policy=policy, gate=self.gate, pause=self.watch.pause,
                                outcomes=outcomes, settings=settings,
+                               on_retry=self.scheduler.wake,
                                suppressions=suppressions, clock=clock)
         self._inflight: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,6 +95,12 @@ class DeliveryPool:
     @property
     def paused_reason(self) -> str:
         return self.gate.reason
+
+    @property
+    def holds(self) -> list[str]:
+        """Why the relay itself holds delivery (spool cannot record results, database
+        cannot answer), for /readyz; empty when it does not."""
+        return list(self.gate.holds.values())
 
     @property
     def account(self) -> Account | None:
@@ -113,6 +125,7 @@ class DeliveryPool:
             asyncio.create_task(self.scheduler.scanner(), name="scanner"),
             asyncio.create_task(self.scheduler.promoter(), name="promoter"),
             asyncio.create_task(self.watch.run(), name="account"),
+            asyncio.create_task(self.unsaved.run(), name="unsaved"),
             *(
                 asyncio.create_task(self._worker(), name=f"worker-{i}")
                 for i in range(self.settings.max_concurrency)
@@ -127,6 +140,8 @@ class DeliveryPool:
                 task.cancel()
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=timeout)
+        if not await self.unsaved.save_all():
+            self.unsaved.lost()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -95,7 +95,7 @@ class Scheduler:
         self.rescan.set()
         while True:
             self.rescan.clear()
-            if not self.gate.paused:
+            if not self.gate.closed:
                 try:
                     await self.fill()
                 except OSError as exc:

@@ -25,20 +25,26 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay import log, service
     from relay.ops import workers
+    from relay.spool.lock import SpoolLocked
 
     cfg = _load(args)
     workers.check(cfg)
     log.setup(args.log_level)
     count = cfg.smtp.workers
-    if args.worker is not None:
-        if not 0 <= args.worker < count:
-            print(f"relay serve: --worker {args.worker}: smtp.workers is {count}", file=sys.stderr)
-            return 2
-        asyncio.run(service.serve(cfg, worker=(args.worker, count)))
-    elif count > 1:
-        return workers.supervise(cfg, config_path=args.config, log_level=args.log_level)
-    else:
-        asyncio.run(service.serve(cfg))
+    try:
+        if args.worker is not None:
+            if not 0 <= args.worker < count:
+                print(f"relay serve: --worker {args.worker}: smtp.workers is {count}",
+                      file=sys.stderr)
+                return 2
+            asyncio.run(service.serve(cfg, worker=(args.worker, count)))
+        elif count > 1:
+            return workers.supervise(cfg, config_path=args.config, log_level=args.log_level)
+        else:
+            asyncio.run(service.serve(cfg))
+    except SpoolLocked as exc:
+        print(f"relay serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

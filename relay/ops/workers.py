@@ -1,7 +1,9 @@
 """`relay serve` with smtp.workers > 1: a supervisor and one process per worker.
 
 One Python process runs on one core, so with several workers the parent becomes a small
-supervisor: it recovers the spool once (clearing incoming/ while nobody writes there),
+supervisor: it locks the spool (relay.spool.lock; every worker inherits the lock, so it
+lasts until the last of them exits) and recovers it once (clearing incoming/ while
+nobody writes there),
 reserves the listening ports when the configuration says 0, starts `relay serve --worker I`
 for each worker with the same configuration, restarts a worker that dies (at most
 MAX_RESTARTS within RESTART_WINDOW seconds, then stops everything and exits 1), and passes
@@ -26,6 +28,7 @@ import time
 from relay.config import SANDBOX, Config
 from relay.errors import ConfigError
 from relay.log import event
+from relay.spool.lock import SpoolLock
 from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.workers")
@@ -78,8 +81,11 @@ def _reserve_ports(config: Config) -> tuple[list[socket.socket], dict[str, str]]
 class _Supervisor:
     """The worker processes: start them, restart the ones that die, pass signals on."""
 
-    def __init__(self, *, env: dict[str, str], config_path: str | None, log_level: str) -> None:
+    def __init__(self, *, env: dict[str, str], config_path: str | None, log_level: str,
+                 lock: SpoolLock) -> None:
         self.env = env
+        #: the spool's lock, passed to every worker: held until the last one exits
+        self.lock = lock
         self.config_path = config_path
         self.log_level = log_level
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -92,7 +98,8 @@ class _Supervisor:
                 "--log-level", self.log_level]
         if self.config_path:
             args += ["-c", self.config_path]
-        self.procs[index] = subprocess.Popen(args, env=self.env, preexec_fn=_die_with_parent)
+        self.procs[index] = subprocess.Popen(args, env=self.env, preexec_fn=_die_with_parent,
+                                             pass_fds=(self.lock.fd,))
 
     def stop(self, signum: int, frame: object) -> None:
         """Signal handler: pass the signal to every live worker; restart none from now on."""
@@ -132,11 +139,13 @@ def supervise(config: Config, *, config_path: str | None, log_level: str) -> int
     check(config)
     count = config.smtp.workers
     spool = Spool(config.spool.dir, fsync=config.spool.fsync)
+    # before recovery: a second relay, or old workers still finishing, stop us here
+    lock = SpoolLock.take(spool.root)
     event(log, "recovered", spool=str(spool.root), incoming_removed=spool.recover())
 
     held, ports = _reserve_ports(config)
     workers = _Supervisor(env=dict(os.environ) | ports, config_path=config_path,
-                          log_level=log_level)
+                          log_level=log_level, lock=lock)
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)
     for index in range(count):
@@ -146,6 +155,7 @@ def supervise(config: Config, *, config_path: str | None, log_level: str) -> int
     status = workers.wait()
     for sock in held:
         sock.close()
+    lock.release()
     event(log, "stopped")
     return status
 

@@ -10,6 +10,12 @@ flush that *started after* their change. Nobody skips a flush; under load each o
 as many changes as arrived during the previous one, and an idle relay pays no added
 latency (the first waiter starts a flush at once).
 
+A message is in active/ from its rename on, but its client hears 250 only after the second
+flush. Until then its id is in `unacknowledged`, and delivery does not take it: if that
+flush fails, the message is taken back out of active/ and the client told 451, and its
+retry is then the only copy that is ever sent (invariants 1 to 3: nothing acknowledged is
+lost, nothing half-written is queued, nothing is sent that the client will send again).
+
 Core module: asyncio and the spool only.
 """
 
@@ -40,6 +46,8 @@ class GroupCommit:
         self.spool = spool
         self._next = _Batch()
         self._task: asyncio.Task[None] | None = None
+        #: published but not yet answered: delivery must not take these (see above)
+        self.unacknowledged: set[str] = set()
         self.flushes = 0  #: flushes done (each one journal commit)
         self.changes = 0  #: changes they carried
 
@@ -55,8 +63,13 @@ class GroupCommit:
             return
         fut = asyncio.get_running_loop().create_future()
         self._next.publish.append((qid, fut))
+        self.unacknowledged.add(qid)
         self._kick()
-        await fut
+        try:
+            await fut
+        finally:
+            # after the outcome: on failure the message has already left active/ again
+            self.unacknowledged.discard(qid)
 
     async def barrier(self, grave: Path | None = None) -> None:
         """Wait until everything the caller changed before this call is durable.

@@ -14,6 +14,7 @@ flush() once for every change waiting at that moment (group commit).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -57,6 +58,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take only part of them)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def as_spool_error(exc: BaseException) -> BaseException:
@@ -176,13 +185,22 @@ class Spool:
                 f"spool has {free} bytes free, below spool.min_free_bytes={self.min_free_bytes}"
             )
 
+    def room_problem(self) -> str:
+        """Why the spool cannot take mail for lack of room (for /readyz); "" when it can."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            return f"spool {self.root}: {exc}"
+        free = st.f_bavail * st.f_frsize
+        if free >= max(self.min_free_bytes, st.f_frsize):
+            return ""
+        return (f"spool {self.root} is full: {free} bytes free "
+                f"(spool.min_free_bytes = {self.min_free_bytes})")
+
     def _write(self, path: Path, data: bytes, *, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             if sync and self.fsync:
                 os.fsync(fd)
         finally:
@@ -198,20 +216,47 @@ class Spool:
         except FileNotFoundError:
             if not path.exists():
                 raise
-            self._to_corrupt(state, qid)
-            raise CorruptMessage(f"{qid}: {ENVELOPE} missing") from None
+            raise self.to_corrupt(state, qid, f"{ENVELOPE} missing") from None
+        except NotADirectoryError:
+            raise self.to_corrupt(state, qid, "not a message directory") from None
         except (ValueError, KeyError, TypeError) as exc:
-            self._to_corrupt(state, qid)
-            raise CorruptMessage(f"{qid}: {ENVELOPE} unreadable: {exc}") from exc
+            raise self.to_corrupt(state, qid, f"{ENVELOPE} unreadable: {exc}") from exc
 
-    def read_message(self, state: State, qid: str) -> bytes:
-        return (self.path(state, qid) / MESSAGE).read_bytes()
-
-    def _to_corrupt(self, state: State, qid: str) -> None:
+    def read_message(self, state: State, qid: str, record: Record | None = None) -> bytes:
+        """message.eml; with its record, one missing or shorter than the size recorded at
+        acceptance is moved to corrupt/ (CorruptMessage), never forwarded."""
+        path = self.path(state, qid)
         try:
-            self.move(qid, state, State.CORRUPT)
-        except OSError:
-            pass
+            data = (path / MESSAGE).read_bytes()
+        except FileNotFoundError:
+            if record is None or not path.is_dir():
+                raise
+            raise self.to_corrupt(state, qid, f"{MESSAGE} missing") from None
+        if record is not None and len(data) != record.size:
+            raise self.to_corrupt(state, qid, f"{MESSAGE} is {len(data)} bytes, "
+                                              f"its envelope records {record.size}")
+        return data
+
+    def to_corrupt(self, state: State, qid: str, reason: str) -> CorruptMessage:
+        """Move an entry that is not a complete message to corrupt/<name>/ with a
+        reason.txt (a stray file goes inside a directory of its own name); the error to
+        raise. Never deletes anything. If the move fails the entry stays where it was."""
+        src, dst = self.path(state, qid), self.path(State.CORRUPT, qid)
+        try:
+            if dst.exists():
+                dst = self.path(State.CORRUPT, f"{qid}.{new_queue_id()}")
+            if src.is_dir() and not src.is_symlink():
+                os.rename(src, dst)
+            else:
+                dst.mkdir()
+                os.rename(src, dst / qid)
+            (dst / "reason.txt").write_text(f"{state.value}/{qid}: {reason}\n")
+            if self.fsync:
+                _fsync_dir(self.dir(state))
+                _fsync_dir(self.dir(State.CORRUPT))
+        except OSError as exc:
+            return CorruptMessage(f"{qid}: {reason} (not moved to corrupt/: {exc})")
+        return CorruptMessage(f"{qid}: {reason}")
 
     # -- state changes --------------------------------------------------------------
 
@@ -250,11 +295,16 @@ class Spool:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640, dir_fd=dir_fd)
         sync = durable and self.fsync
         try:
-            os.write(fd, record.to_json())
+            # a nearly full disk may take part of a write: never rename a truncated record
+            _write_all(fd, record.to_json())
             if sync:
                 os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):  # give back what the half copy took
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.close(fd)
         os.rename(tmp, ENVELOPE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         if sync:
             os.fsync(dir_fd)

@@ -65,10 +65,13 @@ class NoAccount:
 
 
 class Suppressed:
-    def __init__(self, addresses: set[str]) -> None:
+    def __init__(self, addresses: set[str], *, down: bool = False) -> None:
         self.addresses = addresses
+        self.down = down
 
     async def suppressed(self, recipients: Sequence[str]) -> set[str]:
+        if self.down:
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
         return self.addresses & set(recipients)
 
 
@@ -106,6 +109,8 @@ class Row:
     #: the 24-hour quota left before the attempt (None: unlimited)
     quota: float | None = None
     paused: bool = False
+    #: the suppression list's database cannot answer
+    database_down: bool = False
     dsn: bool = False
     check: Callable[[DeliveryPool], None] | None = None
 
@@ -125,6 +130,11 @@ def rate_lowered(pool: DeliveryPool) -> None:
 def rate_kept_and_quota_exhausted(pool: DeliveryPool) -> None:
     assert pool.limiter.rate(time.monotonic()) == pool.limiter.configured
     assert pool.quota.remaining == 0
+
+
+def delivery_held_for_the_database(pool: DeliveryPool) -> None:
+    assert pool.holds and pool.holds[0].startswith("suppression list unreachable")
+    assert pool.gate.closed
 
 
 THROTTLE = ThrottledError("TooManyRequestsException", "Maximum sending rate exceeded.")
@@ -170,6 +180,8 @@ ROWS = [
         suppressed={"s@example.net"}),
     Row("every recipient suppressed: no call", ONE, [], [], GONE, status(ONE, "suppressed"),
         ["suppressed"], suppressed=set(ONE)),
+    Row("database down: nothing sent, no attempt counted, delivery held", ONE, [], [],
+        State.ACTIVE, {}, [], database_down=True, check=delivery_held_for_the_database),
     Row("expired", ONE, [], [], State.FAILED, status(ONE, "failed"), ["failed"],
         last_error="expired: no attempt succeeded", age=POLICY.max_lifetime, dsn=True),
 ]
@@ -188,7 +200,8 @@ async def test_each_outcome_leaves_the_spool_and_the_record_as_it_should(
 
     pool = DeliveryPool(spool=spool, sender=sender, accounts=NoAccount(),
                         limiter=RateLimiter(10_000.0), policy=POLICY, settings=SETTINGS,
-                        suppressions=Suppressed(row.suppressed), listeners=[told],
+                        suppressions=Suppressed(row.suppressed, down=row.database_down),
+                        listeners=[told],
                         on_failed=on_failed, commit=GroupCommit(spool), clock=lambda: NOW)
     if row.quota is not None:
         pool.quota.update(row.quota, 0)
@@ -221,3 +234,23 @@ async def test_each_outcome_leaves_the_spool_and_the_record_as_it_should(
         assert pool.paused_reason.startswith("SES refused sending for the account")
     if row.check is not None:
         row.check(pool)
+
+
+async def test_a_database_outage_is_one_log_line_not_one_per_message(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.ensure()
+    qids = [spool.accept(Envelope("app@example.com", tuple(ONE), NOW), RAW) for _ in range(5)]
+    sender = FakeSender([])
+    pool = DeliveryPool(spool=spool, sender=sender, accounts=NoAccount(),
+                        limiter=RateLimiter(10_000.0), policy=POLICY, settings=SETTINGS,
+                        suppressions=Suppressed(set(), down=True), clock=lambda: NOW)
+    with caplog.at_level("INFO", logger="relay.delivery"):
+        for qid in qids:
+            await pool.attempt.run(qid)
+    lines = [r for r in caplog.records if r.name == "relay.delivery"]
+    assert len(lines) == 1 and "suppression_check_failed" in lines[0].getMessage()
+    assert lines[0].exc_info is None  # a reason, not a traceback
+    assert sender.calls == []
+    assert sorted(spool.scan(State.ACTIVE)) == sorted(qids)  # untouched, attempts 0
+    assert all(spool.load(State.ACTIVE, q).attempts == 0 for q in qids)
