@@ -223,7 +223,26 @@ class RelaySession(SMTP):
         # aiosmtpd builds its verb and AUTH tables from dir() on each connection
         return hook_names(type(self), ("smtp_", "auth_"))
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, and the end of the session when the handshake never ends.
+
+        A handshake cut short without an error (the idle timeout, asyncio's handshake
+        timeout, the client gone) never reaches connection_lost: the TLS layer tells only
+        a protocol whose connection was made. The session ends here instead, so that its
+        connection slot is returned.
+        """
+        await super().smtp_STARTTLS(arg)
+        if self.handshake_pending() and self.transport is not None:
+            self.connection_lost(None)
+
+    def handshake_pending(self) -> bool:
+        """STARTTLS was answered 220 but the TLS session is not up."""
+        return self._tls_protocol is not None and (
+            self.session is None or self.session.ssl is None)
+
     def _timeout_cb(self) -> None:
-        if self.transport is not None:
+        # mid-handshake the transport is the TLS layer's: a plaintext 421 has no place there
+        if self.transport is not None and not self.handshake_pending():
             write_reply(self.transport, TIMEOUT)
         super()._timeout_cb()  # type: ignore[no-untyped-call] # aiosmtpd's
