@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
@@ -192,8 +193,8 @@ class RelaySession(SMTP):
             return
         await self.push(START_DATA.line)
         try:
-            data, state = await read_data(self._reader, self.data_size_limit,
-                                          self.line_length_limit)
+            # lines are measured after the line endings are made CRLF (relay.ingress.content)
+            data, state = await read_data(self._reader, self.data_size_limit, sys.maxsize)
         except asyncio.IncompleteReadError:
             return  # the client went away mid-message: nothing was accepted
         except asyncio.CancelledError:
