@@ -7,6 +7,7 @@ smtp.timeout where a test waits for the relay to give up on a client).
 
 from __future__ import annotations
 
+import base64
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,74 @@ def test_a_starttls_handshake_cut_short_returns_the_connection_slot(ingress, the
             c.close()
         wait_for(lambda: server.ingress.limiter.count == 0, 20)
     assert _greeting(server.port).startswith(b"220")
+
+
+def test_connection_rate_limit_per_client_outside_the_allowed_networks(ingress):
+    server = ingress(allowed_networks=("192.0.2.0/24",), connection_rate_limit=3)
+    for _ in range(3):
+        assert _greeting(server.port).startswith(b"220")
+    with _open(server.port) as c:
+        assert c.reply().startswith(b"421 4.7.0 Too many connections from your address")
+        assert c.reply() == b""
+    # another client address has its own count
+    with _open(server.port, "127.0.0.2") as c:
+        assert c.reply().startswith(b"220")
+
+
+def test_clients_in_allowed_networks_are_not_rate_limited(ingress):
+    server = ingress(connection_rate_limit=3)
+    for _ in range(10):
+        assert _greeting(server.port).startswith(b"220")
+
+
+def test_errors_past_error_delay_after_are_delayed(ingress, caplog):
+    caplog.set_level("INFO", logger="relay.smtp")
+    server = ingress(error_delay_after=2, error_delay=3600.0, max_errors=20)
+
+    def delayed() -> bool:
+        return any(r.getMessage() == "error_delay" for r in caplog.records)
+
+    with _open(server.port) as c:
+        assert c.reply().startswith(b"220")
+        assert c.cmd(b"BOGUS 1").startswith(b"500")
+        assert c.cmd(b"BOGUS 2").startswith(b"500")
+        assert not delayed()
+        c.send(b"BOGUS 3\r\n")  # its 500 waits an hour: the test hangs up instead
+        wait_for(delayed, 20)
+    record = next(r for r in caplog.records if r.getMessage() == "error_delay")
+    assert record.fields["errors"] == 3  # type: ignore[attr-defined]
+
+
+def test_malformed_auth_counts_towards_the_lockout(ingress):
+    server = ingress(allow_plain_auth_from=("127.0.0.0/8",), auth_max_failures=3,
+                     auth_failure_delay=0.0)
+    good = base64.b64encode(b"\0alice\0correct horse")
+    with _open(server.port) as c:
+        c.reply()
+        assert c.cmd(b"EHLO client.example").startswith(b"250")
+        assert c.cmd(b"AUTH PLAIN !!!notbase64").startswith(b"501")
+        assert c.cmd(b"AUTH PLAIN " + base64.b64encode(b"no nul bytes")).startswith(b"501")
+        assert c.cmd(b"AUTH LOGIN").startswith(b"334")
+        assert c.cmd(b"*").startswith(b"501")
+        # three malformed attempts: locked out, even with the right password
+        assert c.cmd(b"AUTH PLAIN " + good).startswith(b"454 4.7.0")
+
+
+def test_a_client_that_may_not_send_is_closed_after_max_junk_commands(ingress):
+    server = ingress(allowed_networks=("192.0.2.0/24",), max_junk_commands=5)
+    with _open(server.port) as c:
+        c.reply()
+        assert c.cmd(b"EHLO idle.example").startswith(b"250")
+        for cmd in (b"NOOP", b"RSET", b"NOOP", b"HELP", b"VRFY a@example.net"):
+            assert c.cmd(cmd)[:1] == b"2"
+        assert c.cmd(b"NOOP").startswith(b"421 4.7.0")
+        assert c.reply() == b""
+
+
+def test_a_client_that_may_send_can_noop_between_messages(ingress):
+    server = ingress(max_junk_commands=5)
+    with _open(server.port) as c:
+        c.reply()
+        assert c.cmd(b"EHLO app.example").startswith(b"250")
+        for _ in range(30):
+            assert c.cmd(b"NOOP").startswith(b"250")

@@ -30,7 +30,7 @@ from relay.errors import SpoolError, SpoolFullError
 from relay.ingress import addresses, content, headers
 from relay.ingress.auth import AuthHooks
 from relay.ingress.credentials import Credentials, User
-from relay.ingress.limits import AuthThrottle, ConnectionLimiter, Networks
+from relay.ingress.limits import AuthThrottle, ConnectionLimiter, ConnectionRate, Networks
 from relay.ingress.replies import (
     ACCESS_DENIED,
     AUTH_REQUIRED,
@@ -309,7 +309,9 @@ class Ingress:
                                          per_client=config.max_connections_per_client)
         rules = SessionRules(config=config, limiter=self.limiter,
                              plain_auth=Networks(config.allow_plain_auth_from),
-                             sessions=self.sessions, observer=observer)
+                             sessions=self.sessions, observer=observer,
+                             rate=ConnectionRate(config.connection_rate_limit),
+                             trusted=Networks(config.allowed_networks))
         #: the protocol factories of the two listeners
         self._plain = functools.partial(self._session, rules)
         self._tls = functools.partial(self._session, replace(rules, implicit_tls=True))
