@@ -78,7 +78,7 @@ def test_recipient_limit_replies_do_not_count_as_errors(ingress):
         replies = [c.cmd(b"RCPT TO:<r%d@example.net>" % i) for i in range(10)]
         assert [r[:3] for r in replies] == [b"250"] * 2 + [b"452"] * 8
         assert c.cmd(b"DATA").startswith(b"354")
-        c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        c.send(b"From: app@example.com\r\nSubject: x\r\n\r\nx\r\n.\r\n")
         assert c.reply().startswith(b"250 2.0.0")
 
 
