@@ -1,8 +1,10 @@
 """The SMTP session: aiosmtpd's protocol class with the relay's connection rules.
 
-Connection caps (relay.ingress.limits) at connect, reply rewrites and the error cap on every
-reply, smtp.data_timeout over the whole DATA phase, DATA read in blocks (relay.ingress.data),
-and the idle timeout's 421. A SessionObserver (metrics) hears of each session and reply.
+Connection caps and the per-client connection rate (relay.ingress.limits) at connect, reply
+rewrites, the error delay and the error cap on every reply, the junk-command cap for clients
+that may not send, smtp.data_timeout over the whole DATA phase, DATA read in blocks
+(relay.ingress.data), the idle timeout's 421, and a STARTTLS handshake cut short ending the
+session. A SessionObserver (metrics) hears of each session and reply.
 One instance per connection, built by relay.ingress.server.Ingress with its listener's rules.
 """
 
