@@ -65,6 +65,10 @@ class SmtpConfig:
     max_connections: int = 200
     max_connections_per_client: int = 50
     max_errors: int = 20
+    connection_rate_limit: int = 600
+    error_delay: float = _duration(default=1.0)
+    error_delay_after: int = 10
+    max_junk_commands: int = 20
     data_timeout: float = _duration(default=600.0)
     reject_suppressed: bool = False
     workers: int = 1
@@ -329,10 +333,12 @@ def _check_hardening(c: SmtpConfig) -> None:
     for dom in c.allowed_sender_domains:
         if not re.fullmatch(r"[A-Za-z0-9.-]+\.[A-Za-z0-9-]+", dom.lstrip(".")):
             raise ConfigError("smtp.allowed_sender_domains", f"not a domain: {dom!r}")
-    for key in ("auth_max_failures", "max_connections", "max_connections_per_client",
-                "max_errors"):
-        if getattr(c, key) < 1:
-            raise ConfigError(f"smtp.{key}", "must be at least 1")
+    for key, least in (("auth_max_failures", 1), ("max_connections", 1),
+                       ("max_connections_per_client", 1), ("max_errors", 1),
+                       ("connection_rate_limit", 0), ("error_delay", 0),
+                       ("error_delay_after", 0), ("max_junk_commands", 0)):
+        if getattr(c, key) < least:
+            raise ConfigError(f"smtp.{key}", f"must be at least {least}")
     if c.timeout <= 0 or c.data_timeout <= 0:
         raise ConfigError("smtp.timeout" if c.timeout <= 0 else "smtp.data_timeout",
                           "must be above 0")

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from relay.ingress.limits import AuthThrottle, ConnectionLimiter, Networks
+from relay.ingress.limits import AuthThrottle, ConnectionLimiter, ConnectionRate, Networks
 from tests.ingress_server import Raw
 
 
@@ -78,7 +78,7 @@ def test_recipient_limit_replies_do_not_count_as_errors(ingress):
         replies = [c.cmd(b"RCPT TO:<r%d@example.net>" % i) for i in range(10)]
         assert [r[:3] for r in replies] == [b"250"] * 2 + [b"452"] * 8
         assert c.cmd(b"DATA").startswith(b"354")
-        c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        c.send(b"From: app@example.com\r\nSubject: x\r\n\r\nx\r\n.\r\n")
         assert c.reply().startswith(b"250 2.0.0")
 
 
@@ -160,3 +160,22 @@ def test_auth_throttle_delay_is_capped():
 ])
 def test_networks_table(networks, peer, inside):
     assert (peer in Networks(networks)) is inside
+
+
+@pytest.mark.parametrize("limit, attempts, allowed", [
+    # (seconds after the first connection of each attempt) -> admitted?
+    (3, [0, 1, 2, 3], [True, True, True, False]),
+    (3, [0, 1, 2, 59.9, 60, 61, 62, 63], [True] * 3 + [False] + [True] * 3 + [False]),
+    (0, [0] * 50, [True] * 50),
+    (1, [0, 0, 120], [True, False, True]),
+])
+def test_connection_rate_table(limit, attempts, allowed):
+    now = [0.0]
+    rate = ConnectionRate(limit, window=60.0, clock=lambda: now[0])
+    got = []
+    for t in attempts:
+        now[0] = t
+        got.append(rate.allow("192.0.2.1"))
+    assert got == allowed
+    now[0] = 0.0
+    assert rate.allow("192.0.2.2")  # another client has its own count

@@ -157,7 +157,7 @@ def test_sessions_and_replies_are_counted_through_the_session_observer(ingress):
         assert c.cmd(b"RCPT TO:<not-an-address>").startswith(b"553")
         assert c.cmd(b"RCPT TO:<a@example.net>").startswith(b"250")
         assert c.cmd(b"DATA").startswith(b"354")
-        c.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        c.send(b"From: app@example.com\r\nSubject: x\r\n\r\nx\r\n.\r\n")
         assert c.reply().startswith(b"250 2.0.0")
         assert c.cmd(b"QUIT").startswith(b"221")
     wait_for(lambda: count("relay_smtp_replies_total", code="221") == 1, 10)

@@ -36,27 +36,32 @@ class Split:
         return b"".join(self.fields) + self.rest
 
 
+#: the end of a field: a line break not followed by a continuation line's space or tab
+_FIELD_END = re.compile(rb"\n(?![ \t])")
+
+
 def split(data: bytes) -> Split:
-    """Cut at the first empty line; continuation lines stay with their field."""
+    """Cut at the first empty line; continuation lines stay with their field.
+
+    Linear in the size of the header block: each field (with all its continuation lines) is
+    found by one regular-expression search and cut out once, never grown line by line.
+    """
     fields: list[bytes] = []
     pos = 0
     first = data.find(b"\n")
     newline = b"\n" if first >= 0 and data[first - 1:first] != b"\r" else b"\r\n"
     while pos < len(data):
-        end = data.find(b"\n", pos)
-        line = data[pos:] if end < 0 else data[pos:end + 1]
-        if line in (b"\r\n", b"\n"):
-            break
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        elif _FIELD.match(line) or not fields:
-            if not _FIELD.match(line):
+        if data.startswith((b"\r\n", b"\n"), pos):
+            break  # the empty line
+        if data[pos:pos + 1] in (b" ", b"\t") or not _FIELD.match(data, pos):
+            if not fields:
                 # not a header at all: no header block, everything is body
                 return Split([], data, newline)
-            fields.append(line)
-        else:
             break  # a line that is not a field ends the header block
-        pos += len(line)
+        m = _FIELD_END.search(data, pos)
+        end = len(data) if m is None else m.end()
+        fields.append(data[pos:end])
+        pos = end
     if fields and not fields[-1].endswith(b"\n"):
         fields[-1] += newline
     return Split(fields, data[pos:], newline)

@@ -2,7 +2,8 @@
 
 Pure bookkeeping with time passed in (no sockets, no files): the SMTP ingress asks
 Networks whether a peer is in smtp.allowed_networks or smtp.allow_plain_auth_from,
-ConnectionLimiter whether a new connection may stay and AuthThrottle how long to delay
+ConnectionLimiter whether a new connection may stay, ConnectionRate whether a client
+address opens connections too fast (smtp.connection_rate_limit) and AuthThrottle how long to delay
 a failed AUTH and whether a client address is locked out. Built by relay.ingress.server.
 """
 
@@ -64,6 +65,34 @@ class ConnectionLimiter:
             self.open.pop(client, None)
         else:
             self.open[client] -= 1
+
+
+@dataclass
+class ConnectionRate:
+    """Connections per client address per `window` seconds, Postfix's anvil style.
+
+    Every attempt counts, refused ones too; a limit of 0 admits everything. The count of an
+    address starts again `window` seconds after its first connection of the window.
+    """
+
+    limit: int
+    window: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    clients: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def allow(self, client: str) -> bool:
+        """Count a connection from `client`; False when it is over the limit."""
+        if not self.limit:
+            return True
+        now = self.clock()
+        start, count = self.clients.get(client, (now, 0))
+        if now - start >= self.window:
+            start, count = now, 0
+        self.clients[client] = (start, count + 1)
+        if len(self.clients) > 10000:
+            for key in [k for k, (t, _) in self.clients.items() if now - t >= self.window]:
+                del self.clients[key]
+        return count + 1 <= self.limit
 
 
 @dataclass

@@ -41,6 +41,8 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+CONNECTION_RATE = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands without mail, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 

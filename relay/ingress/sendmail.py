@@ -23,7 +23,7 @@ from typing import Any
 
 from relay import config as config_mod
 from relay.errors import SpoolError
-from relay.ingress import addresses, headers
+from relay.ingress import addresses, content, headers
 from relay.spool.record import Envelope
 from relay.spool.spool import Spool
 
@@ -147,7 +147,7 @@ def via_smtp(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -
 def accept_locally(cfg: config_mod.Config, sender: str, rcpts: list[str],
                    data: bytes) -> tuple[str, list[str], bytes]:
     """What the SMTP ingress does before its spool write, for a message that bypasses it:
-    the same address rules and size limit, Bcc out, Date/Message-ID in, a Received
+    the same address, content and From rules and size limit, Bcc out, Date/Message-ID in, a Received
     line, and the DKIM signature when dkim.enabled."""
     sender = addresses.sender(sender, allowed_domains=cfg.smtp.allowed_sender_domains)
     rcpts = [addresses.recipient(r) for r in rcpts]
@@ -155,6 +155,10 @@ def accept_locally(cfg: config_mod.Config, sender: str, rcpts: list[str],
         raise ValueError(f"{len(rcpts)} recipients, above smtp.max_recipients")
     if len(data) > cfg.smtp.max_message_size:
         raise ValueError(f"message of {len(data)} bytes, above smtp.max_message_size")
+    data, refusal = content.inspect(data, allowed_domains=cfg.smtp.allowed_sender_domains,
+                                    user=None)
+    if refusal is not None:
+        raise ValueError(refusal.text)
     hostname = cfg.smtp.hostname or socket.getfqdn()
     now = time.time()
     received = headers.received_line(helo=getpass.getuser(), client="127.0.0.1",

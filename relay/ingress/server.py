@@ -27,10 +27,10 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from relay.config import SmtpConfig
 from relay.delivery.ports import QueuedListener
 from relay.errors import SpoolError, SpoolFullError
-from relay.ingress import addresses, headers
+from relay.ingress import addresses, content, headers
 from relay.ingress.auth import AuthHooks
 from relay.ingress.credentials import Credentials, User
-from relay.ingress.limits import AuthThrottle, ConnectionLimiter, Networks
+from relay.ingress.limits import AuthThrottle, ConnectionLimiter, ConnectionRate, Networks
 from relay.ingress.replies import (
     ACCESS_DENIED,
     AUTH_REQUIRED,
@@ -67,6 +67,8 @@ log = logging.getLogger("relay.smtp")
 
 #: bytes of a message handed on with it for its header fields (relay.store.messages)
 HEAD = 64 * 1024
+#: messages smaller than this are inspected on the event loop (a thread hand-off costs more)
+INLINE = 256 * 1024
 
 
 def client_address(session: Session) -> str:
@@ -175,6 +177,11 @@ class IngressHandler(AuthHooks):
         data = envelope.original_content
         if data is None:
             data = envelope.content if isinstance(envelope.content, bytes) else b""
+        data, refusal = await self.inspect(session, data)
+        if refusal is not None:
+            event(log, "refused", level=logging.WARNING, client=client_address(session),
+                  reason=refusal.text)
+            return str(refusal)
         prepare = self.preparer(server, session)
         env = Envelope(
             # the null reverse-path (bounces, DSNs) arrives as "<>" from aiosmtpd's parser
@@ -223,6 +230,15 @@ class IngressHandler(AuthHooks):
         if exc.kind == addresses.DOMAIN:
             return SENDER_NOT_ALLOWED
         return (BAD_SENDER if sender else BAD_ADDRESS).with_detail(exc.reason)
+
+    async def inspect(self, session: Session, data: bytes) -> tuple[bytes, Reply | None]:
+        """Line endings, long lines and the header From (relay.ingress.content)."""
+        user: object = session.auth_data if session.authenticated else None
+        check = functools.partial(
+            content.inspect, data, allowed_domains=self.config.allowed_sender_domains,
+            user=user if isinstance(user, User) else None)
+        # a big message is scanned off the loop, so other sessions are not held up
+        return check() if len(data) < INLINE else await asyncio.to_thread(check)
 
     def preparer(self, server: SMTP, session: Session) -> Callable[[bytes], bytes]:
         """Bcc out, Date/Message-ID in, Received first, then the DKIM signature.
@@ -293,7 +309,9 @@ class Ingress:
                                          per_client=config.max_connections_per_client)
         rules = SessionRules(config=config, limiter=self.limiter,
                              plain_auth=Networks(config.allow_plain_auth_from),
-                             sessions=self.sessions, observer=observer)
+                             sessions=self.sessions, observer=observer,
+                             rate=ConnectionRate(config.connection_rate_limit),
+                             trusted=Networks(config.allowed_networks))
         #: the protocol factories of the two listeners
         self._plain = functools.partial(self._session, rules)
         self._tls = functools.partial(self._session, replace(rules, implicit_tls=True))

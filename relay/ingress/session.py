@@ -1,8 +1,10 @@
 """The SMTP session: aiosmtpd's protocol class with the relay's connection rules.
 
-Connection caps (relay.ingress.limits) at connect, reply rewrites and the error cap on every
-reply, smtp.data_timeout over the whole DATA phase, DATA read in blocks (relay.ingress.data),
-and the idle timeout's 421. A SessionObserver (metrics) hears of each session and reply.
+Connection caps and the per-client connection rate (relay.ingress.limits) at connect, reply
+rewrites, the error delay and the error cap on every reply, the junk-command cap for clients
+that may not send, smtp.data_timeout over the whole DATA phase, DATA read in blocks
+(relay.ingress.data), the idle timeout's 421, and a STARTTLS handshake cut short ending the
+session. A SessionObserver (metrics) hears of each session and reply.
 One instance per connection, built by relay.ingress.server.Ingress with its listener's rules.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
@@ -21,8 +24,9 @@ from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from relay.config import SmtpConfig
 from relay.ingress.data import NOMINAL, TOO_LONG, read_data
-from relay.ingress.limits import ConnectionLimiter, Networks
+from relay.ingress.limits import ConnectionLimiter, ConnectionRate, Networks
 from relay.ingress.replies import (
+    CONNECTION_RATE,
     DATA_OK,
     DATA_SYNTAX,
     LINE_TOO_LONG,
@@ -35,6 +39,7 @@ from relay.ingress.replies import (
     TOO_BIG,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
+    TOO_MANY_JUNK,
     Reply,
 )
 from relay.log import event
@@ -67,6 +72,10 @@ class SessionRules:
     sessions: set[RelaySession]
     #: the listener speaks TLS from the first byte, so AUTH needs no STARTTLS
     implicit_tls: bool = False
+    #: connections per client address per minute (smtp.connection_rate_limit)
+    rate: ConnectionRate | None = None
+    #: clients that may send without AUTH (smtp.allowed_networks): no rate limit, no junk cap
+    trusted: Networks | None = None
     observer: SessionObserver | None = None
 
 
@@ -114,6 +123,8 @@ class RelaySession(SMTP):
     refused = False
     counted = False
     errors = 0
+    #: commands that move no mail (NOOP, RSET, VRFY, HELP) from a client that may not send
+    junk = 0
     client = ""
 
     def __init__(self, handler: Any, *, rules: SessionRules, **options: Any) -> None:
@@ -133,12 +144,16 @@ class RelaySession(SMTP):
         """Take a connection slot, or answer 421 and close when a cap is reached."""
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, tuple) else str(peer)
-        cap = self.rules.limiter.acquire(self.client)
+        rate, trusted = self.rules.rate, self.rules.trusted
+        too_fast = rate is not None and not (trusted is not None and peer in trusted) and (
+            not rate.allow(self.client))
+        cap = "smtp.connection_rate_limit" if too_fast else self.rules.limiter.acquire(
+            self.client)
         if cap:
             self.refused = True
             event(log, "refused", level=logging.WARNING, client=self.client,
                   reason=f"{cap} reached")
-            write_reply(transport, TOO_MANY_CONNECTIONS)
+            write_reply(transport, CONNECTION_RATE if too_fast else TOO_MANY_CONNECTIONS)
             transport.close()
             return False
         self.counted = True
@@ -165,6 +180,12 @@ class RelaySession(SMTP):
                 self.errors = 0
             elif line[:1] in ("4", "5") and not line.startswith(NOT_ERRORS):
                 self.errors += 1
+                config = self.rules.config
+                if self.errors > config.error_delay_after and config.error_delay:
+                    # Postfix's smtpd_error_sleep_time: a client that keeps erring waits
+                    event(log, "error_delay", client=self.client, errors=self.errors,
+                          seconds=config.error_delay)
+                    await asyncio.sleep(config.error_delay)
             await super().push(line)
         else:
             await super().push(status)
@@ -192,8 +213,8 @@ class RelaySession(SMTP):
             return
         await self.push(START_DATA.line)
         try:
-            data, state = await read_data(self._reader, self.data_size_limit,
-                                          self.line_length_limit)
+            # lines are measured after the line endings are made CRLF (relay.ingress.content)
+            data, state = await read_data(self._reader, self.data_size_limit, sys.maxsize)
         except asyncio.IncompleteReadError:
             return  # the client went away mid-message: nothing was accepted
         except asyncio.CancelledError:
@@ -223,7 +244,67 @@ class RelaySession(SMTP):
         # aiosmtpd builds its verb and AUTH tables from dir() on each connection
         return hook_names(type(self), ("smtp_", "auth_"))
 
+    async def _junk(self) -> bool:
+        """Count a command that moves no mail; True when it ended the session.
+
+        Only a client that may not send (neither in smtp.allowed_networks nor
+        authenticated) is counted: past smtp.max_junk_commands it gets 421 and is closed.
+        """
+        limit = self.rules.config.max_junk_commands
+        trusted = self.rules.trusted
+        if not limit or self.session is None or self.session.authenticated or (
+                trusted is not None and self.session.peer in trusted):
+            return False
+        self.junk += 1
+        if self.junk <= limit or self.transport is None:
+            return False
+        event(log, "refused", level=logging.WARNING, client=self.client,
+              reason="smtp.max_junk_commands reached by a client that may not send")
+        # the closing 421 answers no command: it bypasses the count and the observer
+        await super().push(TOO_MANY_JUNK.line)
+        self.transport.close()
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_VRFY(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk():
+            await super().smtp_HELP(arg)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, and the end of the session when the handshake never ends.
+
+        A handshake cut short without an error (the idle timeout, asyncio's handshake
+        timeout, the client gone) never reaches connection_lost: the TLS layer tells only
+        a protocol whose connection was made. The session ends here instead, so that its
+        connection slot is returned.
+        """
+        await super().smtp_STARTTLS(arg)
+        if self.handshake_pending() and self.transport is not None:
+            self.connection_lost(None)
+
+    def handshake_pending(self) -> bool:
+        """STARTTLS was answered 220 but the TLS session is not up."""
+        return self._tls_protocol is not None and (
+            self.session is None or self.session.ssl is None)
+
     def _timeout_cb(self) -> None:
-        if self.transport is not None:
+        # mid-handshake the transport is the TLS layer's: a plaintext 421 has no place there
+        if self.transport is not None and not self.handshake_pending():
             write_reply(self.transport, TIMEOUT)
         super()._timeout_cb()  # type: ignore[no-untyped-call] # aiosmtpd's
