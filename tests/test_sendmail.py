@@ -184,6 +184,9 @@ def test_debian_crons_exact_command_line_delivers_to_the_sandbox(start_relay, sa
     assert calls[0].recipients == ["root@host.example.com"]
     assert calls[0].sender.endswith("@host.example.com")
     assert b"hello from cron" in calls[0].raw
+    # the header fields' bare names are qualified too, as Postfix's cleanup does
+    assert b"From: Cron Daemon <root@host.example.com>\r\n" in calls[0].raw
+    assert b"To: root@host.example.com\r\n" in calls[0].raw
 
 
 def test_options_daemons_pass_are_taken_apart_or_attached():

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from email.utils import getaddresses
+from email.utils import formataddr, getaddresses
 from typing import Any
 
 from relay import config as config_mod
@@ -127,6 +127,26 @@ def local_domain(cfg: config_mod.Config) -> str:
     return cfg.sendmail.local_domain or socket.getfqdn()
 
 
+#: address fields whose bare local names get the local domain (Postfix's cleanup does the
+#: same for locally submitted mail: `From: root (Cron Daemon)` becomes root@domain)
+ADDRESS_FIELDS = (b"from", b"sender", b"reply-to", b"to", b"cc")
+
+
+def qualify_headers(data: bytes, domain: str) -> bytes:
+    """Bare local names in the address fields get @domain; other fields stay byte for byte."""
+    fields, rest = split_headers(data)
+    out: list[bytes] = []
+    for f in fields:
+        name, colon, value = f.partition(b":")
+        if colon and name.strip().lower() in ADDRESS_FIELDS:
+            pairs = getaddresses([value.decode("utf-8", "replace")])
+            if any(addr and "@" not in addr for _, addr in pairs):
+                value_text = ", ".join(formataddr((n, qualify(a, domain))) for n, a in pairs if a)
+                f = name + b": " + value_text.encode() + b"\r\n"
+        out.append(f)
+    return b"".join(out) + rest if fields else data
+
+
 def via_smtp(host: str, port: int, sender: str, rcpts: list[str], data: bytes) -> str | None:
     """Hand the message to the running relay; None when nothing listens (use the spool)."""
     try:
@@ -190,6 +210,7 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     if not data.strip():
         return _complain("no message on stdin", EX_DATAERR)
     domain = local_domain(cfg)
+    data = qualify_headers(data, domain)
     rcpts = [qualify(r, domain) for r in args.recipients]
     if args.t:
         found, data = header_recipients(data)
