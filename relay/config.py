@@ -150,6 +150,9 @@ class DeliveryConfig:
 class DatabaseConfig:
     url: str = ""
     retention: float = _duration(default=90 * 86400.0)
+    #: SQLite: how long a write waits for another writer's lock before it fails (and is
+    #: retried: the message log keeps its rows until the database takes them)
+    lock_timeout: float = _duration(default=30.0)
     #: on PostgreSQL, share the account's rate with every relay on the same database
     shared_rate: bool = True
 
@@ -159,6 +162,8 @@ class DatabaseConfig:
                               f"must be a sqlite:// or postgresql:// URL, got {self.url!r}")
         if self.retention <= 0:
             raise ConfigError("database.retention", "must be above 0")
+        if self.lock_timeout <= 0:
+            raise ConfigError("database.lock_timeout", "must be above 0")
 
 
 @dataclass(frozen=True)
