@@ -4,6 +4,7 @@ writes it once the database is back; /readyz says why while it cannot."""
 
 from __future__ import annotations
 
+import os
 import smtplib
 import sqlite3
 import subprocess
@@ -114,3 +115,114 @@ def test_postgresql_stopped_and_started_again_loses_no_message_log_row(tmp_path,
         sandbox.state.answers.set()
         assert relay.stop() == 0
         cluster.remove()
+
+
+# -- readiness: one reason per dependency ----------------------------------------------
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """Small tmpfs file systems the test can fill and remount read-only (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made: list[Path] = []
+
+    def mount(name: str, size: str = "4m") -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       check=True, timeout=30)
+        made.append(path)
+        return path
+
+    yield mount
+    for path in reversed(made):
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+
+
+def remount(path: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, timeout=30)
+
+
+def chattr(flag: str, path: Path) -> None:
+    subprocess.run(["chattr", flag, str(path)], check=True, timeout=30)
+
+
+def ready_reason(relay: RelayProcess, words: str) -> str:
+    """Wait until /readyz answers 503 with a line holding `words`; that line."""
+    def check() -> str:
+        code, text = readyz(relay.admin_port)
+        lines = [x for x in text.splitlines() if words in x]
+        return lines[0] if code == 503 and lines else ""
+    return str(wait_for(check, 30))
+
+
+def test_readyz_says_the_spool_is_full_then_ready_once_space_returns(tmp_path, sandbox, mounts):
+    spool = mounts("spool", "4m")
+    relay = RelayProcess(tmp_path, relay_sections(
+        tmp_path, sandbox.url, spool={"dir": str(spool), "min_free_bytes": "1MB"}))
+    try:
+        relay.start()
+        assert readyz(relay.admin_port) == (200, "ready\n")
+        filler = spool / "filler"
+        with open(filler, "wb") as fh:
+            fh.write(b"\0" * (3 * 1024 * 1024 + 512 * 1024))
+        line = ready_reason(relay, "is full")
+        assert line.startswith(f"- spool {spool} is full: ")
+        assert "spool.min_free_bytes" in line
+        filler.unlink()
+        wait_for(lambda: readyz(relay.admin_port) == (200, "ready\n"), 30)
+    finally:
+        assert relay.stop() == 0
+
+
+def test_readyz_says_the_spool_is_not_writable_on_a_read_only_remount(tmp_path, sandbox,
+                                                                    mounts):
+    spool = mounts("spool")
+    relay = RelayProcess(tmp_path, relay_sections(
+        tmp_path, sandbox.url, spool={"dir": str(spool)},
+        database={"url": f"sqlite:///{tmp_path}/relay.db"}))
+    try:
+        relay.start()
+        remount(spool, "ro")
+        line = ready_reason(relay, "not writable")
+        assert line == f"- spool {spool} is not writable: Read-only file system"
+        remount(spool, "rw")
+        wait_for(lambda: readyz(relay.admin_port) == (200, "ready\n"), 30)
+    finally:
+        remount(spool, "rw")
+        assert relay.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i needs root")
+def test_readyz_says_a_read_only_sqlite_database_cannot_take_a_write(tmp_path, sandbox):
+    db = tmp_path / "relay.db"
+    relay = RelayProcess(tmp_path, relay_sections(
+        tmp_path, sandbox.url, database={"url": f"sqlite:///{db}"}))
+    try:
+        relay.start()
+        assert readyz(relay.admin_port) == (200, "ready\n")
+        chattr("+i", db)  # immutable: opened from now on, it is read-only even for root
+        line = ready_reason(relay, "cannot take a write")
+        assert line.startswith(f"- database sqlite+aiosqlite:///{db} cannot take a write: ")
+        assert line.endswith("attempt to write a readonly database")
+        chattr("-i", db)
+        wait_for(lambda: readyz(relay.admin_port) == (200, "ready\n"), 30)
+    finally:
+        chattr("-i", db)
+        assert relay.stop() == 0
+
+
+def test_readyz_says_ses_is_not_answering_while_every_call_fails(tmp_path, sandbox):
+    relay = RelayProcess(tmp_path, relay_sections(tmp_path, sandbox.url))
+    try:
+        relay.start()
+        sandbox.state.script(*["5xx"] * 5)
+        send(relay.smtp_port, ["a@example.net"])
+        line = ready_reason(relay, "SES not answering")
+        assert line.startswith("- SES not answering: the last 5 calls failed: TransientError")
+        # the faults are used up: the next retry gets through and SES answers again
+        wait_for(lambda: sandbox.state.recipients_sent() == 1, 60)
+        wait_for(lambda: readyz(relay.admin_port) == (200, "ready\n"), 30)
+    finally:
+        assert relay.stop() == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,18 +104,29 @@ async def database_problems(db: Database, *, timeout: float = DB_TIMEOUT) -> lis
     return []
 
 
+_INSERT = "INSERT INTO relay_state (key, value, updated_at) VALUES (:key, '', 0)"
+
+
 async def _probe(db: Database, timeout: float) -> None:
+    path = db.engine.url.database
+    if db.engine.dialect.name == "sqlite" and path and path != ":memory:":
+        # a connection of its own: the pool's were opened while the file was writable
+        await asyncio.to_thread(_probe_sqlite, path, timeout)
+        return
     async with db.engine.connect() as conn:
-        sqlite = conn.dialect.name == "sqlite"
-        if sqlite:
-            await conn.execute(text(f"PRAGMA busy_timeout={int(timeout * 1000)}"))
-        else:
-            await conn.execute(text(f"SET LOCAL lock_timeout = {int(timeout * 1000)}"))
+        await conn.execute(text(f"SET LOCAL lock_timeout = {int(timeout * 1000)}"))
         try:
-            await conn.execute(text(
-                "INSERT INTO relay_state (key, value, updated_at) VALUES (:key, '', 0)"
-            ), {"key": PROBE})
+            await conn.execute(text(_INSERT), {"key": PROBE})
         finally:
             await conn.rollback()
-            if sqlite:
-                await conn.execute(text(f"PRAGMA busy_timeout={int(db.lock_timeout * 1000)}"))
+
+
+def _probe_sqlite(path: str, timeout: float) -> None:
+    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout,
+                           isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_INSERT.replace(":key", "?"), (PROBE,))
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
