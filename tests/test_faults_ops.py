@@ -205,7 +205,7 @@ def test_readyz_says_a_read_only_sqlite_database_cannot_take_a_write(tmp_path, s
         chattr("+i", db)  # immutable: opened from now on, it is read-only even for root
         line = ready_reason(relay, "cannot take a write")
         assert line.startswith(f"- database sqlite+aiosqlite:///{db} cannot take a write: ")
-        assert line.endswith("attempt to write a readonly database")
+        assert line.endswith(f"PermissionError: {db} is read-only")
         chattr("-i", db)
         wait_for(lambda: readyz(relay.admin_port) == (200, "ready\n"), 30)
     finally:

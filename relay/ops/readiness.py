@@ -110,7 +110,6 @@ _INSERT = "INSERT INTO relay_state (key, value, updated_at) VALUES (:key, '', 0)
 async def _probe(db: Database, timeout: float) -> None:
     path = db.engine.url.database
     if db.engine.dialect.name == "sqlite" and path and path != ":memory:":
-        # a connection of its own: the pool's were opened while the file was writable
         await asyncio.to_thread(_probe_sqlite, path, timeout)
         return
     async with db.engine.connect() as conn:
@@ -122,6 +121,11 @@ async def _probe(db: Database, timeout: float) -> None:
 
 
 def _probe_sqlite(path: str, timeout: float) -> None:
+    # SQLite hands a new connection a descriptor an earlier one opened (before the file
+    # became read-only), and closing one of ours would drop its locks: ask the kernel
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(name) and not os.access(name, os.W_OK):
+            raise PermissionError(f"{name} is read-only")
     conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout,
                            isolation_level=None)
     try:
