@@ -345,6 +345,20 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
     return section
 
 
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("config", f"{path} is a directory: give -c a TOML file") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
 def load(path: str | os.PathLike[str] | None = None,
          env: Mapping[str, str] | None = None) -> Config:
     """Load the configuration.
@@ -357,13 +371,7 @@ def load(path: str | os.PathLike[str] | None = None,
     data: dict[str, Any] = {}
     source = "built-in defaults"
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError("config", f"file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        data = _read_toml(path)
         source = str(path)
     for name in data:
         if name not in SECTIONS:
