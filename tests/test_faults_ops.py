@@ -79,9 +79,9 @@ def test_a_held_sqlite_write_lock_delays_the_message_log_but_loses_no_row(tmp_pa
         assert code == 503 and "database is locked" in text, text
         lock.execute("ROLLBACK")
         wait_for(lambda: all_sent(sqlite_rows(db_path), rcpts), 60)
-        assert relay.find("log_recovered") is not None
+        wait_for(lambda: relay.find("log_recovered"), 30)
         assert relay.find("log_error") is None
-        assert readyz(relay.admin_port)[0] == 200
+        wait_for(lambda: readyz(relay.admin_port) == (200, "ready\n"), 30)
     finally:
         lock.close()
         assert relay.stop() == 0
