@@ -159,6 +159,9 @@ class DeliveryConfig:
 class DatabaseConfig:
     url: str = ""
     retention: float = _duration(default=90 * 86400.0)
+    #: SQLite: how long a write waits for another writer's lock before it fails (and is
+    #: retried: the message log keeps its rows until the database takes them)
+    lock_timeout: float = _duration(default=30.0)
     #: on PostgreSQL, share the account's rate with every relay on the same database
     shared_rate: bool = True
 
@@ -168,6 +171,8 @@ class DatabaseConfig:
                               f"must be a sqlite:// or postgresql:// URL, got {self.url!r}")
         if self.retention <= 0:
             raise ConfigError("database.retention", "must be above 0")
+        if self.lock_timeout <= 0:
+            raise ConfigError("database.lock_timeout", "must be above 0")
 
 
 @dataclass(frozen=True)
@@ -377,6 +382,20 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
     return section
 
 
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("config", f"{path} is a directory: give -c a TOML file") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
 def load(path: str | os.PathLike[str] | None = None,
          env: Mapping[str, str] | None = None) -> Config:
     """Load the configuration.
@@ -390,13 +409,7 @@ def load(path: str | os.PathLike[str] | None = None,
     source = "built-in defaults"
     base: Path | None = None
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError("config", f"file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        data = _read_toml(path)
         source = str(path)
         base = Path(path).resolve().parent
     for name in data:

@@ -38,8 +38,9 @@ from relay.feedback.sqs import SqsIngester, queue_region
 from relay.ingress.credentials import Credentials
 from relay.ingress.server import Ingress, IngressHandler
 from relay.log import event
-from relay.ops.admin import Admin, spool_writable
+from relay.ops.admin import Admin
 from relay.ops.metrics import Gauges, Metrics, TimedSender
+from relay.ops.readiness import SesWatch, database_problems, spool_problems
 from relay.sandbox.server import Sandbox, SandboxState
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
@@ -71,7 +72,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
             stack.push_async_callback(sandbox.stop)
         endpoint = sandbox.url if sandbox is not None else (config.ses.endpoint_url or None)
         creds = SANDBOX_CREDENTIALS if sandbox is not None else None
-        db = await Database.open(config.database.url, config.spool.dir)
+        db = await Database.open(config.database.url, config.spool.dir,
+                                 lock_timeout=config.database.lock_timeout)
         stack.push_async_callback(db.close)
         ses = await stack.enter_async_context(SesClient(
             config.ses, endpoint_url=endpoint, static_credentials=creds,
@@ -303,8 +305,10 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     fanout = QueuedFanout(message_log=message_log, scheduler=scheduler)
     dsn = DsnWriter(spool=spool, listener=fanout, dsn_from=dcfg.dsn_from,
                     reporting_mta=config.smtp.hostname or socket.getfqdn())
+    # how the last SendEmail calls ended, for /readyz
+    watch = SesWatch(TimedSender(ses, metrics))
     pool = DeliveryPool(
-        spool=spool, sender=TimedSender(ses, metrics), accounts=ses, limiter=limiter,
+        spool=spool, sender=watch, accounts=ses, limiter=limiter,
         policy=RetryPolicy(dcfg.min_backoff, dcfg.max_backoff, dcfg.max_lifetime),
         settings=settings, scheduler=scheduler, on_failed=dsn.failed,
         suppressions=suppressions, listeners=[message_log, metrics], commit=commit,
@@ -337,20 +341,20 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     missing = _missing_credentials(ses)
 
     def checks() -> list[str]:
-        problems = list(missing)
-        if not spool_writable(spool.root):
-            problems.append(f"spool {spool.root} is not writable")
-        if full := spool.room_problem():
-            problems.append(full)
+        problems = [*missing, *spool_problems(spool.root, config.spool.min_free_bytes)]
         problems += pool.holds  # results the spool could not record; database down
+        problems += [p for p in (watch.problem(), message_log.problem()) if p]
         if pool.paused:
             problems.append(f"delivery paused: {pool.paused_reason}")
         if ingress.handler.closing:
             problems.append("shutting down")
         return problems
 
+    async def database() -> list[str]:
+        return await database_problems(db)
+
     admin = Admin(checks=checks, metrics=metrics.render, refresh=gauges.refresh,
-                  async_checks=gauges.database_problem,
+                  async_checks=database,
                   routes={"/sns": sns.handle} if sns is not None else {})
     return Relay(config=config, partition=partition, message_log=message_log, guard=guard,
                  ingester=ingester, sns=sns, pool=pool, fanout=fanout, ingress=ingress,

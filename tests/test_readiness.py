@@ -70,7 +70,8 @@ def test_sandbox_faults_from_the_config_are_played_then_mail_goes_out(start_rela
                                             "faults": ["throttle", "5xx"]},
                         delivery={"min_backoff": 0.1, "max_backoff": 0.2, "throttle_retry": 0.1})
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
-        s.sendmail("app@example.com", ["you@example.net"], b"From: app@example.com\r\nSubject: faults\r\n\r\nbody\r\n")
+        s.sendmail("app@example.com", ["you@example.net"],
+                   b"From: app@example.com\r\nSubject: faults\r\n\r\nbody\r\n")
     wait_for(lambda: list((tmp_path / "mail").glob("*.eml")), 30)
     assert relay.find("throttled") is not None
     assert any("InternalFailure" in line.get("error", "") for line in relay.events("deferred"))

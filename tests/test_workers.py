@@ -113,13 +113,14 @@ def test_workers_need_a_real_endpoint_and_a_sane_count(tmp_path):
 
 
 def test_workers_that_keep_dying_stop_the_supervisor_with_exit_1(tmp_path):
-    # a port taken without SO_REUSEPORT: every worker fails to listen and exits
-    with socket.socket() as taken, SandboxThread(SandboxState()) as sb:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    # a database nobody answers for (a free port holds no server): every worker fails to
+    # open it and exits; the supervisor's own checks before start-up do not connect to it
+    with socket.socket() as free, SandboxThread(SandboxState()) as sb:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
         config = write_config(tmp_path / "relay.toml", relay_sections(
-            tmp_path, sb.url, smtp={"workers": 2, "port": port}))
+            tmp_path, sb.url, smtp={"workers": 2},
+            database={"url": f"postgresql://relay@127.0.0.1:{port}/relay"}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         out = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(config)],
                              cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)), timeout=240,

@@ -1,7 +1,8 @@
 """Admin HTTP listener: /healthz (alive), /readyz (able to take and send mail), /metrics.
 
-/readyz answers 503 with the reasons when the spool is not writable, the database does
-not answer, or delivery is paused (SES sending disabled, account paused, reputation).
+/readyz answers 503 with a reason per dependency that is not there (relay.ops.readiness:
+spool not writable or full, database not taking writes, SES not answering) and while
+delivery is paused (SES sending disabled, account paused, reputation).
 /metrics is Prometheus text from relay.ops.metrics. Reads the spool root and the delivery
 pool's state; built by relay.service on admin.host:admin.port.
 """
@@ -9,7 +10,6 @@ pool's state; built by relay.service on admin.host:admin.port.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -70,7 +70,3 @@ class Admin:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-
-def spool_writable(root: str | os.PathLike[str]) -> bool:
-    return os.access(root, os.W_OK | os.X_OK)

@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.exc import DBAPIError
+
 from relay import __version__
 from relay import config as config_mod
 from relay.errors import ConfigError, DeliveryError
@@ -25,12 +27,20 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay import log, service
     from relay.ops import workers
+    from relay.ops.preflight import startup_problems
     from relay.spool.lock import SpoolLocked
 
     cfg = _load(args)
     workers.check(cfg)
-    log.setup(args.log_level)
     count = cfg.smtp.workers
+    if args.worker is None:
+        # before recovery, migrations and GetAccount: a relay that cannot start changes nothing
+        problems = startup_problems(cfg)
+        for problem in problems:
+            print(f"relay serve: {problem}", file=sys.stderr)
+        if problems:
+            return 1
+    log.setup(args.log_level)
     try:
         if args.worker is not None:
             if not 0 <= args.worker < count:
@@ -45,7 +55,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SpoolLocked as exc:
         print(f"relay serve: {exc}", file=sys.stderr)
         return 1
+    except (OSError, DBAPIError) as exc:
+        print(f"relay serve: {start_failure(cfg, exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def start_failure(cfg: config_mod.Config, exc: BaseException) -> str:
+    """One line for a failure the checks before start-up could not foresee."""
+    from relay.store.db import database_url
+
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    if isinstance(exc, DBAPIError):
+        url = database_url(cfg.database.url, cfg.spool.dir)
+        return (f"database {url.split('@')[-1]}: {first}: check database.url and that the "
+                "database is up and writable (relay check)")
+    return f"{first}: check the paths and ports in {cfg.source} (relay check)"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -54,12 +79,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     print(f"config: {cfg.source}: ok")
+    if not _check_local(cfg):
+        return 1
     if cfg.ses.endpoint_url == SANDBOX:
         print("ses: embedded sandbox (no AWS account used)")
         return 0
 
     async def ask() -> int:
         async with SesClient(cfg.ses) as ses:
+            if not ses.has_credentials:
+                print("ses: no AWS credentials found: set AWS_ACCESS_KEY_ID and "
+                      "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the relay a role",
+                      file=sys.stderr)
+                return 1
             acct = await ses.get_account()
         print(f"ses: region {cfg.ses.region}, endpoint {cfg.ses.endpoint_url or 'AWS'}")
         print(f"  sending enabled: {acct.sending_enabled}  enforcement: {acct.enforcement_status}"
@@ -75,6 +107,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     except DeliveryError as exc:
         print(f"ses: GetAccount failed: {exc}", file=sys.stderr)
         return 1
+
+
+def _check_local(cfg: config_mod.Config) -> bool:
+    """The spool, the ports and the database, as `relay serve` would need them."""
+    from relay.ops.preflight import startup_problems
+    from relay.store.db import Database
+
+    problems = startup_problems(cfg)
+    if not problems:
+        async def open_db() -> None:
+            db = await Database.open(cfg.database.url, cfg.spool.dir,
+                                     lock_timeout=min(cfg.database.lock_timeout, 5.0))
+            await db.close()
+
+        try:
+            asyncio.run(open_db())
+        except (OSError, DBAPIError) as exc:
+            problems.append(start_failure(cfg, exc))
+    for problem in problems:
+        print(f"check: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"spool: {cfg.spool.dir}: ok; ports: free; database: ok")
+    return not problems
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from relay.delivery.ports import Sender
 from relay.errors import (
@@ -173,15 +173,6 @@ class Gauges:
                 select(FeedbackEvent.kind, func.count()).group_by(FeedbackEvent.kind))
             for kind, n in rows.all():
                 self.feedback_events.labels(kind).set(n)
-
-    async def database_problem(self) -> list[str]:
-        """Nothing when the database answers, else why not (for /readyz)."""
-        try:
-            async with self.db.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            return [f"database unreachable: {type(exc).__name__}: {exc}"[:300]]
-        return []
 
 
 class TimedSender:

@@ -9,6 +9,7 @@ by default; migrations in relay/store/migrations run by open_database() (service
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -130,22 +131,26 @@ def database_url(url: str, spool_dir: str | Path) -> str:
 class Database:
     """An async engine and session factory; `await Database.open(...)` migrates first."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, lock_timeout: float = 30.0) -> None:
         self.engine = engine
+        #: SQLite: seconds a write waits for another writer's lock (database.lock_timeout)
+        self.lock_timeout = lock_timeout
         self.session = async_sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
-    async def open(cls, url: str, spool_dir: str | Path, *, migrate: bool = True) -> Database:
+    async def open(cls, url: str, spool_dir: str | Path, *, migrate: bool = True,
+                   lock_timeout: float = 30.0) -> Database:
         full = database_url(url, spool_dir)
         kwargs: dict[str, Any] = {}
         if full.startswith("sqlite"):
             Path(spool_dir).mkdir(parents=True, exist_ok=True)
             # the relay and operator commands write the same file: wait for locks
-            kwargs["connect_args"] = {"timeout": 30}
+            kwargs["connect_args"] = {"timeout": lock_timeout}
         engine = create_async_engine(full, **kwargs)
         if full.startswith("sqlite"):
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        db = cls(engine)
+            event.listen(engine.sync_engine, "connect", functools.partial(
+                _sqlite_pragmas, busy_ms=int(lock_timeout * 1000)))
+        db = cls(engine, lock_timeout=lock_timeout)
         if migrate:
             await db.migrate()
         return db
@@ -166,10 +171,10 @@ class Database:
         await self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, busy_ms: int) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={busy_ms}")
     cur.close()
 
 

@@ -1,10 +1,10 @@
 """The message log: one row per message and recipient, and what became of it.
 
 The one writer of `messages`: "queued" rows once ingress committed a message, delivery
-outcomes (the pool's Listener port) batched by one writer task so delivery never waits for
-a commit, and SES feedback through record_feedback() in the applier's transaction. Reads
-feedback_events for `relay log`; prunes both after database.retention. Built by
-relay.service.
+outcomes (the pool's Listener port) batched by relay.store.log_writer (retried until the
+database takes them), and SES feedback through record_feedback() in the applier's
+transaction. Reads feedback_events for `relay log`; prunes both after database.retention.
+Built by relay.service.
 """
 
 from __future__ import annotations
@@ -23,18 +23,19 @@ from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from relay.log import event
 from relay.spool.record import Envelope, Record
 from relay.spool.spool import Spool
 from relay.store import feedback_events
 from relay.store.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
+from relay.store.log_writer import BatchWriter
 from relay.store.suppression import normalize
 from relay.store.transitions import after_feedback, after_outcome, attempts_of
 
 log = logging.getLogger("relay.tracking")
 
-#: How long the writer gathers writes before one commit.
-BATCH_WINDOW = 0.05
+#: Seconds stop() waits for the database to take what is queued.
+STOP_TIMEOUT = 10.0
+
 
 @functools.cache
 def upsert_queued(dialect: str) -> Any:
@@ -154,49 +155,35 @@ class MessageLog:
     def __init__(self, db: Database, *, spool: Spool | None = None) -> None:
         self.db = db
         self.spool = spool
-        #: once start()ed, writes are queued and committed in batches by one writer task
-        self._ops: asyncio.Queue[Write] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        #: once start()ed, writes are queued and committed in batches (relay.store.log_writer)
+        self.writer: BatchWriter | None = None
 
     # -- the writer -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Batch writes: delivery never waits for a commit (the spool is the record)."""
-        self._ops = asyncio.Queue()
-        self._writer = asyncio.create_task(self._write_loop(), name="message-log")
+        self.writer = BatchWriter(self._commit)
+        self.writer.start()
 
-    async def stop(self) -> None:
-        """Commit what is queued, then stop the writer."""
-        if self._ops is not None and self._writer is not None:
-            await self._ops.join()
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-            self._ops = self._writer = None
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Commit what is queued (waiting at most `timeout` for the database), then stop."""
+        if self.writer is not None:
+            await self.writer.stop(timeout)
+            self.writer = None
 
     async def flush(self) -> None:
-        if self._ops is not None:
-            await self._ops.join()
+        if self.writer is not None:
+            await self.writer.flush()
 
-    async def _submit(self, op: Write) -> None:
-        if self._ops is not None:
-            self._ops.put_nowait(op)
+    def problem(self) -> str:
+        """Why the log cannot write (for /readyz), or ""."""
+        return self.writer.problem() if self.writer is not None else ""
+
+    async def _submit(self, op: Write, *, may_wait: bool = True) -> None:
+        if self.writer is not None:
+            await self.writer.submit(op, len(op.rows), may_wait=may_wait)
         else:
             await self._commit([op])
-
-    async def _write_loop(self) -> None:
-        assert self._ops is not None
-        while True:
-            batch = [await self._ops.get()]
-            await asyncio.sleep(BATCH_WINDOW)
-            while not self._ops.empty() and len(batch) < 500:
-                batch.append(self._ops.get_nowait())
-            try:
-                await self._commit(batch)
-            except Exception as exc:  # noqa: BLE001 - the log must never stop delivery
-                event(log, "log_error", level=logging.WARNING, error=str(exc), rows=len(batch))
-            finally:
-                for _ in batch:
-                    self._ops.task_done()
 
     async def _commit(self, batch: list[Write]) -> None:
         try:
@@ -263,7 +250,7 @@ class MessageLog:
                 for r in rcpts]
 
         # an outcome may have been written first: the upsert keeps it, fills in the header
-        await self._submit(Write(("queued",), rows))
+        await self._submit(Write(("queued",), rows), may_wait=False)
 
     def _read(self, qid: str) -> tuple[Record, str] | None:
         assert self.spool is not None
