@@ -135,6 +135,14 @@ def test_a_second_relay_on_the_same_spool_stops_at_once_and_touches_nothing(
     assert str(first.spool) in lines[0] and f"pid {first.proc.pid}" in lines[0], lines[0]
     assert unfinished.is_dir()  # incoming/ untouched
     assert first.proc.poll() is None
+    # started on the first one's port too: the cause named is the spool, not the port
+    same_port = dict(env, PYTHONPATH=str(ROOT), RELAY_SMTP__PORT=str(first.smtp_port))
+    out = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(first.config)],
+                         cwd=tmp_path, env=same_port, timeout=60,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and f"pid {first.proc.pid}" in out.stderr, out.stderr
+    assert unfinished.is_dir() and first.proc.poll() is None
 
 
 def test_entries_that_are_not_messages_go_to_corrupt_once_and_never_to_ses(

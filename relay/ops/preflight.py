@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from relay.config import Config
+from relay.spool.lock import held_by
 from relay.store.db import database_url
 
 PROBE = ".preflight-probe"
@@ -81,6 +82,11 @@ def database_file_problems(config: Config) -> list[str]:
 
 def startup_problems(config: Config) -> list[str]:
     """What `relay serve` checks before recovery: ports first, then spool and database."""
+    pid = held_by(config.spool.dir)
+    if pid is not None:
+        # a second relay on this spool: its taken ports are a consequence, not the cause
+        return [f"spool {config.spool.dir} is in use by another relay (pid {pid}, or its "
+                "worker processes): stop it first, or give this relay a spool.dir of its own"]
     spool = spool_problems(config.spool.dir)
     # the default database lives in the spool: one line for one cause
     return [*port_problems(config), *spool, *([] if spool else database_file_problems(config))]

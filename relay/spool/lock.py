@@ -75,4 +75,23 @@ class SpoolLock:
             self.fd = -1
 
 
-__all__ = ["LOCK", "SpoolLock", "SpoolLocked"]
+def held_by(root: str | os.PathLike[str]) -> str | None:
+    """The pid of the relay holding the spool's lock, or None when nobody holds it (checked
+    before start-up, so that a second relay names the first instead of its taken port)."""
+    path = Path(root) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # a shared lock taken here goes with the descriptor
+    return None
+
+
+__all__ = ["LOCK", "SpoolLock", "SpoolLocked", "held_by"]
