@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from relay.config_lanes import LanesConfig
 from relay.config_values import coerce
 from relay.config_values import parse_duration as parse_duration
 from relay.config_values import parse_size as parse_size
@@ -269,6 +270,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     dkim: DkimConfig = DkimConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    lanes: LanesConfig = LanesConfig()
     source: str = "built-in defaults"
 
     @property
@@ -320,6 +322,8 @@ def _port(key: str, value: int) -> None:
 
 def _build_section(name: str, cls: type, values: Mapping[str, Any],
                    env: Mapping[str, str]) -> Any:
+    if cls is LanesConfig:  # tables of lanes and rules (relay.config_lanes)
+        return LanesConfig.from_table(values, env)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

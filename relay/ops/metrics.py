@@ -28,7 +28,7 @@ from relay.errors import (
     TransientError,
 )
 from relay.spool.queue import STATES, arrival
-from relay.spool.record import Record
+from relay.spool.record import Record, SesOptions
 from relay.spool.spool import Spool
 from relay.store.db import Database, FeedbackEvent, Suppression
 
@@ -191,11 +191,13 @@ class TimedSender:
         self.inner = inner
         self.metrics = metrics
 
-    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes) -> str:
+    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes,
+                       options: SesOptions | None = None) -> str:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            return await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw)
+            return await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw,
+                                             options=options)
         except DeliveryError as exc:
             error = exc
             raise
