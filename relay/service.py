@@ -190,6 +190,8 @@ class CountedQueued:
     def queued(self, qid: str, envelope: Envelope | None = None, head: bytes | None = None
                ) -> None:
         self.metrics.accepted.inc()
+        if envelope is not None:
+            self.metrics.lane_queued.labels(envelope.lane).inc()
         self.inner.queued(qid, envelope, head)
 
 
