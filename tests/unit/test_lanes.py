@@ -261,3 +261,16 @@ def test_bad_lanes_config_names_the_key(tmp_path, toml: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         load(path, env={})
     assert err.value.key == key
+
+
+def test_the_example_config_documents_every_lanes_key() -> None:
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "conf" / "relay.example.toml").read_text()
+    body = text.split("[lanes]", 1)[1]
+    documented = set(re.findall(r"^#?\s*([a-z_0-9]+)\s*=", body, re.M))
+    for cls in (LanesConfig, LaneConfig, RuleConfig):
+        fields = {f.name for f in dataclasses.fields(cls)} - {"lane", "rule"}
+        assert fields <= documented, (cls.__name__, fields - documented)
