@@ -131,10 +131,10 @@ def test_rules_classify_by_port_user_sender_and_header(ingress, tmp_path):
     auth.set_password(users, "newsletter", "pw")
     port = _free_port()
     cfg = LanesConfig(rule=(
+        RuleConfig(lane="transactional", header="X-Reset"),
         RuleConfig(lane="bulk", user="newsletter"),
         RuleConfig(lane="bulk", sender="news.example.com"),
         RuleConfig(lane="bulk", header="X-Campaign"),
-        RuleConfig(lane="transactional", header="X-Reset", allow_raise=False),
     ))
     by_port = ingress(port=port, handler_kw={"lanes": LanesConfig(
         rule=(RuleConfig(lane="bulk", port=port),))})
