@@ -238,7 +238,8 @@ def test_the_rate_holds_with_two_workers_and_both_lanes_busy(tmp_path):
         relay.start()
         try:
             items = [bulk(i) for i in range(100)] + [tx(i) for i in range(60)]
-            send(relay.smtp_port, items)
+            for k in range(0, len(items), 10):  # connections spread over both workers
+                send(relay.smtp_port, items[k:k + 10])
             wait_for(lambda: state.recipients_sent() >= 160, 60)
             assert state.throttles == 0
             assert state.max_window(1.0) <= 20
