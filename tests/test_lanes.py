@@ -284,3 +284,24 @@ def test_queue_tools_and_metrics_show_lanes_and_hold_release_a_lane(start_relay)
         assert 'relay_lane_queue_delay_seconds_count{lane="bulk"} 4.0' in metrics
         assert any(line.get("lane") == "bulk" for line in relay.events("accepted"))
         relay.kill()
+
+
+def test_sendmail_spooling_locally_decides_the_lane_and_the_ses_options(start_relay, sandbox):
+    from tests.test_sendmail import sendmail
+
+    relay = start_relay(sandbox.url)
+    port = relay.smtp_port
+    assert relay.stop() == 0  # nothing listens: sendmail writes the spool itself
+    data = (f"From: {SENDER}\r\nTo: r@example.net\r\nSubject: s\r\n{BULK_HEAD}{SES_HEAD}"
+            "\r\nbody\r\n")
+    out = sendmail(relay, port, "-t", data=data)
+    assert out.returncode == 0, out.stderr
+    (qid,) = relay.queued("active")
+    env = json.loads((relay.spool / "active" / qid / "envelope.json").read_text())
+    assert env["lane"] == "bulk" and env["ses"]["tenant"] == "tenant-a"
+    bad = sendmail(relay, port, "-t", data=data.replace("campaign=spring", "campaign=a b"))
+    assert bad.returncode != 0 and "X-SES-MESSAGE-TAGS" in bad.stderr
+    assert relay.queued("active") == [qid]
+    relay.start()
+    calls = wait_for(lambda: sandbox.state.accepted(), 20)
+    assert calls[0].tenant == "tenant-a" and b"X-SES-" not in calls[0].raw
