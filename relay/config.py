@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from relay.config_lanes import LanesConfig
 from relay.config_values import coerce
 from relay.config_values import parse_duration as parse_duration
 from relay.config_values import parse_size as parse_size
@@ -303,6 +304,7 @@ class Config:
     dkim: DkimConfig = DkimConfig()
     sandbox: SandboxConfig = SandboxConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    lanes: LanesConfig = LanesConfig()
     source: str = "built-in defaults"
 
     @property
@@ -359,6 +361,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
     """One section from the file's values, then the environment's. A relative path from
     the file is taken relative to the file's folder (`base`), so that a command run from
     anywhere finds the same spool; one from the environment, relative to the current one."""
+    if cls is LanesConfig:  # tables of lanes and rules (relay.config_lanes)
+        return LanesConfig.from_table(values, env)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

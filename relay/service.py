@@ -190,7 +190,7 @@ class QueuedFanout:
             await self.message_log.queued(qid, envelope=envelope, head=head)
         except Exception as exc:  # noqa: BLE001 - the log must never hold up mail
             event(log, "log_error", level=logging.WARNING, queue_id=qid, error=str(exc))
-        self.scheduler.notify(qid)
+        self.scheduler.notify(qid, envelope)
 
 
 class CountedQueued:
@@ -203,6 +203,8 @@ class CountedQueued:
     def queued(self, qid: str, envelope: Envelope | None = None, head: bytes | None = None
                ) -> None:
         self.metrics.accepted.inc()
+        if envelope is not None:
+            self.metrics.lane_queued.labels(envelope.lane).inc()
         self.inner.queued(qid, envelope, head)
 
 
@@ -301,7 +303,8 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     budget = await shared_budget(db) if config.database.shared_rate else None
     limiter = RateLimiter(dcfg.max_rate or 1.0, guard=dcfg.rate_guard, budget=budget)
     settings = PoolSettings.from_config(dcfg, partition=partition)
-    scheduler = Scheduler(spool=spool, gate=Gate(), settings=settings, clock=time.time)
+    scheduler = Scheduler(spool=spool, gate=Gate(), settings=settings, clock=time.time,
+                          lanes=config.lanes)
     fanout = QueuedFanout(message_log=message_log, scheduler=scheduler)
     dsn = DsnWriter(spool=spool, listener=fanout, dsn_from=dcfg.dsn_from,
                     reporting_mta=config.smtp.hostname or socket.getfqdn())
@@ -371,7 +374,8 @@ def _ingress(config: Config, *, spool: Spool, commit: GroupCommit, metrics: Metr
         spool=spool, config=config.smtp, listener=listener, commit=commit,
         credentials=Credentials(config.smtp.auth_file) if config.smtp.auth_file else None,
         signer=DkimSigner(config.dkim).sign if config.dkim.enabled else None,
-        rcpt_check=rcpt_check(suppressions) if config.smtp.reject_suppressed else None)
+        rcpt_check=rcpt_check(suppressions) if config.smtp.reject_suppressed else None,
+        lanes=config.lanes)
     return Ingress(handler, config.smtp, observer=metrics, reuse_port=reuse_port)
 
 

@@ -137,15 +137,13 @@ async def test_a_full_ready_queue_is_refilled_when_half_drained_not_in_a_loop(sp
     await pool.fill()
     assert pool.ready.qsize() == 4
     assert not pool.rescan.is_set()  # a full queue does not ask for another scan at once
-    taken = [pool.ready.get_nowait()]
-    pool.taken()
+    taken = [pool.pick(0.0)]
     assert not pool.rescan.is_set()
-    taken.append(pool.ready.get_nowait())
-    pool.taken()
+    taken.append(pool.pick(0.0))
     assert pool.rescan.is_set()  # half drained: read active/ again
     pool.rescan.clear()
     await pool.fill()
-    queued = [pool.ready.get_nowait() for _ in range(pool.ready.qsize())]
+    queued = [pool.pick(0.0) for _ in range(pool.ready.qsize())]
     assert len(queued) == 4 and not set(queued) & set(taken)  # claimed ones not queued twice
     assert set(queued) | set(taken) <= ids
 

@@ -202,7 +202,8 @@ class Attempt:
         started = time.monotonic()
         try:
             message_id = await self.sender.send_raw(sender=record.envelope.sender,
-                                                    recipients=chunk, raw=raw)
+                                                    recipients=chunk, raw=raw,
+                                                    options=record.envelope.ses)
         except DeliveryError as exc:
             for cls, handler in self.handlers:
                 if isinstance(exc, cls):

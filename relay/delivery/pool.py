@@ -20,7 +20,7 @@ from relay.delivery.account import AccountWatch, Gate
 from relay.delivery.attempt import Attempt
 from relay.delivery.outcomes import Outcomes
 from relay.delivery.ports import Account, AccountSource, Listener, Sender, Suppressions
-from relay.delivery.ratelimit import Quota, RateLimiter
+from relay.delivery.ratelimit import RateLimiter
 from relay.delivery.retry import RetryPolicy
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import PoolSettings
@@ -56,13 +56,14 @@ class DeliveryPool:
         self.spool = spool
         self.settings = settings = settings or PoolSettings()
         self.limiter = limiter
-        self.quota = Quota()
         #: spool flushes shared with concurrent calls (and the ingress, when given its)
         self.commit = commit or GroupCommit(spool)
         # the scheduler may be built first, so that whoever queues mail can notify it
         self.scheduler = scheduler or Scheduler(spool=spool, gate=Gate(), settings=settings,
                                                 clock=clock)
         self.gate = self.scheduler.gate
+        #: the 24-hour quota, shared with the scheduler (lanes with a quota share)
+        self.quota = self.scheduler.quota
         self.watch = AccountWatch(accounts=accounts, limiter=limiter, quota=self.quota,
                                   gate=self.gate, settings=settings,
                                   on_resume=self.scheduler.wake)

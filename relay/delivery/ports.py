@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.spool.record import Envelope, Record
+from relay.spool.record import Envelope, Record, SesOptions
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class Account:
 
 
 class Sender(Protocol):
-    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes) -> str:
-        """Send raw MIME to the recipients; returns the SES MessageId."""
+    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes,
+                       options: SesOptions | None = None) -> str:
+        """Send raw MIME to the recipients with the message's SendEmail options; returns
+        the SES MessageId."""
 
 
 class AccountSource(Protocol):

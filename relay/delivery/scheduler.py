@@ -1,8 +1,10 @@
 """The scheduler: which queued messages the workers take next.
 
-Keeps a bounded ready queue of queue ids read from active/ (each claimed once, so no two
-workers hold one message), filled when the ingress tells of new mail, when due mail was
-promoted, when workers have drained a full queue to half, and every scan_interval. The
+Keeps a bounded ready queue per lane of queue ids read from active/ (each claimed once, so
+no two workers hold one message), oldest due first; a worker takes from the lane that
+relay.delivery.lanes.choose names (weighted fair share, rate caps, quota shares). Filled
+when the ingress tells of new mail, when due mail was promoted, when workers have
+drained a full lane to half, and every scan_interval. The
 promoter moves due mail from deferred/ back to active/ (a rename; the next attempt is the
 mtime) in batches, reading deferred/ only when something there can be due. Reads active/
 and deferred/; renames deferred/ -> active/. Built and started by the delivery pool.
@@ -11,16 +13,21 @@ and deferred/; renames deferred/ -> active/. Built and started by the delivery p
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
 
+from relay.config_lanes import LanesConfig
 from relay.delivery.account import Gate
+from relay.delivery.lanes import LaneBook, LaneView, ReadyLanes, choose, quota_ok
+from relay.delivery.ratelimit import Quota
 from relay.delivery.settings import PoolSettings
+from relay.errors import SpoolError
 from relay.log import event
-from relay.spool.record import State
+from relay.spool.record import Envelope, State
 from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.delivery")
@@ -35,18 +42,39 @@ ACTIVATE_BATCH = 256
 MTIME_SETTLE = 1.0
 
 
+def arrival(qid: str) -> float:
+    """A queue id's arrival time (its first 13 hex digits are microseconds)."""
+    try:
+        return int(qid[:13], 16) / 1e6
+    except ValueError:
+        return 0.0
+
+
 class Scheduler:
     def __init__(self, *, spool: Spool, gate: Gate, settings: PoolSettings,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], lanes: LanesConfig | None = None,
+                 quota: Quota | None = None) -> None:
         self.spool = spool
         self.gate = gate
         self.settings = settings
         self.owns = settings.partition.owns
         self.clock = clock
-        self.ready: asyncio.Queue[str] = asyncio.Queue(maxsize=settings.ready_queue)
+        self.book = LaneBook(lanes or LanesConfig())
+        #: the 24-hour quota left (the account watch sets it, attempts take from it)
+        self.quota = quota or Quota()
+        #: each lane's ready mail, at most ready_queue messages per lane
+        self.ready = ReadyLanes(self.book.names, settings.ready_queue)
         #: queue ids in the ready queue or held by a worker
         self.claimed: set[str] = set()
+        #: queue id -> (lane, due, recipients) of mail seen in active/ (no second read)
+        self.known: dict[str, tuple[str, float, int]] = {}
+        #: queue id -> (lane, recipients) of mail a worker holds
+        self.held: dict[str, tuple[str, int]] = {}
+        #: recipients taken by workers and not yet released (quota shares count them)
+        self.outstanding = 0
         self.rescan = asyncio.Event()
+        #: set (and replaced) whenever a lane may have become able to send
+        self._changed = asyncio.Event()
         #: the ready queue was found full: refill once workers have drained half of it
         self._want_room = False
         #: the earliest next attempt the last pass over deferred/ left there (0: unknown)
@@ -56,33 +84,95 @@ class Scheduler:
 
     # -- the workers' side ----------------------------------------------------------
 
-    def notify(self, qid: str) -> None:
+    def notify(self, qid: str, envelope: Envelope | None = None) -> None:
         """A message was just queued in active/ (the ingress, a DSN)."""
         if self.gate.stopping or qid in self.claimed:
             return
-        try:
-            self.ready.put_nowait(qid)
-            self.claimed.add(qid)
-        except asyncio.QueueFull:
+        if envelope is None:
             self.rescan.set()
+            return
+        info = (self.book.lane(envelope.lane), arrival(qid), len(envelope.recipients))
+        self.known[qid] = info
+        if not self._push(qid, info):
+            self._want_room = True
+            self.rescan.set()
+
+    def _push(self, qid: str, info: tuple[str, float, int]) -> bool:
+        lane, due, n = info
+        woke = not self.ready.heaps[lane]
+        if not self.ready.push(lane, due, qid, n):
+            return False
+        if woke:
+            self.book.woke(lane, self.ready.busy())
+        self.claimed.add(qid)
+        self._signal()
+        return True
+
+    def _signal(self) -> None:
+        """Wake the workers waiting in take(): a lane may be able to send."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def wake(self) -> None:
         """Read active/ again now (e.g. on resume: mail was left there while paused)."""
         self.rescan.set()
 
     async def take(self) -> str:
-        """The next claimed queue id; release() it when done with it."""
-        qid = await self.ready.get()
-        self.taken()
+        """The next claimed queue id, from the lane choose() names; release() it when
+        done with it."""
+        while True:
+            qid = self.pick(time.monotonic())
+            if qid is not None:
+                return qid
+            changed = self._changed
+            try:
+                # not wait_for: it can swallow a cancellation that meets the event's set()
+                async with asyncio.timeout(self._idle_wait()):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+
+    def pick(self, now: float) -> str | None:
+        """Take the next message of the lane choose() names, charging that lane."""
+        quota = self.quota
+        views = [
+            LaneView(name, ready=bool(n), vtime=self.book.vtime[name],
+                     free_at=self.book.free_at[name],
+                     quota_ok=quota_ok(share=self.book.cfg.get(name).quota_share, n=n,
+                                       remaining=quota.remaining, max_24h=quota.max_24h,
+                                       outstanding=self.outstanding))
+            for name in self.book.names for n in (self.ready.peek(name),)
+        ]
+        lane = choose(views, now)
+        if lane is None:
+            return None
+        qid, n = self.ready.pop(lane)
+        self.book.charge(lane, n, now)
+        self.held[qid] = (lane, n)
+        self.outstanding += n
+        self.taken(lane)
         return qid
+
+    def _idle_wait(self) -> float:
+        """How long take() sleeps when no lane may send: until a rate cap frees, at most
+        a second (the 24-hour quota changes with the account's)."""
+        now = time.monotonic()
+        waits = [t - now for name, t in self.book.free_at.items()
+                 if t > now and self.ready.heaps[name]]
+        return max(0.001, min([1.0, *waits]))
 
     def release(self, qid: str) -> None:
         self.claimed.discard(qid)
+        self.known.pop(qid, None)
+        _, n = self.held.pop(qid, ("", 0))
+        if n:
+            self.outstanding -= n
+            self._signal()
 
-    def taken(self) -> None:
-        """A message left the ready queue: once a queue found full is down to half, the
+    def taken(self, lane: str) -> None:
+        """A message left the ready queue: once a lane found full is down to half, the
         scanner reads active/ again."""
-        if self._want_room and self.ready.qsize() <= self.ready.maxsize // 2:
+        if self._want_room and self.ready.room(lane) >= self.ready.capacity // 2:
             self._want_room = False
             self.rescan.set()
 
@@ -106,27 +196,44 @@ class Scheduler:
                 pass
 
     async def fill(self) -> None:
-        room = self.ready.maxsize - self.ready.qsize()
-        if room > 0:
-            for qid in await asyncio.to_thread(self.unclaimed, room):
-                if self.ready.full():
-                    break
+        rooms = {name: self.ready.room(name) for name in self.book.names}
+        if any(rooms.values()):
+            found = await asyncio.to_thread(self.unclaimed, rooms, dict(self.known))
+            for qid, info in found:
                 if qid not in self.claimed:
-                    self.claimed.add(qid)
-                    self.ready.put_nowait(qid)
+                    self.known[qid] = info
+                    self._push(qid, info)
+        self._signal()
         if self.ready.full():
             # more may wait in active/: read it again once there is room, not in a loop
             self._want_room = True
 
-    def unclaimed(self, room: int) -> list[str]:
-        """Up to `room` queue ids in active/ that no worker holds or waits for."""
-        out: list[str] = []
+    def unclaimed(self, rooms: dict[str, int], known: dict[str, tuple[str, float, int]]
+                  ) -> list[tuple[str, tuple[str, float, int]]]:
+        """(In a thread.) For each lane, up to its room of the queue ids in active/ that
+        no worker holds or waits for, earliest due first (arrival, or the next attempt
+        of mail back from deferred/)."""
+        by_lane: dict[str, list[tuple[float, str, tuple[str, float, int]]]] = {}
         for qid in self.spool.scan(State.ACTIVE):
-            if qid not in self.claimed and self.owns(qid):
-                out.append(qid)
-                if len(out) >= room:
-                    break
+            if qid in self.claimed or not self.owns(qid):
+                continue
+            info = known.get(qid) or self._read(qid)
+            if info is not None:
+                by_lane.setdefault(info[0], []).append((info[1], qid, info))
+        out = []
+        for lane, items in by_lane.items():
+            for _, qid, info in heapq.nsmallest(rooms.get(lane, 0), items):
+                out.append((qid, info))
         return out
+
+    def _read(self, qid: str) -> tuple[str, float, int] | None:
+        try:
+            record = self.spool.load(State.ACTIVE, qid)
+        except (OSError, SpoolError):
+            return None  # gone meanwhile, or unreadable (moved to corrupt/)
+        env = record.envelope
+        return (self.book.lane(env.lane), max(arrival(qid), record.next_attempt),
+                len(env.recipients))
 
     # -- deferred/ ------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from relay import config as config_mod
 from relay.errors import SpoolError
-from relay.ingress import addresses, content, headers
+from relay.ingress import addresses, content, headers, lanes
 from relay.spool.record import Envelope
 from relay.spool.spool import Spool
 
@@ -255,6 +255,12 @@ def _spool_locally(cfg: config_mod.Config, sender: str, rcpts: list[str], data: 
     """Nothing listens: the ingress's rules here, then Spool.accept (fsynced)."""
     try:
         sender, rcpts, data = accept_locally(cfg, sender, rcpts, data)
+        # the lane and SES options as the SMTP ingress decides them (BadSesHeader: refused)
+        facts = lanes.Facts(client="127.0.0.1", sender=sender,
+                            headers=lanes.header_fields(data))
+        lane = lanes.decide(cfg.lanes, facts)
+        ses = lanes.ses_options(cfg.lanes, lane, facts)
+        data = lanes.strip(data)
     except (addresses.AddressError, ValueError) as exc:
         return _complain(f"{exc} (sender {sender}, recipients {', '.join(rcpts)})", EX_DATAERR)
     spool = Spool(cfg.spool.dir, fsync=cfg.spool.fsync, min_free_bytes=cfg.spool.min_free_bytes)
@@ -262,7 +268,7 @@ def _spool_locally(cfg: config_mod.Config, sender: str, rcpts: list[str], data: 
         spool.ensure()
         qid = spool.accept(Envelope(sender=sender, recipients=tuple(rcpts),
                                     received_at=time.time(), client="127.0.0.1",
-                                    helo=getpass.getuser()), data)
+                                    helo=getpass.getuser(), lane=lane, ses=ses), data)
     except (SpoolError, OSError) as exc:
         return _complain(f"cannot queue in {cfg.spool.dir}: {exc}", EX_TEMPFAIL)
     if verbose:

@@ -25,9 +25,10 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay.config import SmtpConfig
+from relay.config_lanes import LanesConfig
 from relay.delivery.ports import QueuedListener
 from relay.errors import SpoolError, SpoolFullError
-from relay.ingress import addresses, content, headers
+from relay.ingress import addresses, content, headers, lanes
 from relay.ingress.auth import AuthHooks
 from relay.ingress.credentials import Credentials, User
 from relay.ingress.limits import AuthThrottle, ConnectionLimiter, ConnectionRate, Networks
@@ -60,7 +61,7 @@ from relay.ingress.session import (
 from relay.ingress.tls import server_context
 from relay.log import event
 from relay.spool.commit import GroupCommit
-from relay.spool.record import Envelope
+from relay.spool.record import Envelope, SesOptions
 from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.smtp")
@@ -93,8 +94,11 @@ class IngressHandler(AuthHooks):
         signer: Callable[[bytes], bytes] | None = None,
         commit: GroupCommit | None = None,
         rcpt_check: Callable[[str], Awaitable[bool]] | None = None,
+        lanes: LanesConfig | None = None,
     ) -> None:
         self.spool = spool
+        #: the lane rules and their SES defaults (relay.ingress.lanes)
+        self.lanes = lanes or LanesConfig()
         #: flushes shared with the other sessions (and the delivery pool, when given its)
         self.commit = commit or GroupCommit(spool)
         self.config = config
@@ -182,6 +186,12 @@ class IngressHandler(AuthHooks):
             event(log, "refused", level=logging.WARNING, client=client_address(session),
                   reason=refusal.text)
             return str(refusal)
+        try:
+            lane, ses = self.lane_of(server, session, envelope, data)
+        except lanes.BadSesHeader as exc:
+            event(log, "refused", level=logging.WARNING, client=client_address(session),
+                  reason=str(exc))
+            return str(lanes.BAD_SES_HEADER.with_detail(str(exc)))
         prepare = self.preparer(server, session)
         env = Envelope(
             # the null reverse-path (bounces, DSNs) arrives as "<>" from aiosmtpd's parser
@@ -190,6 +200,8 @@ class IngressHandler(AuthHooks):
             received_at=time.time(),
             client=client_address(session),
             helo=session.host_name or "",
+            lane=lane,
+            ses=ses,
         )
         self.busy.add(id(session))
         # The commit runs to the end even if the client hangs up after the final dot;
@@ -211,8 +223,21 @@ class IngressHandler(AuthHooks):
             self.busy.discard(id(session))
         self.accepted += 1
         event(log, "accepted", queue_id=qid, client=env.client, size=len(data),
-              sender=env.sender, recipients=list(env.recipients))
+              lane=env.lane, sender=env.sender, recipients=list(env.recipients))
         return str(queued_as(qid))
+
+    def lane_of(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
+                data: bytes) -> tuple[str, SesOptions]:
+        """The message's lane and SendEmail options (BadSesHeader: refuse it)."""
+        sock = server.transport.get_extra_info("sockname") if server.transport else None
+        user: object = session.auth_data if session.authenticated else None
+        facts = lanes.Facts(
+            port=int(sock[1]) if isinstance(sock, tuple) and len(sock) > 1 else 0,
+            user=user.name if isinstance(user, User) else "",
+            client=client_address(session), sender=envelope.mail_from or "",
+            headers=lanes.header_fields(data))
+        lane = lanes.decide(self.lanes, facts)
+        return lane, lanes.ses_options(self.lanes, lane, facts)
 
     # --- hardening: access, addresses, headers, AUTH -------------------------------
 
@@ -255,7 +280,9 @@ class IngressHandler(AuthHooks):
             hostname=self.hostname, protocol=protocol, now=now)
 
         def prepare(data: bytes) -> bytes:
-            data = headers.prepare(data, received=received, hostname=self.hostname, now=now)
+            # the X-SES-* parameter headers travel as SendEmail parameters, not in the bytes
+            data = headers.prepare(lanes.strip(data), received=received,
+                                   hostname=self.hostname, now=now)
             return self.signer(data) if self.signer is not None else data
 
         return prepare

@@ -28,11 +28,12 @@ from relay.errors import (
     TransientError,
 )
 from relay.spool.queue import STATES, arrival
-from relay.spool.record import Record
+from relay.spool.record import Record, SesOptions
 from relay.spool.spool import Spool
 from relay.store.db import Database, FeedbackEvent, Suppression
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DELAY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FEEDBACK_TYPES = ("bounce", "complaint", "delivery")
 
@@ -98,6 +99,14 @@ class Metrics:
         self.suppressed = Counter("relay_suppressed_recipients",
                                   "Recipients dropped at delivery time as suppressed",
                                   registry=r)
+        self.lane_queued = Counter("relay_lane_messages_queued",
+                                   "Messages accepted into each lane", ["lane"], registry=r)
+        self.lane_recipients = Counter("relay_lane_recipients",
+                                       "Recipients by lane and delivery outcome",
+                                       ["lane", "outcome"], registry=r)
+        self.lane_delay = Histogram("relay_lane_queue_delay_seconds",
+                                    "Time from the 250 reply to SES accepting the call, by lane",
+                                    ["lane"], buckets=DELAY_BUCKETS, registry=r)
         for outcome in ("ok", "throttled", "transient", "permanent", "configuration", "paused"):
             self.ses_calls.labels(outcome)
         if spool is not None:
@@ -125,8 +134,12 @@ class Metrics:
                       ses_message_id: str = "", error: str = "") -> None:
         """The delivery pool's Listener port."""
         self.recipients.labels(kind).inc(len(recipients))
+        lane = record.envelope.lane
+        self.lane_recipients.labels(lane, kind).inc(len(recipients))
         if kind == "sent":
             self.recipients_sent.inc(len(recipients))
+            self.lane_delay.labels(lane).observe(
+                max(0.0, time.time() - record.envelope.received_at))
         elif kind == "suppressed":
             self.suppressed.inc(len(recipients))
 
@@ -182,11 +195,13 @@ class TimedSender:
         self.inner = inner
         self.metrics = metrics
 
-    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes) -> str:
+    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes,
+                       options: SesOptions | None = None) -> str:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            return await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw)
+            return await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw,
+                                             options=options)
         except DeliveryError as exc:
             error = exc
             raise

@@ -71,9 +71,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     now = time.time()
     rows = q.entries(states=states, older_than=older, sender=args.sender,
                      recipient=args.recipient, now=now)
+    if args.lane:
+        rows = (r for r in rows if r.get("lane") == args.lane)
     if not args.json:
         print(f"{'ID':18} {'STATE':8} {'AGE':>5} {'SIZE':>8} {'RCPT':>5} {'TRIES':>5} "
-              f"{'NEXT':>5}  SENDER / LAST ERROR")
+              f"{'NEXT':>5}  {'LANE':13} SENDER / LAST ERROR")
     n = 0
     for row in rows:
         n += 1
@@ -83,7 +85,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         nxt = row.get("next_attempt")
         print(f"{row['id']:18} {row['state']:8} {_ago(row['age']):>5} {row.get('size', 0):>8} "
               f"{row.get('pending', 0)}/{row.get('recipients', 0):<3} {row.get('attempts', 0):>5} "
-              f"{_ago(nxt - now) if nxt else '-':>5}  {row.get('sender') or '<>'}"
+              f"{_ago(nxt - now) if nxt else '-':>5}  {row.get('lane', '-'):13} "
+              f"{row.get('sender') or '<>'}"
               + (f"\n{'':52}{row['last_error']}" if row.get("last_error") else "")
               + (f"  [{row['error']}]" if row.get("error") else ""))
     if not args.json:
@@ -104,6 +107,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{'next':11} in {_ago(max(0.0, doc['next_attempt'] - time.time()))}")
     env = doc.get("envelope", {})
     print(f"{'sender':11} {env.get('sender') or '<>'}")
+    print(f"{'lane':11} {env.get('lane', '')}")
+    for key, value in env.get("ses", {}).items():
+        shown = ", ".join(f"{n}={v}" for n, v in value) if key == "tags" else value
+        print(f"{'ses ' + key:11} {shown}")
     results = doc.get("results", {})
     for rcpt in env.get("recipients", []):
         res = results.get(rcpt)
@@ -119,6 +126,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     q = _queue(args)
     doc = q.stats(domains=not args.no_domains, top=args.top,
                   sample=0 if args.exact else SAMPLE)
+    if not args.no_lanes:
+        doc["lanes"] = lane_table(q, args.lane)
     if args.json:
         print(dumps(doc))
         return 0
@@ -128,6 +137,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"{state:10}" + "".join(f"{counts[b]:>7}" for b in BUCKET_NAMES))
     print(f"total {doc['total']}; oldest: " + ", ".join(
         f"{s} {_ago(a)}" for s, a in doc["oldest_age"].items() if a))
+    if doc.get("lanes"):
+        print(f"\n{'lane':16}" + "".join(f"{s.value:>10}" for s in LANE_STATES))
+        for lane, counts in sorted(doc["lanes"].items()):
+            print(f"{lane[:16]:16}" + "".join(f"{counts[s.value]:>10}" for s in LANE_STATES))
     if doc.get("deferred_domains"):
         sampled = doc.get("deferred_sampled")
         print("\ndeferred recipients by domain" + (
@@ -139,13 +152,54 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the states whose messages the lane table and --lane count (mail still to send)
+LANE_STATES = (State.ACTIVE, State.DEFERRED, State.HOLD)
+
+
+def lane_table(q: Queue, only: str = "") -> dict[str, dict[str, int]]:
+    """Messages by lane and state (reads each envelope in active/, deferred/, hold/)."""
+    table: dict[str, dict[str, int]] = {}
+    for state in LANE_STATES:
+        for qid in q.spool.scan(state):
+            rec = q.read(state, qid)
+            lane = rec.envelope.lane if rec is not None else "?"
+            if only and lane != only:
+                continue
+            row = table.setdefault(lane, {s.value: 0 for s in LANE_STATES})
+            row[state.value] += 1
+    return table
+
+
+def lane_ids(q: Queue, lane: str, states: tuple[State, ...]) -> list[str]:
+    """The queue ids of one lane's mail in the given states, oldest first."""
+    out = []
+    for state in states:
+        for qid in sorted(q.spool.scan(state)):
+            rec = q.read(state, qid)
+            if rec is not None and rec.envelope.lane == lane:
+                out.append(qid)
+    return out
+
+
 def _selected(q: Queue, args: argparse.Namespace, name: str,
               state_for_all: State | None) -> list[str] | None:
-    """The queue ids a verb acts on: those given, or every one in a state with --all.
+    """The queue ids a verb acts on: those given, every one in a state with --all, or
+    one lane's (hold: active and deferred mail; release: held mail) with --lane.
 
-    None when --all finds the state empty (nothing to do, not an error).
+    None when --all or --lane finds nothing (nothing to do, not an error).
     """
     ids: list[str] = list(args.ids)
+    lane = getattr(args, "lane", "")
+    if lane:
+        if ids or getattr(args, "all", False):
+            raise QueueError("give queue ids, --all or --lane, one of them")
+        where = (State.HOLD,) if name == "release" else (State.ACTIVE, State.DEFERRED)
+        ids = lane_ids(q, lane, where)
+        if not ids:
+            print(f"{name}: no {lane} mail in " + ", ".join(f"{s}/" for s in where),
+                  file=sys.stderr)
+            return None
+        return ids
     if getattr(args, "all", False):
         if ids:
             raise QueueError("give queue ids or --all, not both")
@@ -226,6 +280,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--older-than", default="", help="duration, e.g. 30m, 2h, 1d")
     p.add_argument("--sender", default="", help="address, or @domain")
     p.add_argument("--recipient", default="", help="address, or @domain")
+    p.add_argument("--lane", default="", help="only this lane's mail")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_guard(cmd_list))
 
@@ -241,6 +296,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="skip the deferred-domain table (reads no envelope)")
     p.add_argument("--exact", action="store_true",
                    help=f"read every deferred envelope (default: a sample of {SAMPLE})")
+    p.add_argument("--lane", default="", help="the lane table for this lane only")
+    p.add_argument("--no-lanes", action="store_true",
+                   help="skip the lane table (reads no envelope in active/, deferred/, hold/)")
     p.set_defaults(func=_guard(cmd_stats))
 
     verbs = (
@@ -255,6 +313,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         p.add_argument("ids", nargs="*", metavar="ID")
         if all_state is not None:
             p.add_argument("--all", action="store_true", help=f"every message in {all_state}/")
+        if name in ("hold", "release"):
+            p.add_argument("--lane", default="",
+                           help="every message of this lane (hold: a lane paused by hand)")
         if name == "delete":
             p.add_argument("--yes", action="store_true", help="do not ask")
         p.add_argument("--json", action="store_true")

@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from relay.delivery.ports import Sender
 from relay.errors import ConfigurationError, DeliveryError, TransientError
+from relay.spool.record import SesOptions
 from relay.store.db import Database
 
 #: SendEmail calls looked at: when all of them failed, SES is not answering.
@@ -71,9 +72,11 @@ class SesWatch:
         self.outcomes: collections.deque[str] = collections.deque(maxlen=window)
         self.last_error = ""
 
-    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes) -> str:
+    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes,
+                       options: SesOptions | None = None) -> str:
         try:
-            answer = await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw)
+            answer = await self.inner.send_raw(sender=sender, recipients=recipients, raw=raw,
+                                               options=options)
         except TransientError as exc:
             self._failed("transient", exc)
             raise

@@ -16,6 +16,7 @@ import base64
 import binascii
 import bisect
 import json
+import re
 import threading
 import time
 import uuid
@@ -27,6 +28,9 @@ from typing import Any
 from aiohttp import web
 
 from relay.sandbox.simulator import SqsQueue, notifications, sns_envelope, suppressed_page
+
+#: SES: message tag names and values
+_TAG = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 #: Faults a test can script, with the HTTP status and SES error code each answers.
 FAULTS: dict[str, tuple[int, str, str]] = {
@@ -54,6 +58,10 @@ class Call:
     raw: bytes = b""
     configuration_set: str = ""
     arrived: float = 0.0
+    #: EmailTags as (name, value), TenantName, ListManagementOptions as sent
+    tags: list[tuple[str, str]] = field(default_factory=list)
+    tenant: str = ""
+    list_management: dict[str, str] = field(default_factory=dict)
 
 
 #: seconds a held SendEmail answer waits at most for SandboxState.answers
@@ -240,14 +248,20 @@ class Sandbox:
         try:
             body = await request.json()
             data = base64.b64decode(body["Content"]["Raw"]["Data"], validate=True)
+            tags = [(str(t["Name"]), str(t["Value"])) for t in body.get("EmailTags", [])]
         except (ValueError, KeyError, TypeError, binascii.Error):
             return _error(400, "BadRequestException", "Content.Raw.Data is required")
+        if any(not _TAG.fullmatch(x) for t in tags for x in t):
+            return _error(400, "BadRequestException", "Invalid message tag.")
         call = Call(
             at=counted_at(request.headers.get("X-Relay-Departed"), arrived),
             arrived=arrived,
             sender=body.get("FromEmailAddress", ""),
             recipients=_recipients(body),
             configuration_set=body.get("ConfigurationSetName", ""),
+            tags=tags,
+            tenant=body.get("TenantName", ""),
+            list_management=dict(body.get("ListManagementOptions", {})),
         )
         error = self.refusal(await self._play_fault(), call)
         if error is not None:

@@ -34,6 +34,7 @@ from relay.delivery.ports import Account
 from relay.delivery.ratelimit import DEPARTURE
 from relay.ses.errors import ErrorResponse, map_ses_errors
 from relay.ses.signer import Signer, amz_date
+from relay.spool.record import SesOptions
 
 #: Header carrying the limiter's departure time to SES-compatible test endpoints (the
 #: sandbox); never sent to AWS itself.
@@ -48,16 +49,28 @@ LARGE_BODY = 2**20
 
 
 def send_email_body(*, sender: str, recipients: Sequence[str], raw: bytes,
-                    configuration_set: str = "") -> bytes:
+                    configuration_set: str = "", options: SesOptions | None = None) -> bytes:
     """The SendEmail JSON document, with the raw MIME base64-encoded exactly once.
 
-    base64 needs no JSON escaping, so its bytes go into the document as they are.
+    The message's options (its X-SES-* headers and its lane's defaults) become
+    ConfigurationSetName (over ses.configuration_set), EmailTags, TenantName and
+    ListManagementOptions. base64 needs no JSON escaping, so its bytes go into the
+    document as they are.
     """
+    opts = options or SesOptions()
     head: dict[str, Any] = {"Destination": {"ToAddresses": list(recipients)}}
     if sender:
         head["FromEmailAddress"] = sender
-    if configuration_set:
-        head["ConfigurationSetName"] = configuration_set
+    if opts.configuration_set or configuration_set:
+        head["ConfigurationSetName"] = opts.configuration_set or configuration_set
+    if opts.tags:
+        head["EmailTags"] = [{"Name": n, "Value": v} for n, v in opts.tags]
+    if opts.tenant:
+        head["TenantName"] = opts.tenant
+    if opts.contact_list:
+        head["ListManagementOptions"] = {"ContactListName": opts.contact_list}
+        if opts.topic:
+            head["ListManagementOptions"]["TopicName"] = opts.topic
     return b"".join((json.dumps(head, separators=(",", ":"))[:-1].encode(),
                      b',"Content":{"Raw":{"Data":"', base64.b64encode(raw), b'"}}}'))
 
@@ -157,12 +170,14 @@ class SesClient:
     # -- SendEmail: the lean path ---------------------------------------------------
 
     async def send_raw(
-        self, *, sender: str, recipients: Sequence[str], raw: bytes
+        self, *, sender: str, recipients: Sequence[str], raw: bytes,
+        options: SesOptions | None = None,
     ) -> str:
         if self._http is None:
             raise RuntimeError("SesClient used outside 'async with'")
         body = send_email_body(sender=sender, recipients=recipients, raw=raw,
-                               configuration_set=self.cfg.configuration_set)
+                               configuration_set=self.cfg.configuration_set,
+                               options=options)
         with map_ses_errors(endpoint=str(self._url), proxy=self._proxy):
             headers = await self._signed_headers(body)
             data: bytes | io.BytesIO = body if len(body) <= LARGE_BODY else io.BytesIO(body)

@@ -47,7 +47,9 @@ class SpoolLock:
         root.mkdir(parents=True, exist_ok=True)
         path = root / (LOCK if worker is None else f"{LOCK}.worker-{worker}")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # held read-only: a descriptor open for writing would keep the spool's
+            # filesystem from being remounted read-only (the pid is written apart)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise SpoolError(f"spool {root}: cannot open its lock file {path}: "
                              f"{exc.strerror}") from exc
@@ -65,8 +67,11 @@ class SpoolLock:
                 f"spool {root}: partition {worker} is still delivered by pid {pid}: "
                 "wait for that worker to exit"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            with open(path, "w") as out:
+                out.write(f"{os.getpid()}\n")
+        except OSError:
+            pass  # the lock holds without its note of the holder's pid
         return cls(fd, path)
 
     def release(self) -> None:

@@ -109,7 +109,7 @@ class Queue:
         doc.update(
             size=rec.size, sender=rec.envelope.sender,
             recipients=len(rec.envelope.recipients), pending=len(rec.pending()),
-            attempts=rec.attempts,
+            attempts=rec.attempts, lane=rec.envelope.lane,
             next_attempt=mtime if state is State.DEFERRED else None,
             last_error=rec.last_error,
         )
@@ -152,7 +152,8 @@ class Queue:
             doc["envelope"] = {"sender": rec.envelope.sender,
                                "recipients": list(rec.envelope.recipients),
                                "received_at": rec.envelope.received_at,
-                               "client": rec.envelope.client, "helo": rec.envelope.helo}
+                               "client": rec.envelope.client, "helo": rec.envelope.helo,
+                               "lane": rec.envelope.lane, "ses": rec.envelope.ses.to_doc()}
             doc["results"] = rec.results
             doc["pending_recipients"] = rec.pending()
         try:

@@ -33,6 +33,39 @@ class State(enum.StrEnum):
 #: Final per-recipient outcomes; a recipient with none of these is still pending.
 SENT, FAILED, SUPPRESSED = "sent", "failed", "suppressed"
 
+#: The lane of mail no rule placed elsewhere, and of envelopes written before lanes.
+DEFAULT_LANE = "transactional"
+
+
+@dataclass(frozen=True)
+class SesOptions:
+    """Per-message SendEmail parameters (from X-SES-* headers and the lane's defaults)."""
+
+    configuration_set: str = ""
+    #: (name, value) message tags, in header order
+    tags: tuple[tuple[str, str], ...] = ()
+    tenant: str = ""
+    #: ListManagementOptions: the contact list and (optional) topic
+    contact_list: str = ""
+    topic: str = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        for key in ("configuration_set", "tenant", "contact_list", "topic"):
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
+        if self.tags:
+            doc["tags"] = [list(t) for t in self.tags]
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> SesOptions:
+        return cls(configuration_set=str(doc.get("configuration_set", "")),
+                   tags=tuple((str(n), str(v)) for n, v in doc.get("tags", ())),
+                   tenant=str(doc.get("tenant", "")),
+                   contact_list=str(doc.get("contact_list", "")),
+                   topic=str(doc.get("topic", "")))
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -41,6 +74,9 @@ class Envelope:
     received_at: float
     client: str = ""
     helo: str = ""
+    #: the lane decided at ingest (relay.ingress.lanes); older envelopes read as the default
+    lane: str = DEFAULT_LANE
+    ses: SesOptions = SesOptions()
 
 
 @dataclass
@@ -75,6 +111,8 @@ class Record:
             "received_at": env.received_at,
             "client": env.client,
             "helo": env.helo,
+            "lane": env.lane,
+            "ses": env.ses.to_doc(),
             "size": self.size,
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
@@ -92,6 +130,8 @@ class Record:
             received_at=float(doc["received_at"]),
             client=doc.get("client", ""),
             helo=doc.get("helo", ""),
+            lane=str(doc.get("lane") or DEFAULT_LANE),
+            ses=SesOptions.from_doc(doc.get("ses") or {}),
         )
         return cls(
             id=doc["id"],

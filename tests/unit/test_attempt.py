@@ -50,7 +50,8 @@ class FakeSender:
         self.answers = list(answers)
         self.calls: list[list[str]] = []
 
-    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes) -> str:
+    async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes,
+                       options: object = None) -> str:
         assert raw == RAW
         self.calls.append(list(recipients))
         answer = self.answers.pop(0)
