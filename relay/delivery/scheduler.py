@@ -28,7 +28,7 @@ from relay.delivery.settings import PoolSettings
 from relay.errors import SpoolError
 from relay.log import event
 from relay.spool.record import Envelope, State
-from relay.spool.spool import Spool
+from relay.spool.spool import CorruptMessage, Spool
 
 log = logging.getLogger("relay.delivery")
 
@@ -229,8 +229,12 @@ class Scheduler:
     def _read(self, qid: str) -> tuple[str, float, int] | None:
         try:
             record = self.spool.load(State.ACTIVE, qid)
+        except CorruptMessage as exc:
+            # not a message (moved to corrupt/ with its reason): said once, here
+            event(log, "corrupt", level=logging.ERROR, queue_id=qid, error=str(exc))
+            return None
         except (OSError, SpoolError):
-            return None  # gone meanwhile, or unreadable (moved to corrupt/)
+            return None  # gone meanwhile
         env = record.envelope
         return (self.book.lane(env.lane), max(arrival(qid), record.next_attempt),
                 len(env.recipients))
