@@ -294,7 +294,7 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     """Every part, each constructed with what it needs; nothing is started here."""
     dcfg, fcfg = config.delivery, config.feedback
     ingest = partition.index == 0
-    metrics = Metrics(spool=spool)
+    metrics = Metrics(spool=spool, lanes=config.lanes.names)
     # one group commit: sessions and delivery results share every spool flush
     commit = GroupCommit(spool)
     suppressions = SuppressionList(db)

@@ -2,19 +2,24 @@
 
 Counters are fed by the delivery pool's Listener port (outcomes), by TimedSender (each
 SendEmail call's latency and outcome), and by the SMTP sessions through their
-SessionObserver hook (sessions, replies by code); spool depth and oldest age per state
-are read from directory names when scraped. Feedback events by type and the suppression
-list size are counted in the database (relay.store.db) at scrape time. Served at /metrics
-by relay.ops.admin; wired by relay.service.
+SessionObserver hook (sessions, replies by code); every known label value is exposed from
+the start. Scrape-time families (spool, feedback, reputation, process_*) come from
+relay.ops.metrics_scrape. With several workers, counters live in the shared
+PROMETHEUS_MULTIPROC_DIR and worker 0's /metrics sums them. Wired by relay.service.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
@@ -27,15 +32,27 @@ from relay.errors import (
     ThrottledError,
     TransientError,
 )
-from relay.spool.queue import STATES, arrival
+from relay.ops.metrics_scrape import SpoolCollector, WorkersProcessCollector, feedback_families
 from relay.spool.record import Record, SesOptions
 from relay.spool.spool import Spool
 from relay.store.db import Database, FeedbackEvent, Suppression
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: set by relay.ops.workers for its workers: counters shared through files there
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DELAY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FEEDBACK_TYPES = ("bounce", "complaint", "delivery")
+CALL_OUTCOMES = ("ok", "throttled", "transient", "permanent", "configuration", "paused",
+                 "error")
+#: relay.delivery.ports.Listener kinds
+RECIPIENT_OUTCOMES = ("sent", "suppressed", "rejected", "deferred", "throttled", "held",
+                      "failed", "expired")
+#: the reply codes the relay's SMTP service sends (others are counted when seen)
+REPLY_CODES = ("220", "221", "235", "250", "334", "354", "421", "451", "452", "454", "500",
+               "501", "502", "503", "504", "530", "535", "550", "552", "553", "554", "555")
+#: seconds between updates of the per-worker gauges in the shared directory
+LIVE_INTERVAL = 1.0
 
 
 def call_outcome(exc: BaseException | None) -> str:
@@ -50,42 +67,40 @@ def call_outcome(exc: BaseException | None) -> str:
     return "error"
 
 
-class _SpoolCollector(Collector):
-    """Depth and oldest age per state, from a directory scan (no file is read)."""
+class _Scraped(Collector):
+    """Families computed by a callable at each scrape (set once the parts exist)."""
 
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], Iterable[Metric]]] = []
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        depth = GaugeMetricFamily("relay_spool_messages", "Messages in the spool",
-                                  labels=["state"])
-        oldest = GaugeMetricFamily("relay_spool_oldest_age_seconds",
-                                   "Age of the oldest message per state", labels=["state"])
-        now = time.time()
-        for state in STATES:
-            n, first = 0, None
-            try:
-                for qid in self.spool.scan(state):
-                    n += 1
-                    if first is None or qid < first:
-                        first = qid
-            except FileNotFoundError:
-                pass
-            born = arrival(first) if first else None
-            depth.add_metric([state.value], n)
-            oldest.add_metric([state.value], max(0.0, now - born) if born else 0.0)
-        yield depth
-        yield oldest
+    def collect(self) -> Iterable[Metric]:
+        for source in self.sources:
+            yield from source()
 
 
 class Metrics:
-    def __init__(self, *, spool: Spool | None = None) -> None:
+    def __init__(self, *, spool: Spool | None = None, lanes: Sequence[str] = ()) -> None:
+        directory = os.environ.get(MULTIPROC_ENV)
+        #: the directory the workers share counters through; None with one process
+        self.shared = Path(directory) if directory else None
+        #: counters and histograms (in the shared directory too when there is one)
         self.registry = r = CollectorRegistry()
+        #: what this process computes when it serves /metrics
+        self.local = CollectorRegistry()
+        self.scraped = _Scraped()
+        self.local.register(self.scraped)
+        if self.shared is None:
+            ProcessCollector(registry=self.local)
+        else:
+            self.local.register(WorkersProcessCollector(self.shared))
+        if spool is not None:
+            self.local.register(SpoolCollector(spool))
         self.smtp_sessions = Counter("relay_smtp_sessions", "SMTP connections opened",
                                      registry=r)
         self.smtp_replies = Counter("relay_smtp_replies", "SMTP replies sent, by code",
                                     ["code"], registry=r)
-        self._reply_codes: dict[str, Counter] = {}
+        self._reply_codes: dict[str, Counter] = {
+            code: self.smtp_replies.labels(code) for code in REPLY_CODES}
         self.accepted = Counter("relay_messages_accepted", "Messages spooled and answered 250",
                                 registry=r)
         self.ses_calls = Counter("relay_ses_calls", "SendEmail calls by outcome", ["outcome"],
@@ -107,10 +122,15 @@ class Metrics:
         self.lane_delay = Histogram("relay_lane_queue_delay_seconds",
                                     "Time from the 250 reply to SES accepting the call, by lane",
                                     ["lane"], buckets=DELAY_BUCKETS, registry=r)
-        for outcome in ("ok", "throttled", "transient", "permanent", "configuration", "paused"):
+        for outcome in CALL_OUTCOMES:
             self.ses_calls.labels(outcome)
-        if spool is not None:
-            r.register(_SpoolCollector(spool))
+        for kind in RECIPIENT_OUTCOMES:
+            self.recipients.labels(kind)
+        for lane in lanes:
+            self.lane_queued.labels(lane)
+            self.lane_delay.labels(lane)
+            for kind in RECIPIENT_OUTCOMES:
+                self.lane_recipients.labels(lane, kind)
 
     # -- feeds ----------------------------------------------------------------------
 
@@ -144,7 +164,11 @@ class Metrics:
             self.suppressed.inc(len(recipients))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared is None:
+            return generate_latest(self.registry) + generate_latest(self.local)
+        every = CollectorRegistry()
+        MultiProcessCollector(every, path=str(self.shared))  # type: ignore[no-untyped-call]
+        return generate_latest(every) + generate_latest(self.local)
 
 
 class Gauges:
@@ -155,37 +179,55 @@ class Gauges:
     def __init__(self, metrics: Metrics, *, db: Database,
                  stats: Callable[[], dict[str, float]], rate: Callable[[], float],
                  configured: Callable[[], float], paused: Callable[[], bool]) -> None:
-        r = metrics.registry
         self.db = db
         self.stats = stats
-        self.feedback_events = Gauge("relay_feedback_events",
-                                     "SES feedback events recorded, by type", ["type"],
-                                     registry=r)
-        self.suppressions = Gauge("relay_suppressions", "Addresses on the suppression list",
-                                  registry=r)
-        self.extra = Gauge("relay_feedback_state", "Feedback ingester and reputation guard "
-                           "numbers (messages by outcome, bounce and complaint rates)",
-                           ["name"], registry=r)
-        Gauge("relay_send_rate", "Current sending rate (recipients/s)",
-              registry=r).set_function(rate)
-        Gauge("relay_send_rate_configured", "Configured sending rate (recipients/s)",
-              registry=r).set_function(configured)
-        Gauge("relay_paused", "1 while delivery is paused",
-              registry=r).set_function(lambda: 1.0 if paused() else 0.0)
-        for kind in FEEDBACK_TYPES:
-            self.feedback_events.labels(kind)
+        self.events: dict[str, int] = dict.fromkeys(FEEDBACK_TYPES, 0)
+        self.suppressions = 0
+        metrics.scraped.sources.append(self.families)
+        # per worker: each worker's share of the rate, summed; paused if any worker is
+        live = ((Gauge("relay_send_rate_recipients_per_second",
+                       "Current sending rate of the rate limiter",
+                       registry=metrics.registry, multiprocess_mode="livesum"), rate),
+                (Gauge("relay_configured_send_rate_recipients_per_second",
+                       "Configured sending rate (the lower of delivery.max_rate and SES's)",
+                       registry=metrics.registry, multiprocess_mode="livesum"), configured),
+                (Gauge("relay_paused", "1 while delivery is paused",
+                       registry=metrics.registry, multiprocess_mode="livemax"),
+                 lambda: 1.0 if paused() else 0.0))
+        if metrics.shared is None:
+            for gauge, read in live:
+                gauge.set_function(read)
+        else:
+            # no scrape reaches the other workers: each writes its numbers every second
+            def tick() -> None:
+                for gauge, read in live:
+                    gauge.set(read())
+                loop.call_later(LIVE_INTERVAL, tick)
+
+            loop = asyncio.get_running_loop()
+            tick()
+
+    def families(self) -> list[Metric]:
+        events = GaugeMetricFamily("relay_feedback_events_stored",
+                                   "SES feedback events kept in the database, by type "
+                                   "(falls when retention removes old ones)", labels=["type"])
+        for kind, n in self.events.items():
+            events.add_metric([kind], n)
+        return [events, GaugeMetricFamily("relay_suppressions",
+                                          "Addresses on the suppression list",
+                                          value=self.suppressions),
+                *feedback_families(self.stats())]
 
     async def refresh(self) -> None:
         """Before a scrape: the numbers that live in the database (one short query each)."""
-        for name, val in self.stats().items():
-            self.extra.labels(name).set(val)
         async with self.db.engine.connect() as conn:
             total = await conn.execute(select(func.count()).select_from(Suppression))
-            self.suppressions.set(total.scalar_one())
+            self.suppressions = total.scalar_one()
             rows = await conn.execute(
                 select(FeedbackEvent.kind, func.count()).group_by(FeedbackEvent.kind))
+            self.events = dict.fromkeys(FEEDBACK_TYPES, 0)
             for kind, n in rows.all():
-                self.feedback_events.labels(kind).set(n)
+                self.events[kind] = n
 
 
 class TimedSender:

@@ -12,28 +12,36 @@ SIGTERM/SIGINT on so every worker finishes its in-flight calls.
 Each worker listens on the same port with SO_REUSEPORT, writes into the same spool with
 queue ids in its own partition (relay.spool.record.partition), and delivers that partition at
 1/workers of the account's rate and quota. Worker 0 also runs the feedback ingester and
-the admin listener.
+the admin listener; the workers' counters meet in <spool>/.metrics (prometheus_client's
+multiprocess mode: emptied at start, a dead worker's counts kept, its live gauges dropped),
+so worker 0's /metrics counts every worker.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from relay.config import SANDBOX, Config
 from relay.errors import ConfigError
 from relay.log import event
+from relay.ops.metrics import MULTIPROC_ENV
 from relay.spool.lock import SpoolLock
 from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.workers")
 
 MAX_RESTARTS = 5
+METRICS_DIR = ".metrics"
 RESTART_WINDOW = 60.0
 
 
@@ -117,6 +125,9 @@ class _Supervisor:
                 if code is None:
                     continue
                 del self.procs[index]
+                # its counters stay in the sum; its gauges (rate, paused) leave it
+                if MULTIPROC_ENV in self.env:
+                    mark_process_dead(proc.pid, self.env[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
                 if not self.stopping:
                     self._exited(index, code)
         return self.status
@@ -135,6 +146,14 @@ class _Supervisor:
         self.spawn(index)
 
 
+def _metrics_dir(spool: Spool) -> Path:
+    """<spool>/.metrics, emptied: counts of an earlier run must not add to this one's."""
+    shared = spool.root / METRICS_DIR
+    shutil.rmtree(shared, ignore_errors=True)
+    shared.mkdir()
+    return shared
+
+
 def supervise(config: Config, *, config_path: str | None, log_level: str) -> int:
     check(config)
     count = config.smtp.workers
@@ -144,8 +163,9 @@ def supervise(config: Config, *, config_path: str | None, log_level: str) -> int
     event(log, "recovered", spool=str(spool.root), incoming_removed=spool.recover())
 
     held, ports = _reserve_ports(config)
-    workers = _Supervisor(env=dict(os.environ) | ports, config_path=config_path,
-                          log_level=log_level, lock=lock)
+    shared = _metrics_dir(spool)
+    workers = _Supervisor(env=dict(os.environ) | ports | {MULTIPROC_ENV: str(shared)},
+                          config_path=config_path, log_level=log_level, lock=lock)
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)
     for index in range(count):
