@@ -40,7 +40,7 @@ def feedback_families(stats: Mapping[str, float]) -> list[Metric]:
         messages.add_metric([outcome], stats.get(f"feedback_{outcome}", 0.0))
     families: list[Metric] = [messages, CounterMetricFamily(
         "relay_sns_notifications_rejected",
-        "SNS notifications refused (bad signature, unknown topic, unreadable)",
+        "SNS messages refused (signature, topic or subscription URL not accepted)",
         value=stats.get("sns_rejected", 0.0))]
     for name, key, text in (
             ("relay_reputation_bounce_ratio", "bounce_rate",
