@@ -118,10 +118,10 @@ def test_held_message_is_never_sent_until_released(start_relay):
             time.sleep(0.1)
         assert len(state.accepted()) == 1
         # retry --all touches deferred mail only
-        assert relay_cli(relay, "queue", "retry", "--all").returncode == 0
+        assert relay_cli(relay, "queue", "retry", "--all", "--yes").returncode == 0
         assert relay.queued("hold") == [held]
         wrong = relay_cli(relay, "queue", "retry", held)
-        assert wrong.returncode == 1 and "is hold" in wrong.stderr
+        assert wrong.returncode == 1 and "is held: release it" in wrong.stderr
 
         out = relay_cli(relay, "queue", "release", held)
         assert out.returncode == 0 and "hold -> active" in out.stdout
@@ -237,7 +237,7 @@ def test_progress_shows_on_a_terminal_only(tmp_path: Path):
         spool.move(qid, State.ACTIVE, State.DEFERRED, when=time.time() + 3600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env |= {"PYTHONPATH": str(ROOT), "RELAY_SPOOL__DIR": str(tmp_path / "spool")}
-    cmd = [sys.executable, "-m", "relay", "queue", "retry", "--all"]
+    cmd = [sys.executable, "-m", "relay", "queue", "retry", "--all", "--yes"]
     main, child = pty.openpty()
     try:
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=child, env=env,

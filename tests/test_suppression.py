@@ -22,9 +22,22 @@ from tests.conftest import database_for, relay_sections, wait_for, write_config
 from tests.feedback_helpers import cli, send, statuses, suppressed
 
 
+def with_database(path):
+    """The config at path, with the database `relay serve` would have created."""
+    from relay import config as config_mod
+
+    cfg = config_mod.load(path)
+
+    async def create() -> None:
+        await (await Database.open(cfg.database.url, cfg.spool.dir)).close()
+
+    asyncio.run(create())
+    return path
+
+
 @pytest.fixture
 def config(tmp_path):
-    return write_config(tmp_path / "relay.toml", relay_sections(tmp_path, "sandbox"))
+    return with_database(write_config(tmp_path / "relay.toml", relay_sections(tmp_path, "sandbox")))
 
 
 @pytest.mark.parametrize("raw,norm", [
@@ -236,7 +249,8 @@ def test_feedback_modules_import_no_transport():
 def test_suppression_sync_imports_the_account_list_page_by_page(tmp_path, sandbox):
     sandbox.state.account_suppressed.update(
         {f"old{n}@example.org": ("COMPLAINT" if n % 2 else "BOUNCE") for n in range(2500)})
-    config = write_config(tmp_path / "sync.toml", relay_sections(tmp_path, sandbox.url))
+    config = with_database(write_config(tmp_path / "sync.toml",
+                                        relay_sections(tmp_path, sandbox.url)))
     out = cli(config, "suppression", "sync").stdout
     assert "2500 addresses (2500 new)" in out
     rows = suppressed(config)
@@ -327,7 +341,7 @@ def test_bad_feedback_config_names_the_key(env, key):
     assert key in str(err.value)
 
 
-def test_operator_commands_at_once_on_a_new_database(config):
+def test_operator_commands_at_once_on_one_database(config):
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

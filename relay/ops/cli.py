@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from sqlalchemy.exc import DBAPIError
@@ -183,14 +184,57 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+#: which configuration every command reads, said in each command's --help
+CONFIG_HELP = ("configuration file (TOML); default: $RELAY_CONFIG, else conf/relay.toml if "
+               "present, else the built-in defaults")
+CONFIG_NOTE = ("Reads the configuration given by -c FILE (accepted anywhere on the command "
+               "line), else $RELAY_CONFIG, else conf/relay.toml if present, else the built-in "
+               "defaults.")
+
+
+def describe(parser: argparse.ArgumentParser, text: str) -> None:
+    """A command's --help: what it does (the configuration note is added by note_config)."""
+    parser.description = text
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser below this one, depth first (queue list, queue hold...)."""
+    out: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += [child, *subcommands(child)]
+    return out
+
+
+def note_config(parser: argparse.ArgumentParser) -> None:
+    """Each subcommand's --help ends its description with the configuration it reads;
+    one with no description of its own says what its one-line help says."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {a.dest: a.help or "" for a in action._choices_actions}
+        for name, child in action.choices.items():
+            text = child.description or helps.get(name, "").capitalize() + "."
+            child.description = "\n\n".join(textwrap.fill(t, 79) for t in (text, CONFIG_NOTE))
+            child.formatter_class = argparse.RawDescriptionHelpFormatter
+            note_config(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="SMTP relay for Amazon SES")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    # SUPPRESS: a -c given before the subcommand is not reset by the subcommand's default
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="configuration file (TOML)")
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    parser.set_defaults(config=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="run the relay")
+    describe(p, "Run the relay: the SMTP listener, the spool's delivery pool sending through "
+             "SES, the feedback ingester and the admin listener (/metrics, /healthz, "
+             "/readyz), until SIGTERM or SIGINT.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # started by the supervisor when smtp.workers > 1 (relay.ops.workers)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -198,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", parents=[common],
                        help="validate the config and ask SES for the account")
+    describe(p, "Validate the configuration, check that the spool, ports and database are "
+             "usable, and ask SES for the account's sending status and quotas (GetAccount). "
+             "Exits non-zero when the relay could not start or send.")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("sandbox", parents=[common], help="run only the SES sandbox endpoint")
+    describe(p, "Run only the SES sandbox: an HTTP endpoint answering SESv2 like SES does, "
+             "for pointing another relay (ses.endpoint_url) or a test at it. Prints its URL "
+             "as a JSON line; runs until interrupted.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--dir", default="", help="write accepted messages here as .eml files")
@@ -209,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sandbox)
 
     p = sub.add_parser("passwd", parents=[common], help="add or change an SMTP AUTH user")
+    describe(p, "Add or replace a user in the SMTP AUTH credentials file (smtp.auth_file, or "
+             "--file). The password is asked twice on a terminal, else read as one line "
+             "from standard input.")
     p.add_argument("user")
     p.add_argument("--file", help="credentials file (default: smtp.auth_file)")
     p.add_argument("--senders", help="comma list of addresses and @domains the user may "
@@ -219,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     feedback_cli.add_parsers(sub, common)
 
     add_operator_commands(sub, common)
+    note_config(parser)
     return parser
 
 

@@ -4,7 +4,9 @@ suppression list [--json] | add ADDR [--reason R] | remove ADDR | import CSV | e
 sync (imports SES's account-level suppression list, ListSuppressedDestinations, paged);
 log ADDRESS (every message row and feedback event for the address, newest first);
 resume (writes relay_state "resumed_at"; a running relay's reputation guard polls it).
-Each opens the database of the -c config (migrating it if new). Registered by relay.ops.cli.
+Each opens the database of the -c config (migrating an older schema) and refuses an SQLite
+database that does not exist: an operator command never creates one. Registered by
+relay.ops.cli.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from relay import config as config_mod
-from relay.store.db import Database
+from relay.store.db import Database, database_url
 from relay.store.suppression import MANUAL, REASONS, SuppressionList, parse_csv, to_csv, valid
 
 
@@ -26,9 +29,30 @@ def _fmt(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
 
 
+def missing_store(url: str, spool_dir: str | Path) -> str:
+    """Why an operator command must not open the database, or "": an SQLite database
+    (the default, relay.db in spool.dir) that does not exist yet would be created empty,
+    and an empty answer from it ("nothing logged") would look like the truth."""
+    full = database_url(url, spool_dir)
+    if not full.startswith("sqlite") or full.endswith(":memory:"):
+        return ""
+    path = Path(full.split(":///", 1)[1]) if ":///" in full else None
+    if path is None:
+        return ""
+    where = "database.url" if url else "database.url unset: relay.db in spool.dir"
+    if not url and not Path(spool_dir).is_dir():
+        return f"no spool at {Path(spool_dir).resolve()} (spool.dir); has the relay run here?"
+    if not path.is_file():
+        return f"no database at {path} ({where}); has the relay run here?"
+    return ""
+
+
 def _run(args: argparse.Namespace,
          body: Callable[[Database, config_mod.Config], Awaitable[int]]) -> int:
     cfg = config_mod.load(args.config)
+    problem = missing_store(cfg.database.url, cfg.spool.dir)
+    if problem:
+        return _err(problem)
 
     async def main() -> int:
         db = await Database.open(cfg.database.url, cfg.spool.dir)
@@ -180,26 +204,44 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("suppression", parents=[common], help="the suppression list")
+    p.description = ("The suppression list: addresses the relay never sends to (hard "
+                     "bounces, complaints, and those added by hand), kept in the relay's "
+                     "database, which must exist (the relay creates it when it starts).")
     acts = p.add_subparsers(dest="action", required=True)
     a = acts.add_parser("list", parents=[common], help="every suppressed address")
+    a.description = ("Every suppressed address with its reason, source, time and detail, "
+                     "tab separated; the count on stderr.")
     a.add_argument("--json", action="store_true")
     a = acts.add_parser("add", parents=[common], help="suppress an address")
+    a.description = "Suppress an address: the relay sends it no more mail until removed."
     a.add_argument("address")
     a.add_argument("--reason", default=MANUAL, choices=REASONS)
     a.add_argument("--detail", default="")
     a = acts.add_parser("remove", parents=[common], help="stop suppressing an address")
+    a.description = "Stop suppressing an address: the relay sends it mail again."
     a.add_argument("address")
     a = acts.add_parser("import", parents=[common], help="add addresses from a CSV file")
+    a.description = ("Add addresses from a CSV file: a header naming `address` (optionally "
+                     "`reason`, `detail`), as `export` writes it, or bare addresses one a line.")
     a.add_argument("csv")
-    acts.add_parser("export", parents=[common], help="write the list as CSV to stdout")
-    acts.add_parser("sync", parents=[common], help="import SES's account-level suppression list")
+    a = acts.add_parser("export", parents=[common], help="write the list as CSV to stdout")
+    a.description = "Write the whole list as CSV to standard output (`import` reads it back)."
+    a = acts.add_parser("sync", parents=[common],
+                        help="import SES's account-level suppression list")
+    a.description = ("Import SES's account-level suppression list (ListSuppressedDestinations, "
+                     "page by page) into the relay's own.")
     p.set_defaults(func=cmd_suppression)
 
     p = sub.add_parser("log", parents=[common], help="what happened to mail for an address")
+    p.description = ("What happened to mail for an address: every message and SES event "
+                     "logged for it, newest first (logs elsewhere show addresses hashed).")
     p.add_argument("address")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_log)
 
     p = sub.add_parser("resume", parents=[common],
                        help="resume delivery paused by the reputation guard")
+    p.description = ("Resume delivery paused by the reputation guard: a running relay "
+                     "resumes within feedback.guard_interval and counts only feedback from "
+                     "now on.")
     p.set_defaults(func=cmd_resume)

@@ -9,9 +9,10 @@ relay.ops.cli.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from relay import config as config_mod
@@ -64,17 +65,22 @@ class Progress:
             sys.stderr.flush()
 
 
+def rcpt_cell(row: dict[str, Any]) -> str:
+    """The PEND/RCPT column: recipients still to send of the envelope's total."""
+    return f"{row.get('pending', 0)}/{row.get('recipients', 0)}"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     q = _queue(args)
     states = [State(args.state)] if args.state else list(STATES)
-    older = parse_duration("--older-than", args.older_than) if args.older_than else 0.0
+    older = cli_duration("--older-than", args.older_than) if args.older_than else 0.0
     now = time.time()
     rows = q.entries(states=states, older_than=older, sender=args.sender,
                      recipient=args.recipient, now=now)
     if args.lane:
         rows = (r for r in rows if r.get("lane") == args.lane)
     if not args.json:
-        print(f"{'ID':18} {'STATE':8} {'AGE':>5} {'SIZE':>8} {'RCPT':>5} {'TRIES':>5} "
+        print(f"{'ID':18} {'STATE':8} {'AGE':>5} {'SIZE':>8} {'PEND/RCPT':>9} {'TRIES':>5} "
               f"{'NEXT':>5}  {'LANE':13} SENDER / LAST ERROR")
     n = 0
     for row in rows:
@@ -84,10 +90,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             continue
         nxt = row.get("next_attempt")
         print(f"{row['id']:18} {row['state']:8} {_ago(row['age']):>5} {row.get('size', 0):>8} "
-              f"{row.get('pending', 0)}/{row.get('recipients', 0):<3} {row.get('attempts', 0):>5} "
+              f"{rcpt_cell(row):>9} {row.get('attempts', 0):>5} "
               f"{_ago(nxt - now) if nxt else '-':>5}  {row.get('lane', '-'):13} "
               f"{row.get('sender') or '<>'}"
-              + (f"\n{'':52}{row['last_error']}" if row.get("last_error") else "")
+              + (f"\n{'':56}{row['last_error']}" if row.get("last_error") else "")
               + (f"  [{row['error']}]" if row.get("error") else ""))
     if not args.json:
         print(f"-- {n} message(s)")
@@ -181,46 +187,102 @@ def lane_ids(q: Queue, lane: str, states: tuple[State, ...]) -> list[str]:
     return out
 
 
-def _selected(q: Queue, args: argparse.Namespace, name: str,
-              state_for_all: State | None) -> list[str] | None:
-    """The queue ids a verb acts on: those given, every one in a state with --all, or
-    one lane's (hold: active and deferred mail; release: held mail) with --lane.
+#: the states a verb's --all takes mail from (--state narrows to one of them)
+ALL_STATES: dict[str, tuple[State, ...]] = {
+    "retry": (State.DEFERRED,),
+    "hold": (State.ACTIVE, State.DEFERRED),
+    "release": (State.HOLD,),
+    "delete": STATES,
+    "requeue": (State.DEFERRED, State.HOLD, State.FAILED),
+}
 
-    None when --all or --lane finds nothing (nothing to do, not an error).
-    """
+_DURATION = re.compile(r"\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d)\s*")
+
+
+def cli_duration(option: str, text: str) -> float:
+    """Seconds from a duration with its unit ("30s", "5m", "2h", "1d"); a bare number is
+    refused, since `--older-than 2` could mean seconds, minutes or days."""
+    if not _DURATION.fullmatch(text):
+        raise ConfigError(option, "must be a number with a unit (ms, s, m, h or d), such as "
+                          f"30s, 5m, 2h or 1d; got {text!r}")
+    return parse_duration(option, text)
+
+
+def read_ids(lines: Iterable[str]) -> list[str]:
+    """Queue ids from standard input (`-`): the first word of each line not indented, so a
+    plain list of ids and `relay queue list`'s own table (header, indented last errors
+    and the count line skipped) both work."""
+    out = []
+    for line in lines:
+        words = line.split()
+        if words and not line[0].isspace() and words[0] not in ("ID", "--"):
+            out.append(words[0])
+    return out
+
+
+def all_states(name: str, state: str) -> tuple[State, ...]:
+    """The states `name --all` acts on, or the one --state names (one of those)."""
+    where = ALL_STATES[name]
+    if not state:
+        return where
+    if State(state) not in where:
+        raise QueueError(f"--state {state}: {name} --all applies to "
+                         + ", ".join(s.value for s in where))
+    return (State(state),)
+
+
+def _selected(q: Queue, args: argparse.Namespace, name: str) -> list[str] | None:
+    """The queue ids a verb acts on: those given (`-`: read from stdin), every one in the
+    verb's states with --all, or one lane's (hold: active and deferred mail; release: held
+    mail) with --lane. None when --all or --lane finds nothing (nothing to do)."""
     ids: list[str] = list(args.ids)
     lane = getattr(args, "lane", "")
+    if sum((bool(ids), bool(lane), args.all)) > 1:
+        raise QueueError("give queue ids, --lane or --all, one of them" if lane
+                         else "give queue ids or --all, not both")
     if lane:
-        if ids or getattr(args, "all", False):
-            raise QueueError("give queue ids, --all or --lane, one of them")
-        where = (State.HOLD,) if name == "release" else (State.ACTIVE, State.DEFERRED)
+        where: tuple[State, ...] = (State.HOLD,) if name == "release" else (
+            State.ACTIVE, State.DEFERRED)
         ids = lane_ids(q, lane, where)
         if not ids:
             print(f"{name}: no {lane} mail in " + ", ".join(f"{s}/" for s in where),
                   file=sys.stderr)
             return None
         return ids
-    if getattr(args, "all", False):
-        if ids:
-            raise QueueError("give queue ids or --all, not both")
-        assert state_for_all is not None
-        ids = q.all_ids(state_for_all)
+    if args.all:
+        where = all_states(name, args.state)
+        ids = [qid for state in where for qid in q.all_ids(state)]
         if not ids:
-            print(f"{name}: nothing in {state_for_all.value}/", file=sys.stderr)
+            print(f"{name}: nothing in " + ", ".join(f"{s}/" for s in where), file=sys.stderr)
             return None
+        return ids
+    if args.state:
+        raise QueueError("--state goes with --all")
+    if ids == ["-"]:
+        ids = read_ids(sys.stdin)
+        if not ids:
+            print(f"{name}: no queue ids on standard input", file=sys.stderr)
+            return None
+    elif "-" in ids:
+        raise QueueError("`-` (ids on standard input) stands alone")
     if not ids:
-        raise QueueError(f"{name}: give one or more queue ids"
-                         + (" or --all" if state_for_all else ""))
+        raise QueueError(f"{name}: give one or more queue ids, `-` to read them from "
+                         "standard input, or --all")
     return ids
 
 
-def _confirm_delete(count: int) -> bool:
-    """Ask on the terminal before deleting for good; never assume a yes from a pipe."""
-    if not sys.stdin.isatty():
-        raise QueueError("delete: refusing without --yes (stdin is not a terminal)")
-    answer = input(f"delete {count} message(s) for good? [y/N] ")
+def _confirmed(name: str, count: int, args: argparse.Namespace) -> bool:
+    """--all, and delete of anything, asks on the terminal unless --yes; never assumes a
+    yes from a pipe (nor when the ids themselves came on standard input)."""
+    if args.yes or not (args.all or name == "delete"):
+        return True
+    if args.ids == ["-"] or not sys.stdin.isatty():
+        raise QueueError(f"{name}: {count} message(s): refusing without --yes "
+                         "(standard input is not a terminal)")
+    what = "for good" if name == "delete" else "now"
+    answer = input(f"{name} {count} message(s) {what}? [y/N] ")
     if answer.strip().lower() not in ("y", "yes"):
-        print("nothing deleted", file=sys.stderr)
+        print(f"{name}: nothing done", file=sys.stderr)
         return False
     return True
 
@@ -240,13 +302,13 @@ def _report(name: str, results: list[tuple[str, str, bool]], args: argparse.Name
     return 0 if ok == len(results) else 1
 
 
-def _verb(name: str, state_for_all: State | None) -> Callable[[argparse.Namespace], int]:
+def _verb(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         q = _queue(args)
-        ids = _selected(q, args, name, state_for_all)
+        ids = _selected(q, args, name)
         if ids is None:
             return 0
-        if name == "delete" and not args.yes and not _confirm_delete(len(ids)):
+        if not _confirmed(name, len(ids), args):
             return 1
         results = getattr(q, name)(ids, progress=Progress(name), total=len(ids))
         return _report(name, results, args)
@@ -271,13 +333,20 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    qp = sub.add_parser("queue", help="inspect and change the spool (safe while serving)")
+    qp = sub.add_parser("queue", parents=[common],
+                        help="inspect and change the spool (safe while serving)")
+    qp.description = ("Inspect and change the spool's messages, safely while `relay serve` "
+                      "runs: every change is one rename of a message's directory.")
     qs = qp.add_subparsers(dest="queue_command", required=True)
     states = [s.value for s in STATES]
 
     p = qs.add_parser("list", parents=[common], help="one line per message")
+    p.description = ("One line per message: id, state, age, size, recipients still pending "
+                     "of the total (PEND/RCPT), attempts, time to the next attempt, lane, "
+                     "sender, and the last error indented below.")
     p.add_argument("--state", choices=states)
-    p.add_argument("--older-than", default="", help="duration, e.g. 30m, 2h, 1d")
+    p.add_argument("--older-than", default="",
+                   help="duration with its unit: 90s, 30m, 2h, 1d")
     p.add_argument("--sender", default="", help="address, or @domain")
     p.add_argument("--recipient", default="", help="address, or @domain")
     p.add_argument("--lane", default="", help="only this lane's mail")
@@ -285,11 +354,15 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_guard(cmd_list))
 
     p = qs.add_parser("show", parents=[common], help="one message in full")
+    p.description = ("One message in full: envelope, each recipient's result, attempts, last "
+                     "error and the main headers.")
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_guard(cmd_show))
 
     p = qs.add_parser("stats", parents=[common], help="counts by state and age (qshape)")
+    p.description = ("Counts by state and age bucket (qshape's, in minutes), messages by "
+                     "lane, and the top recipient domains of deferred mail.")
     p.add_argument("--json", action="store_true")
     p.add_argument("--top", type=int, default=10, help="deferred domains to show")
     p.add_argument("--no-domains", action="store_true",
@@ -302,22 +375,27 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_guard(cmd_stats))
 
     verbs = (
-        ("retry", State.DEFERRED, "deferred mail due now (the replay)"),
-        ("hold", None, "keep messages from delivery until released"),
-        ("release", State.HOLD, "held messages back to delivery"),
-        ("delete", None, "remove messages for good (asks unless --yes)"),
-        ("requeue", None, "back through delivery as if just received"),
+        ("retry", "deferred mail due now (the replay)"),
+        ("hold", "keep messages from delivery until released"),
+        ("release", "held messages back to delivery"),
+        ("delete", "remove messages for good (asks unless --yes)"),
+        ("requeue", "back through delivery as if just received"),
     )
-    for name, all_state, text in verbs:
+    for name, text in verbs:
+        where = ", ".join(f"{s}/" for s in ALL_STATES[name])
         p = qs.add_parser(name, parents=[common], help=text)
-        p.add_argument("ids", nargs="*", metavar="ID")
-        if all_state is not None:
-            p.add_argument("--all", action="store_true", help=f"every message in {all_state}/")
+        p.description = (f"{text[0].upper()}{text[1:]}. Takes queue ids, `-` to read them "
+                         f"from standard input (one a line), or --all (every message in "
+                         f"{where}); --all{' and any delete' if name == 'delete' else ''} "
+                         "asks first on a terminal and needs --yes otherwise.")
+        p.add_argument("ids", nargs="*", metavar="ID", help="queue ids, or - for stdin")
+        p.add_argument("--all", action="store_true", help=f"every message in {where}")
+        p.add_argument("--state", default="", choices=[s.value for s in ALL_STATES[name]],
+                       help="with --all: only this state")
         if name in ("hold", "release"):
             p.add_argument("--lane", default="",
                            help="every message of this lane (hold: a lane paused by hand)")
-        if name == "delete":
-            p.add_argument("--yes", action="store_true", help="do not ask")
+        p.add_argument("--yes", action="store_true", help="do not ask")
         p.add_argument("--json", action="store_true")
         p.add_argument("-v", "--verbose", action="store_true", help="a line per message")
-        p.set_defaults(func=_guard(_verb(name, all_state)))
+        p.set_defaults(func=_guard(_verb(name)))

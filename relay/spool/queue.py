@@ -62,6 +62,34 @@ def _match(address: str, pattern: str) -> bool:
     return address == pattern
 
 
+#: (verb, state the message is in) -> what to do instead, for the verbs that do not apply
+HINTS: dict[tuple[str, State], str] = {
+    ("retry", State.HOLD): "is held: release it to send it now (relay queue release {qid})",
+    ("retry", State.FAILED): "has failed for good: requeue it to try again "
+                             "(relay queue requeue {qid})",
+    ("hold", State.FAILED): "has failed for good and is never sent: nothing to hold "
+                            "(relay queue requeue {qid} sends it again)",
+    ("release", State.ACTIVE): "is not held: it is active, the delivery pool sends it",
+    ("release", State.DEFERRED): "is not held: it is deferred; retry sends it now "
+                                 "(relay queue retry {qid})",
+    ("release", State.FAILED): "is not held: it has failed for good; requeue it to try "
+                               "again (relay queue requeue {qid})",
+}
+
+
+def wrong_state(qid: str, verb: str, state: State, allowed: Iterable[State]) -> str:
+    """What an operator reads when a verb does not apply to the message's state: what to
+    do instead where there is something, else which states the verb applies to."""
+    if state is State.CORRUPT:
+        return (f"{qid}: is corrupt (unreadable or not a message): read it with "
+                f"relay queue show {qid}, then delete it")
+    hint = HINTS.get((verb, state))
+    if hint:
+        return f"{qid}: {hint.format(qid=qid)}"
+    names = ", ".join(s.value for s in allowed)
+    return f"{qid}: is {state.value}; {verb} applies to {names}"
+
+
 def _fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -240,8 +268,7 @@ class Queue:
             if state is dst:
                 return f"already {dst.value}"
             if state not in allowed:
-                names = ", ".join(s.value for s in allowed)
-                raise QueueError(f"{qid}: is {state.value}; {verb} applies to {names}")
+                raise QueueError(wrong_state(qid, verb, state, allowed))
             try:
                 self._rename(qid, state, dst, when=when)
             except FileNotFoundError:
@@ -295,7 +322,8 @@ class Queue:
         if state is State.ACTIVE:
             return "already active"
         if state not in (State.DEFERRED, State.HOLD, State.FAILED):
-            raise QueueError(f"{qid}: is {state.value}; requeue applies to deferred, hold, failed")
+            raise QueueError(wrong_state(qid, "requeue", state,
+                                         (State.DEFERRED, State.HOLD, State.FAILED)))
         if state is not State.HOLD:
             self._moving(qid, (state,), State.HOLD, "requeue")  # out of the pool's reach
         path = self.spool.path(State.HOLD, qid)
