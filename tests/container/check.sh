@@ -405,6 +405,19 @@ t_check_names_missing_credentials() {
         || { why="does not mention credentials: $(grep -v systemd "$work/check.out")"; return 1; }
 }
 
+t_sendmail_link() {
+    # /usr/sbin/sendmail is the relay's injector, as Postfix installs its own: cron's line
+    # reaches option parsing (no relay listens here, and the spool is not a volume: exit 73
+    # or 75 from queueing is fine; a usage error (64) or "unrecognized arguments" is not)
+    local out rc
+    out=$(printf 'Subject: cron\n\nhi\n' | timeout 60 "$ENGINE" run --rm -i \
+        --entrypoint /usr/sbin/sendmail -e RELAY_SENDMAIL__LOCAL_DOMAIN=example.com "$image" \
+        -FCronDaemon -i -B8BITMIME -oem root 2>&1); rc=$?
+    [ "$rc" != 64 ] && [ "$rc" != 2 ] || { why="exit $rc: $out"; return 1; }
+    ! echo "$out" | grep -q "unrecognized arguments" || { why="$out"; return 1; }
+    ! echo "$out" | grep -q Traceback || { why="a traceback: $out"; return 1; }
+}
+
 t_manifests() {
     bash "$repo/deploy/kubernetes/validate.sh" > "$work/manifests.out" 2>&1 \
         || { why=$(tail -5 "$work/manifests.out"); return 1; }
@@ -455,6 +468,7 @@ check "a read-only root with no /tmp mount takes and delivers mail" t_read_only_
 check "stop during an SES call ends with exit 0 within the documented 40 s, the call finished" t_stop_within_timeout
 check "mail queued in one container is delivered by its replacement on the same volume" t_replacement_delivers
 check "relay check names the missing AWS credentials and exits non-zero" t_check_names_missing_credentials
+check "/usr/sbin/sendmail is the relay's injector and takes cron's options" t_sendmail_link
 check "the Kubernetes manifests pass the schemas and the relay pod policy" t_manifests
 
 check "/readyz is 503 and names the missing AWS credentials" t_readyz_names_missing_credentials
