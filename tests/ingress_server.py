@@ -101,8 +101,10 @@ class Raw:
     """A raw SMTP conversation: bytes out exactly as given, reply lines in."""
 
     def __init__(self, port: int, *, timeout: float = 30.0,
-                 tls: ssl.SSLContext | None = None) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                 tls: ssl.SSLContext | None = None, source: str | None = None) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout,
+            source_address=(source, 0) if source is not None else None)
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.file = self.sock.makefile("rb")

@@ -8,26 +8,15 @@ import os
 import smtplib
 import sqlite3
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RelayProcess, relay_sections, wait_for
+from tests.conftest import RelayProcess, readyz, relay_sections, wait_for
 from tests.pg_cluster import PgCluster, pg_bin
 
 SENDER = "app@example.com"
-
-
-def readyz(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
 
 
 def send(port: int, rcpts: list[str]) -> None:

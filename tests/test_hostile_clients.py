@@ -8,7 +8,6 @@ smtp.timeout where a test waits for the relay to give up on a client).
 from __future__ import annotations
 
 import base64
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,11 +40,7 @@ def ingress(tmp_path: Path, tls: dict) -> Iterator:
 
 
 def _open(port: int, source: str = "127.0.0.1") -> Raw:
-    raw = Raw.__new__(Raw)
-    raw.sock = socket.create_connection(("127.0.0.1", port), timeout=30,
-                                        source_address=(source, 0))
-    raw.file = raw.sock.makefile("rb")
-    return raw
+    return Raw(port, source=source)
 
 
 def _greeting(port: int) -> bytes:

@@ -3,8 +3,6 @@ the network check behind smtp.allowed_networks and smtp.allow_plain_auth_from.""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from relay.ingress.limits import AuthThrottle, ConnectionLimiter, ConnectionRate, Networks
@@ -12,11 +10,7 @@ from tests.ingress_server import Raw
 
 
 def _open(port: int, source: str = "127.0.0.1") -> Raw:
-    raw = Raw.__new__(Raw)
-    raw.sock = socket.create_connection(("127.0.0.1", port), timeout=30,
-                                        source_address=(source, 0))
-    raw.file = raw.sock.makefile("rb")
-    return raw
+    return Raw(port, source=source)
 
 
 def test_per_client_connection_cap_answers_421(ingress):

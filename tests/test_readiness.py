@@ -5,10 +5,8 @@ the setting that admits it, and start-up logs only the relay's own lines."""
 from __future__ import annotations
 
 import smtplib
-import urllib.error
-import urllib.request
 
-from tests.conftest import RelayProcess, relay_sections, wait_for
+from tests.conftest import RelayProcess, readyz, relay_sections, wait_for
 
 #: an environment in which the AWS SDK's credential chain finds nothing
 NO_AWS: dict[str, str | None] = {
@@ -19,15 +17,6 @@ NO_AWS: dict[str, str | None] = {
     "AWS_CONFIG_FILE": "/nonexistent/relay-test/config",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def readyz(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
 
 
 def test_readyz_names_missing_aws_credentials(tmp_path, sandbox):
