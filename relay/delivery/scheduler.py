@@ -13,6 +13,7 @@ and deferred/; renames deferred/ -> active/. Built and started by the delivery p
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import logging
 import math
@@ -73,8 +74,9 @@ class Scheduler:
         #: recipients taken by workers and not yet released (quota shares count them)
         self.outstanding = 0
         self.rescan = asyncio.Event()
-        #: set (and replaced) whenever a lane may have become able to send
-        self._changed = asyncio.Event()
+        #: workers waiting in take(), oldest first: a signal wakes one, not all of them
+        #: (with every worker woken, each would build the lane views for one message)
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         #: the ready queue was found full: refill once workers have drained half of it
         self._want_room = False
         #: the earliest next attempt the last pass over deferred/ left there (0: unknown)
@@ -109,9 +111,13 @@ class Scheduler:
         return True
 
     def _signal(self) -> None:
-        """Wake the workers waiting in take(): a lane may be able to send."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """Wake one worker waiting in take(): a lane may be able to send. The one woken
+        passes the turn on if more mail is ready once it has taken its message."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def wake(self) -> None:
         """Read active/ again now (e.g. on resume: mail was left there while paused)."""
@@ -123,14 +129,21 @@ class Scheduler:
         while True:
             qid = self.pick(time.monotonic())
             if qid is not None:
+                if self.ready.busy():
+                    self._signal()  # more mail ready: the next waiting worker's turn
                 return qid
-            changed = self._changed
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             try:
-                # not wait_for: it can swallow a cancellation that meets the event's set()
+                # not wait_for: it can swallow a cancellation that meets the set_result()
                 async with asyncio.timeout(self._idle_wait()):
-                    await changed.wait()
+                    await waiter
             except TimeoutError:
                 pass
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._signal()  # woken, then stopped: the wake-up goes to another
+                raise
 
     def pick(self, now: float) -> str | None:
         """Take the next message of the lane choose() names, charging that lane."""
