@@ -185,18 +185,6 @@ class Spool:
                 f"spool has {free} bytes free, below spool.min_free_bytes={self.min_free_bytes}"
             )
 
-    def room_problem(self) -> str:
-        """Why the spool cannot take mail for lack of room (for /readyz); "" when it can."""
-        try:
-            st = os.statvfs(self.root)
-        except OSError as exc:
-            return f"spool {self.root}: {exc}"
-        free = st.f_bavail * st.f_frsize
-        if free >= max(self.min_free_bytes, st.f_frsize):
-            return ""
-        return (f"spool {self.root} is full: {free} bytes free "
-                f"(spool.min_free_bytes = {self.min_free_bytes})")
-
     def _write(self, path: Path, data: bytes, *, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
