@@ -219,3 +219,16 @@ def test_relay_called_by_the_name_sendmail_is_the_injector(start_relay, sandbox,
     assert out.returncode == 0, out.stderr
     calls = wait_for(lambda: sandbox.state.accepted(), 20)
     assert sorted(calls[0].recipients) == sorted(ALL)
+
+
+def test_a_message_without_from_gets_the_envelope_senders(start_relay, sandbox):
+    """The README's first message: no From header, -f names the sender."""
+    relay = start_relay(sandbox.url)
+    out = sendmail(relay, relay.smtp_port, "-f", "app@example.com", "you@example.net",
+                   data="Subject: hello\n\nfirst message\n")
+    assert out.returncode == 0, out.stderr
+    calls = wait_for(lambda: sandbox.state.accepted(), 20)
+    assert calls[0].raw.startswith(b"From: app@example.com\r\n") or (
+        b"\r\nFrom: app@example.com\r\n" in calls[0].raw)
+    assert calls[0].raw.count(b"From: ") == 1
+

@@ -221,6 +221,10 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
     if bad:
         return _complain(f"not an address: {', '.join(bad)}", EX_DATAERR)
     sender = qualify(args.f, domain) or from_address(data) or f"{getpass.getuser()}@{domain}"
+    if not any(f.partition(b":")[0].strip().lower() == b"from" for f in split_headers(data)[0]):
+        # like sendmail and Postfix's cleanup: a message piped in without From gets the
+        # envelope sender's (the relay refuses mail without exactly one From)
+        data = f"From: {sender}\r\n".encode() + data
     return _queue(cfg, sender, rcpts, data, verbose=args.verbose)
 
 
