@@ -136,7 +136,6 @@ class Plumbing:
                 request.headers, request.host)
             if refusal:
                 return self._finish(request, self.refuse(refusal))
-            request.setdefault("csrf", request.cookies.get(CSRF_COOKIE, ""))
             return self._finish(request, await handler(request, form))
         return run
 

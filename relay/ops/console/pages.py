@@ -29,7 +29,7 @@ SANDBOX_HEADERS = {"Content-Security-Policy": SANDBOX_CSP, "X-Content-Type-Optio
 
 def _one(results: list[tuple[str, str, bool]]) -> str:
     ok = sum(1 for _, _, good in results if good)
-    lines = [what if good else what for _, what, good in results[:5]]
+    lines = [what for _, what, _ in results[:5]]
     more = f" (and {len(results) - 5} more)" if len(results) > 5 else ""
     return f"{ok} of {len(results)} message(s): " + "; ".join(lines) + more
 
