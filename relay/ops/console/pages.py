@@ -39,6 +39,8 @@ class Console:
         self.src = sources
         self.guard = guard
         self.p = Plumbing(guard)
+        #: each state's sorted queue ids, listed again only when the directory changed
+        self.ids = data.SortedIds(sources.queue)
 
     def install(self, app: web.Application) -> None:
         p, r = self.p, app.router
@@ -69,7 +71,7 @@ class Console:
         now = time.time()
         status = self.src.status()
         counts = await asyncio.to_thread(data.counts, self.src.queue, now=now,
-                                         lanes=self.src.lanes)
+                                         lanes=self.src.lanes, ids=self.ids)
         per_minute, latest, problems = await asyncio.gather(
             lookup.sent_per_minute(self.src.db, now=now), lookup.latest_event(self.src.db),
             self.src.readiness())
@@ -139,7 +141,7 @@ class Console:
     async def queue(self, request: web.Request) -> web.StreamResponse:
         f, min_age, problem = self._filter(request)
         now = time.time()
-        pg = await asyncio.to_thread(data.queue_page, self.src.queue, f, now=now)
+        pg = await asyncio.to_thread(data.queue_page, self.src.queue, f, now=now, ids=self.ids)
         body = views_queue.queue(pg, f, csrf=request[CSRF], lanes=self.src.lanes,
                                  min_age=min_age, now=now, read_only=bool(self.guard.read_only))
         if problem:
