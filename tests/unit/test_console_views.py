@@ -12,6 +12,7 @@ from relay.ops.console.data import Counts, Filter, QueuePage
 from relay.ops.console.html import Markup, esc, h, page
 from relay.ops.console.sources import Line, Status
 from relay.store.lookup import Event, Row, Suppressed, search_terms
+from relay.store.suppression import Entry
 
 EVIL = '<script>alert("x")</script>'
 SAFE = "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
@@ -70,7 +71,7 @@ def test_log_timeline_and_suppressions_escape():
     event = Event("bounce", EVIL, EVIL, EVIL, 3.0, 4.0)
     clean(views_log.log(EVIL, [row]))
     clean(views_log.timeline(EVIL, [row], [event]))
-    sup = Suppressed(EVIL, EVIL, EVIL, EVIL, 1.0, 1.0, event)
+    sup = Suppressed(Entry(EVIL, EVIL, EVIL, EVIL, 1.0, 1.0), event)
     out = views_log.suppressions(EVIL, [sup], csrf=EVIL, read_only=False, next_after=EVIL)
     clean(out)
     assert 'id="suppressions"' in out

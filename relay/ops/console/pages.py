@@ -218,7 +218,7 @@ class Console:
     async def suppressions(self, request: web.Request) -> web.StreamResponse:
         q, after = request.query.get("q", ""), request.query.get("after", "")
         entries = await lookup.suppressions(self.src.db, q=q, after=after, limit=101)
-        nxt = entries[99].address if len(entries) > 100 else ""
+        nxt = entries[99].entry.address if len(entries) > 100 else ""
         body = views_log.suppressions(q, entries[:100], csrf=request[CSRF],
                                       read_only=bool(self.guard.read_only), next_after=nxt)
         return self.p.render(request, "Suppressions", body, here="/suppressions")

@@ -36,13 +36,9 @@ class Line:
     min_sample: int = 0
     paused: str = ""
 
-    @property
-    def bounce_rate(self) -> float:
-        return self.bounces / self.sent if self.sent else 0.0
 
-    @property
-    def complaint_rate(self) -> float:
-        return self.complaints / self.sent if self.sent else 0.0
+def ratio(count: int, sent: int) -> float:
+    return count / sent if sent else 0.0
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,8 @@ def suppressions(q: str, entries: Sequence[Suppressed], *, csrf: str, read_only:
     dis = Markup(" disabled") if read_only else Markup("")
     reasons = join(h('<option value="{}">{}</option>', r, r) for r in REASONS)
     rows = []
-    for e in entries:
-        cause = e.cause
+    for s in entries:
+        e, cause = s.entry, s.cause
         caused = h('<a href="{}">{} {}</a> {}', url("/log", q=cause.ses_message_id or e.address),
                    cause.kind, when(cause.occurred_at), cause.detail) if cause else e.detail
         rows.append(h('<tr data-address="{a}"><td>{a}</td><td>{r}</td><td>{s}</td><td>{w}</td>'

@@ -17,6 +17,7 @@ from relay.ops.console.sources import (
     SES_REVIEW_COMPLAINT,
     Line,
     Status,
+    ratio,
 )
 from relay.store.lookup import Event
 
@@ -86,9 +87,9 @@ def _rate_cell(rate: float, guard: float, review: float, stop: float) -> Markup:
 def reputation(lines: Sequence[Line]) -> Markup:
     rows = join(h('<tr data-lane="{lane}"><th>{name}</th><td>{sent}</td>{b}{c}<td>{p}</td></tr>',
                   lane=ln.lane or "account", name=ln.lane or "account", sent=ln.sent,
-                  b=_rate_cell(ln.bounce_rate, ln.max_bounce_rate, SES_REVIEW_BOUNCE,
+                  b=_rate_cell(ratio(ln.bounces, ln.sent), ln.max_bounce_rate, SES_REVIEW_BOUNCE,
                                SES_PAUSE_BOUNCE),
-                  c=_rate_cell(ln.complaint_rate, ln.max_complaint_rate,
+                  c=_rate_cell(ratio(ln.complaints, ln.sent), ln.max_complaint_rate,
                                SES_REVIEW_COMPLAINT, SES_PAUSE_COMPLAINT),
                   p=ln.paused or ("too few sends to judge" if ln.sent < ln.min_sample else ""))
                 for ln in lines)
