@@ -151,14 +151,15 @@ class Console:
 
     async def queue_actions(self, request: web.Request, form: Any) -> web.StreamResponse:
         ids = [str(v) for v in form.getall("qid", [])]
-        verb = str(form.get("action", ""))
+        verb, back = str(form.get("action", "")), str(form.get("back", "/queue"))
+        back = back if back.startswith("/queue") else "/queue"  # never off the console
         if not ids:
-            return self.p.redirect("/queue", "Select one or more messages first.")
+            return self.p.redirect(back, "Select one or more messages first.")
         try:
             results = await asyncio.to_thread(data.act, self.src.queue, verb, ids)
         except QueueError as exc:
-            return self.p.redirect("/queue", str(exc))
-        return self.p.redirect("/queue", f"{verb}: {_one(results)}")
+            return self.p.redirect(back, str(exc))
+        return self.p.redirect(back, f"{verb}: {_one(results)}")
 
     def _missing(self, request: web.Request, text: str) -> web.Response:
         return self.p.render(request, "Not found", h('<p class="error">{}</p>', text),
