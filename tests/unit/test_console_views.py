@@ -27,6 +27,7 @@ def test_escape_helpers_escape_arguments_but_not_markup():
     assert esc(EVIL) == SAFE
     assert h("<b>{}</b>", EVIL) == f"<b>{SAFE}</b>"
     assert h("<b>{}</b>", Markup("<i>ok</i>")) == "<b><i>ok</i></b>"
+    assert Markup("<b>") + EVIL == f"<b>{SAFE}" and isinstance(Markup("") + "x", Markup)
     assert esc('" onmouseover="x') == "&quot; onmouseover=&quot;x"
 
 

@@ -17,9 +17,12 @@ from relay.ops.queue_cli import ago as ago
 
 
 class Markup(str):
-    """A string of HTML that needs no more escaping."""
+    """A string of HTML that needs no more escaping; what is added to it is escaped."""
 
     __slots__ = ()
+
+    def __add__(self, other: str) -> Markup:
+        return Markup(str.__add__(self, esc(other)))
 
 
 def esc(value: Any) -> Markup:

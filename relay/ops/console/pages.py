@@ -89,7 +89,7 @@ class Console:
                             '<label>password <input type="password" name="password" '
                             'autocomplete="current-password"></label>')
         if self.guard.token:
-            fields = Markup(fields + '<label>token <input type="password" name="token">'
+            fields = fields + Markup('<label>token <input type="password" name="token">'
                                      '</label>')
         if not self.guard.login_required:
             body = Markup('<p>This console needs no login (the admin listener is on '
@@ -145,7 +145,7 @@ class Console:
         body = views_queue.queue(pg, f, csrf=request[CSRF], lanes=self.src.lanes,
                                  min_age=min_age, now=now, read_only=bool(self.guard.read_only))
         if problem:
-            body = Markup(h('<p class="error" id="filter-error">{}</p>', problem) + body)
+            body = h('<p class="error" id="filter-error">{}</p>', problem) + body
         return self.p.render(request, "Queue", body, here="/queue",
                              status=400 if problem else 200)
 
