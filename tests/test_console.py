@@ -126,6 +126,8 @@ def test_log_finds_a_bounce_and_the_sandbox_html_runs_no_script(start_relay, tmp
 
     page = wait_for(bounced, 60)
     assert 'class="log-row"' in page
+    overview = b.open("/")[2]  # the send counted in the last minute's bar of the chart
+    assert "1 recipient(s) sent in the last hour, 1 in the last minute" in overview
     page = b.open("/sandbox")[2]
     assert EVIL not in page and html.escape(EVIL) in page
     mid = re.search(r'<tr data-id="([^"]+)">', page)
