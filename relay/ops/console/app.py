@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.ops.console.html import Markup, h, page
+from relay.ops.console.html import Markup, h, page, url
 from relay.ops.console.security import CSRF_COOKIE, HEADERS, SESSION_COOKIE, Guard
 
 PageHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,8 +104,8 @@ class Plumbing:
         request[USER] = (user or "") if self.guard.login_required else ""
         if self.guard.login_required and user is None and not public:
             if request.method == "GET":
-                return self.redirect(f"/login?next={request.path_qs}" if request.path != "/"
-                                     else "/login")
+                return self.redirect(url("/login", next=request.path_qs)
+                                     if request.path != "/" else "/login")
             return self.refuse("Refused: log in to the console first (/login).")
         cookie = request.cookies.get(CSRF_COOKIE)
         if cookie is not None and self.guard.csrf_valid(cookie):

@@ -34,6 +34,12 @@ def _one(results: list[tuple[str, str, bool]]) -> str:
     return f"{ok} of {len(results)} message(s): " + "; ".join(lines) + more
 
 
+def local_path(target: str) -> bool:
+    """A redirect target on this console: a path, never another host (//x, /\\x, x:)."""
+    return (target.startswith("/") and not target.startswith(("//", "/\\"))
+            and "\\" not in target and not any(c < " " for c in target))
+
+
 class Console:
     def __init__(self, sources: Sources, guard: Guard) -> None:
         self.src = sources
@@ -108,8 +114,7 @@ class Console:
         if user is None:
             return self.p.redirect("/login", "Wrong user, password or token.")
         nxt = str(form.get("next", "/"))
-        resp = self.p.redirect(nxt if nxt.startswith("/") and not nxt.startswith("//")
-                               else "/")
+        resp = self.p.redirect(nxt if local_path(nxt) else "/")
         resp.set_cookie(SESSION_COOKIE, self.guard.session(user), httponly=True,
                         samesite="Strict", path="/")
         return resp
