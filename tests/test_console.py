@@ -265,3 +265,17 @@ async def test_suppressions_add_import_page_export_remove_and_queue_selection(tm
         assert [spool.locate(q) for q in ids] == [State.HOLD, State.ACTIVE, State.HOLD]
     finally:
         await runner.cleanup()
+
+
+async def test_pages_say_when_the_database_does_not_answer(tmp_path):
+    runner, base, spool = await _serve(Guard(host="127.0.0.1"), tmp_path)
+    try:
+        (spool.root / "relay.db").unlink()  # a new, empty file: no table answers
+        b = Browser(base)
+        code, _, page = await asyncio.to_thread(b.open, "/")
+        assert code == 200 and "The message log did not answer" in page
+        assert '<tr data-state="active">' in page  # the spool's part still shows
+        code, _, page = await asyncio.to_thread(b.open, "/log?q=a@b.example")
+        assert code == 503 and "The database did not answer: OperationalError" in page
+    finally:
+        await runner.cleanup()

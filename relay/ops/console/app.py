@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay.ops.console.html import Markup, h, page, url
 from relay.ops.console.security import CSRF_COOKIE, HEADERS, SESSION_COOKIE, Guard
@@ -121,8 +122,21 @@ class Plumbing:
             early = self._prepare(request, public)
             if early is not None:
                 return self._finish(request, early)
-            return self._finish(request, await handler(request), headers)
+            try:
+                resp = await handler(request)
+            except (SQLAlchemyError, OSError) as exc:
+                resp = self.unavailable(request, exc)
+            return self._finish(request, resp, headers)
         return run
+
+    def unavailable(self, request: web.Request, exc: Exception) -> web.Response:
+        """A page whose database or files did not answer: 503 with the reason, the rest of
+        the console still works."""
+        what = "database" if isinstance(exc, SQLAlchemyError) else "spool"
+        first = (str(exc).splitlines() or [""])[0][:300]
+        return self.render(request, "Not available", h(
+            '<p class="error">The {} did not answer: {}: {}. /readyz says more.</p>',
+            what, type(exc).__name__, first), status=503)
 
     def action(self, handler: Callable[[web.Request, Any], Awaitable[web.StreamResponse]],
                *, login: bool = False) -> PageHandler:
@@ -141,7 +155,11 @@ class Plumbing:
                 request.headers, request.host)
             if refusal:
                 return self._finish(request, self.refuse(refusal))
-            return self._finish(request, await handler(request, form))
+            try:
+                resp = await handler(request, form)
+            except (SQLAlchemyError, OSError) as exc:
+                resp = self.unavailable(request, exc)
+            return self._finish(request, resp)
         return run
 
 

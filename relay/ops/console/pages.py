@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay.errors import ConfigError
 from relay.ops.console import data, sandbox, views_log, views_overview, views_queue
@@ -78,9 +79,12 @@ class Console:
         status = self.src.status()
         counts = await asyncio.to_thread(data.counts, self.src.queue, now=now,
                                          lanes=self.src.lanes, ids=self.ids)
-        per_minute, latest, problems = await asyncio.gather(
-            lookup.sent_per_minute(self.src.db, now=now), lookup.latest_event(self.src.db),
-            self.src.readiness())
+        problems = await self.src.readiness()
+        try:
+            per_minute, latest = await asyncio.gather(
+                lookup.sent_per_minute(self.src.db, now=now), lookup.latest_event(self.src.db))
+        except SQLAlchemyError:  # the chart says so; readiness names the database's problem
+            per_minute, latest = [], None
         body = views_overview.overview(counts=counts, status=status, per_minute=per_minute,
                                        problems=problems, latest=latest, now=now)
         return self.p.render(request, "Overview", body, here="/")

@@ -45,9 +45,13 @@ def rate_chart(per_minute: Sequence[int], account_rate: float) -> Markup:
              PAD, W, y(account_rate), y(account_rate), W - 4, y(account_rate) - 4,
              f"{account_rate:g}") if account_rate else Markup("")
     last = rates[-1] if rates else 0.0
-    caption = h('<p class="note" id="send-rate-caption">{} recipient(s) sent in the last hour, '
-                '{} in the last minute; the account allows {} per second.</p>',
-                sum(per_minute), per_minute[-1] if per_minute else 0, f"{account_rate:g}")
+    if per_minute:
+        caption = h('<p class="note" id="send-rate-caption">{} recipient(s) sent in the last '
+                    'hour, {} in the last minute; the account allows {} per second.</p>',
+                    sum(per_minute), per_minute[-1], f"{account_rate:g}")
+    else:
+        caption = Markup('<p class="note error" id="send-rate-caption">The message log did '
+                         'not answer: no send rate to show.</p>')
     svg = h('<svg id="send-rate" role="img" viewBox="0 0 {w} {hh}" width="{w}" height="{hh}" '
              'xmlns="http://www.w3.org/2000/svg" aria-label="send rate over the last hour">'
              '<title>recipients per second, last 60 minutes; now {now} /s</title>'
