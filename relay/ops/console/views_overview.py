@@ -17,7 +17,6 @@ from relay.ops.console.sources import (
     SES_REVIEW_COMPLAINT,
     Line,
     Status,
-    ratio,
 )
 from relay.store.lookup import Event
 
@@ -95,13 +94,15 @@ def _rate_cell(rate: float, guard: float, review: float, stop: float, judged: bo
 def reputation(lines: Sequence[Line]) -> Markup:
     rows = join(h('<tr data-lane="{lane}"><th>{name}</th><td>{sent}</td>{b}{c}<td>{p}</td></tr>',
                   lane=ln.lane or "account", name=ln.lane or "account", sent=ln.sent,
-                  b=_rate_cell(ratio(ln.bounces, ln.sent), ln.max_bounce_rate, SES_REVIEW_BOUNCE,
+                  b=_rate_cell(ln.bounce_rate, ln.max_bounce_rate, SES_REVIEW_BOUNCE,
                                SES_PAUSE_BOUNCE, ln.sent >= ln.min_sample),
-                  c=_rate_cell(ratio(ln.complaints, ln.sent), ln.max_complaint_rate,
+                  c=_rate_cell(ln.complaint_rate, ln.max_complaint_rate,
                                SES_REVIEW_COMPLAINT, SES_PAUSE_COMPLAINT,
                                ln.sent >= ln.min_sample),
-                  p=ln.paused or (f"too few sends to judge (under {ln.min_sample})"
-                                  if ln.sent < ln.min_sample else ""))
+                  p=ln.paused or "; ".join(x for x in (
+                      f"too few sends to judge (under {ln.min_sample})"
+                      if ln.sent < ln.min_sample else "",
+                      f"{ln.unknown} send(s) awaiting their outcome" if ln.unknown else "") if x))
                 for ln in lines)
     return h('<section id="reputation"><h2>Reputation</h2><table><thead><tr><th></th>'
              '<th>sent</th><th>bounce rate</th><th>guard line</th><th>SES review / pause</th>'
