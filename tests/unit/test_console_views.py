@@ -135,13 +135,15 @@ def test_rate_chart_draws_a_bar_per_minute_and_the_account_line():
 
 
 def test_reputation_reads_the_account_wide_guard():
-    from relay.feedback.guard import Rates, ReputationGuard
+    from types import SimpleNamespace as NS
+
     from relay.ops.console.sources import reputation_of
 
-    guard = ReputationGuard(db=None, pause=print, resume=print,  # type: ignore[arg-type]
-                            paused_reason=lambda: "reputation: bounce rate 0.2 above 0.04",
-                            max_bounce_rate=0.04, max_complaint_rate=0.0008, min_sample=200)
-    guard.last = Rates(sent=400, bounces=80, complaints=1)
+    # the shape of relay.feedback.guard.ReputationGuard before per-lane rates
+    rates = NS(sent=400, bounces=80, complaints=1, bounce_rate=0.2, complaint_rate=0.0025)
+    guard = NS(last=rates, max_bounce_rate=0.04,
+               max_complaint_rate=0.0008, min_sample=200,
+               paused_reason=lambda: "reputation: bounce rate 0.2 above 0.04")
     [line] = reputation_of(guard)
     assert (line.lane, line.sent, line.bounce_rate, line.max_bounce_rate, line.min_sample) == (
         "", 400, 0.2, 0.04, 200)
