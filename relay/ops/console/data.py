@@ -22,7 +22,7 @@ from relay.spool.queue import STATES, Queue, QueueError, arrival
 from relay.spool.record import State
 
 #: envelopes read per state for the lane counts; above it the counts are scaled estimates
-LANE_SAMPLE = 100
+LANE_SAMPLE = 60
 #: envelopes a filtered queue page reads at most before it offers the next page, and
 #: the seconds it spends reading them
 READ_BUDGET = 2000
@@ -54,7 +54,9 @@ class SortedIds:
         self.queue = queue
         self._cache: dict[State, tuple[int, list[str]]] = {}
 
-    def __call__(self, state: State) -> list[str]:
+    def __call__(self, state: State, *, ordered: bool = True) -> list[str]:
+        """The state's queue ids, sorted; ordered=False may skip the sort when the listing
+        is not kept anyway (counts need no order)."""
         spool = self.queue.spool
         try:
             st = spool.dir(state).stat()
@@ -64,8 +66,11 @@ class SortedIds:
         if hit is not None and hit[0] == st.st_mtime_ns:
             return hit[1]
         read_at = time.time()
-        ids = sorted(spool.scan(state))
-        if read_at - st.st_mtime > self.RACY:
+        ids = list(spool.scan(state))
+        keep = read_at - st.st_mtime > self.RACY
+        if keep or ordered:
+            ids.sort()
+        if keep:
             self._cache[state] = (st.st_mtime_ns, ids)
         else:
             self._cache.pop(state, None)
@@ -93,12 +98,14 @@ def counts(queue: Queue, *, now: float, lanes: tuple[str, ...] = (),
     estimated = False
     oldest: str | None = None
     for state in COUNTED:
-        names = listing(state)
+        # a directory that keeps changing is listed in directory order: no sort to pay for
+        names = listing(state, ordered=False)
         states[state.value] = len(names)
         if state not in WAITING or not names:
             continue
-        if arrival(names[0]) is not None and (oldest is None or names[0] < oldest):
-            oldest = names[0]
+        first = min(names)
+        if arrival(first) is not None and (oldest is None or first < oldest):
+            oldest = first
         step = len(names) / sample if len(names) > sample else 1.0
         estimated |= step > 1.0
         picked = [names[int(i * step)] for i in range(min(sample, len(names)))]
