@@ -82,13 +82,15 @@ def browse(url: str, qid: str) -> dict[str, object]:
             result["banner"] = banner.inner_text() if banner.count() else ""
             page.goto(f"{url}/queue/{qid}")
             result["message_page_has_qid"] = qid in page.locator("body").inner_text()
-            form = page.locator("form.action-hold button")
-            if form.count():
-                with page.expect_response(lambda r: r.request.method == "POST") as posted:
-                    form.first.click()
-                result["browser_post"] = posted.value.status
-            else:  # a read-only page may leave its forms out: post as the page would
-                result["browser_post"] = None
+            button = page.locator("form.action-hold button").first
+            result["button_disabled"] = button.is_disabled()
+            # a page that is read-only may disable its buttons: enable one, as a
+            # determined user could, and the server must still refuse the POST
+            page.evaluate("() => document.querySelectorAll('form.action-hold button')"
+                          ".forEach(b => b.disabled = false)")
+            with page.expect_response(lambda r: r.request.method == "POST") as posted:
+                button.click()
+            result["browser_post"] = posted.value.status
             context.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
