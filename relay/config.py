@@ -441,4 +441,8 @@ def load(path: str | os.PathLike[str] | None = None,
         name: _build_section(name, cls, data.get(name, {}), env, base)
         for name, cls in SECTIONS.items()
     }
+    admin, smtp = sections["admin"], sections["smtp"]
+    if admin.console_login == "credentials" and not smtp.auth_file:
+        raise ConfigError("admin.console_login",
+                          '"credentials" logs in with smtp.auth_file\'s users: set smtp.auth_file')
     return Config(source=source, **sections)

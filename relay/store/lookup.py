@@ -138,7 +138,7 @@ async def sent_per_minute(db: Database, *, now: float | None = None,
             MessageRow.updated_at >= since, MessageRow.sent_at >= since,
             MessageRow.sent_at < now).group_by(minute))
         counts = [0] * minutes
-        for m, n in got.tuples():
+        for m, n in got:
             if m is not None and 0 <= int(m) < minutes:
                 counts[int(m)] += int(n)
     return counts

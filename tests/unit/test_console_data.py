@@ -3,6 +3,7 @@ of the queue by filter, the raw headers, and the queue verbs shared with `relay 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -102,3 +103,21 @@ def test_actions_are_the_queue_verbs(queue):
         data.act(queue, "explode", [qid])
     with pytest.raises(QueueError):
         data.act(queue, "delete", ["../active"])
+
+
+def test_a_page_over_every_state_is_in_arrival_order_with_each_ones_state(queue):
+    placed = {put(queue, state): state.value for state in
+              (State.HOLD, State.ACTIVE, State.FAILED, State.DEFERRED, State.ACTIVE)}
+    rows = data.queue_page(queue, data.Filter(), now=time.time()).rows
+    assert [(r["id"], r["state"]) for r in rows] == sorted(placed.items())
+
+
+def test_a_listing_is_reused_only_while_its_directory_is_unchanged(queue):
+    ids = data.SortedIds(queue)
+    first = put(queue)
+    past = time.time() - 10
+    os.utime(queue.spool.dir(State.ACTIVE), (past, past))
+    assert ids(State.ACTIVE) == [first]
+    assert ids(State.ACTIVE) is ids(State.ACTIVE)  # kept: the directory did not change
+    second = put(queue)  # a rename into active/ changes its mtime
+    assert ids(State.ACTIVE) == [first, second]

@@ -90,3 +90,19 @@ def test_policies_block_scripts_and_remote_content_in_sandbox_html():
     assert "default-src 'none'" in SANDBOX_CSP and "sandbox" in SANDBOX_CSP
     assert "script-src" not in SANDBOX_CSP and "img-src data:" in SANDBOX_CSP
     assert "frame-ancestors 'none'" in CSP
+
+
+def test_credentials_login_checks_the_smtp_auth_file(tmp_path):
+    from relay import config
+    from relay.ingress.credentials import set_password
+    from relay.ops.console.wiring import login_guard
+
+    users = tmp_path / "users"
+    set_password(users, "ops", "correct horse")
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[smtp]\nauth_file = "{users}"\n[admin]\nhost = "0.0.0.0"\n'
+                    'console_login = "credentials"\n')
+    g = login_guard(config.load(path, env={}))
+    assert g.login_required and g.read_only == ""
+    assert g.check_login(user="ops", password="correct horse", token="") == "ops"
+    assert g.check_login(user="ops", password="wrong", token="") is None

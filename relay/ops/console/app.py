@@ -23,6 +23,11 @@ from relay.ops.console.security import CSRF_COOKIE, HEADERS, SESSION_COOKIE, Gua
 
 PageHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FLASH_COOKIE = "relay_flash"
+#: what the rules found out about a request, for the page handlers
+USER = web.RequestKey("user", str)
+CSRF = web.RequestKey("csrf", str)
+NEW_CSRF = web.RequestKey("new_csrf", bool)
+FLASH = web.RequestKey("flash", str)
 STATIC = Path(__file__).resolve().parent / "static"
 
 
@@ -46,8 +51,8 @@ class Plumbing:
     def render(self, request: web.Request, title: str, body: Markup, *, here: str = "/",
                status: int = 200) -> web.Response:
         return web.Response(text=page(title, body, here=here, banner=self.banner(),
-                                      flash=request.get("flash", ""),
-                                      user=request.get("user") or ""),
+                                      flash=request.get(FLASH, ""),
+                                      user=request.get(USER) or ""),
                             status=status, content_type="text/html", charset="utf-8")
 
     def refuse(self, text: str, status: int = 403) -> web.Response:
@@ -85,10 +90,10 @@ class Plumbing:
                 headers: dict[str, str] | None = None) -> web.StreamResponse:
         for k, v in (headers or HEADERS).items():
             resp.headers[k] = v
-        if request.get("new_csrf"):
-            resp.set_cookie(CSRF_COOKIE, request["csrf"], httponly=True, samesite="Strict",
+        if request.get(NEW_CSRF):
+            resp.set_cookie(CSRF_COOKIE, request[CSRF], httponly=True, samesite="Strict",
                             path="/")
-        if request.get("flash"):
+        if request.get(FLASH):
             resp.del_cookie(FLASH_COOKIE, path="/")
         return resp
 
@@ -96,18 +101,18 @@ class Plumbing:
                  ) -> web.StreamResponse | None:
         """Login, CSRF cookie and flash for any console request; a response ends it."""
         user = self.user(request)
-        request["user"] = user if self.guard.login_required else ""
+        request[USER] = (user or "") if self.guard.login_required else ""
         if self.guard.login_required and user is None and not public:
             if request.method == "GET":
                 return self.redirect(f"/login?next={request.path_qs}" if request.path != "/"
                                      else "/login")
             return self.refuse("Refused: log in to the console first (/login).")
         cookie = request.cookies.get(CSRF_COOKIE)
-        if self.guard.csrf_valid(cookie):
-            request["csrf"] = cookie
+        if cookie is not None and self.guard.csrf_valid(cookie):
+            request[CSRF] = cookie
         else:
-            request["csrf"], request["new_csrf"] = self.guard.new_csrf(), True
-        request["flash"] = self.read_flash(request.cookies.get(FLASH_COOKIE))
+            request[CSRF], request[NEW_CSRF] = self.guard.new_csrf(), True
+        request[FLASH] = self.read_flash(request.cookies.get(FLASH_COOKIE))
         return None
 
     def page(self, handler: PageHandler, *, headers: dict[str, str] | None = None,

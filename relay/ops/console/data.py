@@ -2,14 +2,19 @@
 spool path built here): counts by state and lane, a page of the queue with filters, one
 message in full, and the queue verbs (the same Queue methods `relay queue ...` calls).
 
-Bounded on big spools: counts are one directory scan per state; lane counts read at most
-LANE_SAMPLE envelopes per state (estimates beyond, marked so); a queue page reads at most
-READ_BUDGET envelopes. Synchronous: app.py runs these in a thread.
+Bounded on big spools: counts are one directory listing per state (kept while the
+directory is unchanged: SortedIds); lane counts read at most LANE_SAMPLE envelopes per
+state (estimates beyond, marked so); a filtered queue page reads at most READ_BUDGET
+envelopes. Synchronous: relay.ops.console.pages runs these in a thread.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +22,11 @@ from relay.spool.queue import STATES, Queue, QueueError, arrival
 from relay.spool.record import State
 
 #: envelopes read per state for the lane counts; above it the counts are scaled estimates
-LANE_SAMPLE = 200
-#: envelopes a filtered queue page reads at most before it offers the next page
-READ_BUDGET = 3000
+LANE_SAMPLE = 100
+#: envelopes a filtered queue page reads at most before it offers the next page, and
+#: the seconds it spends reading them
+READ_BUDGET = 2000
+READ_SECONDS = 0.1
 PAGE = 100
 #: the states the overview counts (incoming/ is mail being written right now)
 COUNTED = (State.INCOMING, *STATES)
@@ -31,6 +38,38 @@ _QID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 
 def valid_qid(qid: str) -> bool:
     return bool(_QID.fullmatch(qid))
+
+
+class SortedIds:
+    """Each state's queue ids, sorted, read again only when the directory changed.
+
+    A directory's mtime changes with every entry renamed in or out; a listing is reused
+    only when it was read over RACY seconds after that mtime, so a change in the same
+    clock tick as the read is never missed (git's racy-timestamp rule).
+    """
+
+    RACY = 1.0
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self._cache: dict[State, tuple[int, list[str]]] = {}
+
+    def __call__(self, state: State) -> list[str]:
+        spool = self.queue.spool
+        try:
+            st = spool.dir(state).stat()
+        except FileNotFoundError:
+            return []
+        hit = self._cache.get(state)
+        if hit is not None and hit[0] == st.st_mtime_ns:
+            return hit[1]
+        read_at = time.time()
+        ids = sorted(spool.scan(state))
+        if read_at - st.st_mtime > self.RACY:
+            self._cache[state] = (st.st_mtime_ns, ids)
+        else:
+            self._cache.pop(state, None)
+        return ids
 
 
 @dataclass(frozen=True)
@@ -45,28 +84,24 @@ class Counts:
 
 
 def counts(queue: Queue, *, now: float, lanes: tuple[str, ...] = (),
-           sample: int = LANE_SAMPLE) -> Counts:
-    """Messages per state (one scandir each, no file read) and per lane (sampled)."""
-    spool = queue.spool
+           sample: int = LANE_SAMPLE, ids: SortedIds | None = None) -> Counts:
+    """Messages per state (a directory listing each, no file read) and per lane (read
+    from at most `sample` envelopes per state, evenly spread; scaled estimates beyond)."""
+    listing = ids or SortedIds(queue)
     states: dict[str, int] = {}
     by_lane = {ln: {s.value: 0 for s in WAITING} for ln in lanes}
     estimated = False
     oldest: str | None = None
     for state in COUNTED:
-        try:
-            ids = list(spool.scan(state))
-        except FileNotFoundError:
-            ids = []
-        states[state.value] = len(ids)
-        if state not in WAITING or not ids:
+        names = listing(state)
+        states[state.value] = len(names)
+        if state not in WAITING or not names:
             continue
-        first = min(ids)
-        if arrival(first) is not None and (oldest is None or first < oldest):
-            oldest = first
-        step = max(1, len(ids) // sample)
-        estimated |= step > 1
-        picked = ids[::step][:sample] if step > 1 else ids
-        scale = len(ids) / len(picked)
+        if arrival(names[0]) is not None and (oldest is None or names[0] < oldest):
+            oldest = names[0]
+        step = len(names) / sample if len(names) > sample else 1.0
+        estimated |= step > 1.0
+        picked = [names[int(i * step)] for i in range(min(sample, len(names)))]
         seen: dict[str, int] = {}
         for qid in picked:
             rec = queue.read(state, qid)
@@ -74,7 +109,7 @@ def counts(queue: Queue, *, now: float, lanes: tuple[str, ...] = (),
             seen[lane] = seen.get(lane, 0) + 1
         for lane, n in seen.items():
             row = by_lane.setdefault(lane, {s.value: 0 for s in WAITING})
-            row[state.value] = round(n * scale)
+            row[state.value] = round(n * step)
     born = arrival(oldest) if oldest else None
     return Counts(states, by_lane, estimated,
                   max(0.0, now - born) if born is not None else None, oldest or "")
@@ -127,32 +162,40 @@ class QueuePage:
     read: int = 0
 
 
-def queue_page(queue: Queue, f: Filter, *, now: float, limit: int = PAGE,
-               budget: int = READ_BUDGET) -> QueuePage:
-    """Up to `limit` messages after f.after, oldest first, that pass the filter."""
-    states = [State(f.state)] if f.state else list(STATES)
-    ids: list[tuple[str, State]] = []
-    for state in states:
-        try:
-            for qid in queue.spool.scan(state):
-                if qid > f.after:
-                    ids.append((qid, state))
-        except FileNotFoundError:
+def _after(names: list[str], state: State, after: str, cutoff: str
+           ) -> Iterator[tuple[str, State]]:
+    """(queue id, state) of the sorted names after `after`, arrived by `cutoff` if given."""
+    for qid in names[bisect.bisect_right(names, after):]:
+        if cutoff and qid[:13] > cutoff:
             continue
-    if f.min_age:
-        ids = [(q, s) for q, s in ids
-               if (born := arrival(q)) is None or now - born >= f.min_age]
-    ids.sort()
+        yield qid, state
+
+
+def queue_page(queue: Queue, f: Filter, *, now: float, limit: int = PAGE,
+               budget: int = READ_BUDGET, ids: SortedIds | None = None) -> QueuePage:
+    """Up to `limit` messages after f.after, oldest first, that pass the filter; a filter
+    that reads envelopes stops after `budget` reads or READ_SECONDS, and the page's
+    next_after goes on from there."""
+    listing = ids or SortedIds(queue)
+    states = [State(f.state)] if f.state else list(STATES)
+    # queue ids sort by arrival: "older than" is a string comparison, no file read
+    cutoff = f"{max(0, int((now - f.min_age) * 1e6)):013X}" if f.min_age else ""
+    runs = [_after(listing(state), state, f.after, cutoff) for state in states]
     rows: list[dict[str, Any]] = []
-    read = 0
-    for n, (qid, state) in enumerate(ids):
-        if len(rows) >= limit or read >= budget:
-            return QueuePage(rows, ids[n - 1][0] if n else f.after, read)
+    read, last = 0, f.after
+    deadline = time.monotonic() + READ_SECONDS
+    for qid, state in heapq.merge(*runs):
+        if len(rows) >= limit:
+            return QueuePage(rows, last, read)
         if f.reads_envelopes:
+            if read >= budget or (read % 50 == 0 and time.monotonic() > deadline):
+                return QueuePage(rows, last, read)
             read += 1
             rec = queue.read(state, qid)
+            last = qid
             if rec is None or not _matches(rec, f):
                 continue
+        last = qid
         doc = queue.summary(state, qid, now)
         if doc is not None:
             rows.append(doc)

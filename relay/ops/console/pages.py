@@ -13,7 +13,7 @@ from aiohttp import web
 
 from relay.errors import ConfigError
 from relay.ops.console import data, sandbox, views_log, views_overview, views_queue
-from relay.ops.console.app import Plumbing, static_css
+from relay.ops.console.app import CSRF, Plumbing, static_css
 from relay.ops.console.html import Markup, h, hidden_csrf
 from relay.ops.console.security import SANDBOX_CSP, SESSION_COOKIE, Guard
 from relay.ops.console.sources import Sources
@@ -39,6 +39,8 @@ class Console:
         self.src = sources
         self.guard = guard
         self.p = Plumbing(guard)
+        #: each state's sorted queue ids, listed again only when the directory changed
+        self.ids = data.SortedIds(sources.queue)
 
     def install(self, app: web.Application) -> None:
         p, r = self.p, app.router
@@ -69,7 +71,7 @@ class Console:
         now = time.time()
         status = self.src.status()
         counts = await asyncio.to_thread(data.counts, self.src.queue, now=now,
-                                         lanes=self.src.lanes)
+                                         lanes=self.src.lanes, ids=self.ids)
         per_minute, latest, problems = await asyncio.gather(
             lookup.sent_per_minute(self.src.db, now=now), lookup.latest_event(self.src.db),
             self.src.readiness())
@@ -96,7 +98,7 @@ class Console:
             body = h('<form method="post" action="/login" class="login">{}'
                      '<input type="hidden" name="next" value="{}">{}'
                      '<button type="submit">Log in</button></form>',
-                     hidden_csrf(request["csrf"]), nxt, fields)
+                     hidden_csrf(request[CSRF]), nxt, fields)
         return self.p.render(request, "Log in", body)
 
     async def login(self, request: web.Request, form: Any) -> web.StreamResponse:
@@ -139,8 +141,8 @@ class Console:
     async def queue(self, request: web.Request) -> web.StreamResponse:
         f, min_age, problem = self._filter(request)
         now = time.time()
-        pg = await asyncio.to_thread(data.queue_page, self.src.queue, f, now=now)
-        body = views_queue.queue(pg, f, csrf=request["csrf"], lanes=self.src.lanes,
+        pg = await asyncio.to_thread(data.queue_page, self.src.queue, f, now=now, ids=self.ids)
+        body = views_queue.queue(pg, f, csrf=request[CSRF], lanes=self.src.lanes,
                                  min_age=min_age, now=now, read_only=bool(self.guard.read_only))
         if problem:
             body = Markup(h('<p class="error" id="filter-error">{}</p>', problem) + body)
@@ -171,7 +173,7 @@ class Console:
         except QueueError as exc:
             return self._missing(request, f"{exc}. It may have been delivered: see the log "
                                           f"(/log/{qid}).")
-        body = views_queue.message(doc, csrf=request["csrf"], now=time.time(),
+        body = views_queue.message(doc, csrf=request[CSRF], now=time.time(),
                                    read_only=bool(self.guard.read_only))
         return self.p.render(request, f"Message {qid}", body, here="/queue")
 
@@ -217,7 +219,7 @@ class Console:
         q, after = request.query.get("q", ""), request.query.get("after", "")
         entries = await lookup.suppressions(self.src.db, q=q, after=after, limit=101)
         nxt = entries[99].address if len(entries) > 100 else ""
-        body = views_log.suppressions(q, entries[:100], csrf=request["csrf"],
+        body = views_log.suppressions(q, entries[:100], csrf=request[CSRF],
                                       read_only=bool(self.guard.read_only), next_after=nxt)
         return self.p.render(request, "Suppressions", body, here="/suppressions")
 

@@ -14,7 +14,6 @@ from aiohttp import web
 from relay.config import SANDBOX, Config
 from relay.delivery.pool import DeliveryPool
 from relay.delivery.ratelimit import RateLimiter
-from relay.errors import ConfigError
 from relay.ingress.credentials import Credentials
 from relay.ops.console.pages import Console
 from relay.ops.console.security import Guard
@@ -26,13 +25,10 @@ from relay.store.suppression import SuppressionList
 
 
 def login_guard(config: Config) -> Guard:
-    """The console's login rules from [admin]; a credentials login needs smtp.auth_file."""
+    """The console's login rules from [admin]."""
     admin = config.admin
     verify: Callable[[str, str], bool] | None = None
-    if admin.console_login == "credentials":
-        if not config.smtp.auth_file:
-            raise ConfigError("admin.console_login",
-                              '"credentials" checks smtp.auth_file\'s users: set smtp.auth_file')
+    if admin.console_login == "credentials":  # with smtp.auth_file (relay.config.load)
         creds = Credentials(config.smtp.auth_file)
 
         def verify(name: str, password: str) -> bool:
