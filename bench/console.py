@@ -189,7 +189,11 @@ def main() -> int:
             pages = [
                 ("overview", "/"),
                 ("queue, first page", "/queue"),
+                ("queue, page 501", "/queue?" + urllib.parse.urlencode(
+                    {"after": sorted(ids)[len(ids) // 2]})),
                 ("queue, filtered", "/queue?" + urllib.parse.urlencode(
+                    {"state": "deferred", "domain": "example3.net", "error": "InternalFailure"})),
+                ("queue, filter no hit", "/queue?" + urllib.parse.urlencode(
                     {"state": "deferred", "domain": "example7.net", "error": "InternalFailure"})),
                 ("message", f"/queue/{sample}"),
                 ("log search", "/log?" + urllib.parse.urlencode({"q": rcpt(42)})),
