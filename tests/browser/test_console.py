@@ -45,6 +45,14 @@ def test_holding_a_message_from_its_page_moves_it_to_hold(console: Console, page
     # the overview agrees with the spool
     page.goto(console.url + "/")
     assert count_cell(page, "hold") == len(queue_ids(console.relay.config, "hold"))
+    # released from a selection on the queue page, it is sent (the scripted 5xx are used up)
+    page.goto(console.url + "/queue?state=hold")
+    page.locator(f'input[name="qid"][value="{qid}"]').check()
+    with page.expect_navigation():
+        page.locator('button[name="action"][value="release"]').first.click()
+    assert page.locator("#flash").count() == 1
+    assert qid not in queue_ids(console.relay.config, "hold")
+    wait_for(lambda: console.relay.find("sent", queue_id=qid), 30)
 
 
 def test_log_search_finds_a_bounced_address(console: Console, page: Any) -> None:
