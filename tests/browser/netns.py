@@ -4,8 +4,9 @@ the namespace only and nothing leaves the machine. Needs root (`ip netns add`).
 
 Also a command-line client that runs inside the namespace (started with the namespace's
 preexec): `python -m tests.browser.netns send PORT` sends one message and prints its queue
-id; `python -m tests.browser.netns browse URL QID` opens the console in Chromium, tries
-to hold QID from its page and by a plain POST with a valid CSRF pair, and prints JSON.
+id; `python -m tests.browser.netns browse URL QID [PNG]` opens the console in Chromium (the
+overview saved as PNG if given), tries to hold QID from its page and by a plain POST with
+a valid CSRF pair, and prints JSON.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def enter(name: str) -> Callable[[], None]:
     return preexec
 
 
-def browse(url: str, qid: str) -> dict[str, object]:
+def browse(url: str, qid: str, shot: str = "") -> dict[str, object]:
     from playwright.sync_api import sync_playwright
 
     from tests.browser.conftest import launch
@@ -80,6 +81,8 @@ def browse(url: str, qid: str) -> dict[str, object]:
             result["overview"] = page.goto(url + "/").status
             banner = page.locator("#read-only")
             result["banner"] = banner.inner_text() if banner.count() else ""
+            if shot:
+                page.screenshot(path=shot, full_page=True)
             page.goto(f"{url}/queue/{qid}")
             result["message_page_has_qid"] = qid in page.locator("body").inner_text()
             button = page.locator("form.action-hold button").first
@@ -110,9 +113,9 @@ def main(argv: list[str]) -> int:
 
         print(send(int(argv[1]), ["readonly@example.net"], mime("read-only console")))
     elif argv[0] == "browse":
-        print(json.dumps(browse(argv[1], argv[2])))
+        print(json.dumps(browse(*argv[1:4])))
     else:
-        print(f"unknown command {argv[0]!r}: send PORT | browse URL QID", file=sys.stderr)
+        print(f"unknown command {argv[0]!r}: send PORT | browse URL QID [PNG]", file=sys.stderr)
         return 2
     return 0
 
