@@ -57,6 +57,17 @@ class Browser:
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read().decode()
 
+    def post(self, path: str, body: bytes, content_type: str
+             ) -> tuple[int, dict[str, str], str]:
+        """A POST of a body already encoded (multipart, repeated fields)."""
+        req = urllib.request.Request(self.base + path, data=body,
+                                     headers={"Content-Type": content_type})
+        try:
+            with self.opener.open(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers), resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read().decode()
+
     def csrf(self, page: str) -> str:
         m = re.search(r'name="csrf" value="([^"]+)"', page)
         assert m, "no CSRF field on the page"
@@ -115,6 +126,8 @@ def test_log_finds_a_bounce_and_the_sandbox_html_runs_no_script(start_relay, tmp
 
     page = wait_for(bounced, 60)
     assert 'class="log-row"' in page
+    overview = b.open("/")[2]  # the send counted in the last minute's bar of the chart
+    assert "1 recipient(s) sent in the last hour, 1 in the last minute" in overview
     page = b.open("/sandbox")[2]
     assert EVIL not in page and html.escape(EVIL) in page
     mid = re.search(r'<tr data-id="([^"]+)">', page)
@@ -195,5 +208,74 @@ async def test_non_loopback_console_is_read_only_without_login_and_acts_with_one
         code, _, _ = await asyncio.to_thread(bearer.open, "/", None,
                                              {"Authorization": f"Bearer {token}"})
         assert code == 200
+    finally:
+        await runner.cleanup()
+
+
+def _multipart(fields: dict[str, str], name: str, filename: str, content: bytes
+               ) -> tuple[bytes, str]:
+    boundary = "relayconsoleboundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                 f'filename="{filename}"\r\nContent-Type: text/csv\r\n\r\n'.encode()
+                 + content + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), boundary
+
+
+async def test_suppressions_add_import_page_export_remove_and_queue_selection(tmp_path):
+    runner, base, spool = await _serve(Guard(host="127.0.0.1"), tmp_path)
+    try:
+        b = Browser(base)
+        page = (await asyncio.to_thread(b.open, "/suppressions"))[2]
+        token = b.csrf(page)
+        code, headers, _ = await asyncio.to_thread(b.open, "/suppressions/add", {
+            "csrf": token, "address": "Someone@Example.COM", "reason": "manual"})
+        assert code == 303
+        page = (await asyncio.to_thread(b.open, headers["Location"]))[2]
+        assert 'data-address="someone@example.com"' in page and "added" in page
+        csv = "address,reason\n" + "".join(f"user{i:03}@example.org,bounce\n" for i in range(150))
+        body, boundary = _multipart({"csrf": token}, "csv", "list.csv", csv.encode())
+        code, _, _ = await asyncio.to_thread(b.post, "/suppressions/import", body,
+                                             f"multipart/form-data; boundary={boundary}")
+        assert code == 303
+        page = (await asyncio.to_thread(b.open, "/suppressions"))[2]
+        assert "Imported 150 address(es), 150 new." in page
+        assert page.count("<tr data-address=") == 100 and 'id="next-page"' in page
+        nxt = html.unescape(re.search(r'id="next-page" href="([^"]+)"', page).group(1))
+        page = (await asyncio.to_thread(b.open, nxt))[2]
+        assert page.count("<tr data-address=") == 51 and 'id="next-page"' not in page
+        export = (await asyncio.to_thread(b.open, "/suppressions.csv"))[2]
+        assert export.startswith("address,reason") and len(export.splitlines()) == 152
+        code, _, _ = await asyncio.to_thread(b.open, "/suppressions/remove", {
+            "csrf": token, "address": "someone@example.com"})
+        page = (await asyncio.to_thread(b.open, "/suppressions?q=someone"))[2]
+        assert "someone@example.com removed." in page and "<tr data-address=" not in page
+
+        ids = [spool.accept(Envelope("a@x.example", ("b@y.example",), 0.0), b"\r\nm\r\n")
+               for _ in range(3)]
+        page = (await asyncio.to_thread(b.open, "/queue?state=active"))[2]
+        assert all(f'<tr data-qid="{q}"' in page for q in ids)
+        body = urllib.parse.urlencode([("csrf", token), ("back", "/queue?state=active"),
+                                       ("action", "hold"), ("qid", ids[0]),
+                                       ("qid", ids[2])]).encode()
+        code, headers, _ = await asyncio.to_thread(b.post, "/queue/actions", body,
+                                                   "application/x-www-form-urlencoded")
+        assert code == 303 and headers["Location"] == "/queue?state=active"
+        assert [spool.locate(q) for q in ids] == [State.HOLD, State.ACTIVE, State.HOLD]
+    finally:
+        await runner.cleanup()
+
+
+async def test_pages_say_when_the_database_does_not_answer(tmp_path):
+    runner, base, spool = await _serve(Guard(host="127.0.0.1"), tmp_path)
+    try:
+        (spool.root / "relay.db").unlink()  # a new, empty file: no table answers
+        b = Browser(base)
+        code, _, page = await asyncio.to_thread(b.open, "/")
+        assert code == 200 and "The message log did not answer" in page
+        assert '<tr data-state="active">' in page  # the spool's part still shows
+        code, _, page = await asyncio.to_thread(b.open, "/log?q=a@b.example")
+        assert code == 503 and "The database did not answer: OperationalError" in page
     finally:
         await runner.cleanup()

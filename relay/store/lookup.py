@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import Integer, cast, func, or_, select
 
 from relay.store.db import Database, FeedbackEvent, MessageRow, Suppression
-from relay.store.suppression import normalize
+from relay.store.suppression import Entry, normalize
 
 #: rows a search shows at most
 LIMIT = 200
@@ -50,12 +50,7 @@ class Event:
 
 @dataclass(frozen=True)
 class Suppressed:
-    address: str
-    reason: str
-    source: str
-    detail: str
-    created_at: float
-    updated_at: float
+    entry: Entry
     #: the latest bounce or complaint stored for the address (the likely cause), if any
     cause: Event | None = None
 
@@ -170,5 +165,5 @@ async def suppressions(db: Database, *, q: str = "", after: str = "",
                     FeedbackEvent.kind.in_(("bounce", "complaint", "soft-bounce")))
                     .order_by(FeedbackEvent.received_at)):
                 causes[e.recipient] = _event(e)
-    return [Suppressed(r.address, r.reason, r.source, r.detail, r.created_at, r.updated_at,
-                       causes.get(r.address)) for r in rows]
+    return [Suppressed(Entry(r.address, r.reason, r.source, r.detail, r.created_at,
+                             r.updated_at), causes.get(r.address)) for r in rows]

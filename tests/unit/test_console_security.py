@@ -106,3 +106,14 @@ def test_credentials_login_checks_the_smtp_auth_file(tmp_path):
     assert g.login_required and g.read_only == ""
     assert g.check_login(user="ops", password="correct horse", token="") == "ops"
     assert g.check_login(user="ops", password="wrong", token="") is None
+
+
+@pytest.mark.parametrize("target, ok", [
+    ("/", True), ("/queue?state=hold&lane=bulk", True), ("//evil.example/", False),
+    ("/\\evil.example", False), ("https://evil.example/", False), ("queue", False),
+    ("/x\r\nSet-Cookie: a=b", False),
+])
+def test_after_login_the_redirect_stays_on_the_console(target, ok):
+    from relay.ops.console.pages import local_path
+
+    assert local_path(target) is ok

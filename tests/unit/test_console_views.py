@@ -12,6 +12,7 @@ from relay.ops.console.data import Counts, Filter, QueuePage
 from relay.ops.console.html import Markup, esc, h, page
 from relay.ops.console.sources import Line, Status
 from relay.store.lookup import Event, Row, Suppressed, search_terms
+from relay.store.suppression import Entry
 
 EVIL = '<script>alert("x")</script>'
 SAFE = "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
@@ -26,6 +27,7 @@ def test_escape_helpers_escape_arguments_but_not_markup():
     assert esc(EVIL) == SAFE
     assert h("<b>{}</b>", EVIL) == f"<b>{SAFE}</b>"
     assert h("<b>{}</b>", Markup("<i>ok</i>")) == "<b><i>ok</i></b>"
+    assert Markup("<b>") + EVIL == f"<b>{SAFE}" and isinstance(Markup("") + "x", Markup)
     assert esc('" onmouseover="x') == "&quot; onmouseover=&quot;x"
 
 
@@ -70,7 +72,7 @@ def test_log_timeline_and_suppressions_escape():
     event = Event("bounce", EVIL, EVIL, EVIL, 3.0, 4.0)
     clean(views_log.log(EVIL, [row]))
     clean(views_log.timeline(EVIL, [row], [event]))
-    sup = Suppressed(EVIL, EVIL, EVIL, EVIL, 1.0, 1.0, event)
+    sup = Suppressed(Entry(EVIL, EVIL, EVIL, EVIL, 1.0, 1.0), event)
     out = views_log.suppressions(EVIL, [sup], csrf=EVIL, read_only=False, next_after=EVIL)
     clean(out)
     assert 'id="suppressions"' in out
@@ -79,7 +81,8 @@ def test_log_timeline_and_suppressions_escape():
 def test_overview_escapes_reasons_lanes_and_problems():
     status = Status(paused=True, paused_reason=EVIL, holds=(EVIL,),
                     account=Account(14.0, 1000.0, 10.0, True), configured_rate=14.0,
-                    reputation=(Line("", 100, 1, 0, 0.04, 0.0008), Line(EVIL, 5, 0, 0, 1, 1)),
+                    reputation=(Line("", 100, 0.01, 0, 0.04, 0.0008), Line(EVIL, 5, 0, 0, 1, 1,
+                                                                        paused=EVIL)),
                     lanes=(EVIL,))
     counts = Counts({"active": 3}, {EVIL: {"active": 3}}, False, 60.0, "0005F2C3A1B2C3D4E5")
     out = views_overview.overview(counts=counts, status=status, per_minute=[0] * 59 + [120],
@@ -129,3 +132,38 @@ def test_rate_chart_draws_a_bar_per_minute_and_the_account_line():
     svg = views_overview.rate_chart([60] * 60, 14.0)
     assert svg.count('class="bar"') == 60
     assert 'class="limit"' in svg and "account 14 /s" in svg
+
+
+def test_reputation_reads_the_account_wide_guard():
+    from types import SimpleNamespace as NS
+
+    from relay.ops.console.sources import reputation_of
+
+    # the shape of relay.feedback.guard.ReputationGuard before per-lane rates
+    rates = NS(sent=400, bounces=80, complaints=1, bounce_rate=0.2, complaint_rate=0.0025)
+    guard = NS(last=rates, max_bounce_rate=0.04,
+               max_complaint_rate=0.0008, min_sample=200,
+               paused_reason=lambda: "reputation: bounce rate 0.2 above 0.04")
+    [line] = reputation_of(guard)
+    assert (line.lane, line.sent, line.bounce_rate, line.max_bounce_rate, line.min_sample) == (
+        "", 400, 0.2, 0.04, 200)
+    assert line.paused.startswith("reputation:")
+
+
+def test_reputation_reads_a_per_lane_guard_account_first():
+    from types import SimpleNamespace as NS
+
+    from relay.ops.console.sources import reputation_of
+
+    def scope(judged, bounces, paused=""):
+        return NS(counts=NS(judged=judged, bounces=bounces, complaints=0, unknown=3,
+                            bounce_rate=bounces / judged, complaint_rate=0.0),
+                  lines=NS(bounce=0.05, complaint=0.001), paused=paused)
+
+    guard = NS(scopes={"bulk": scope(100, 20, "reputation: lane bulk"),
+                       "transactional": scope(50, 0), "*": scope(150, 20)})
+    lines = reputation_of(guard)
+    assert [ln.lane for ln in lines] == ["", "bulk", "transactional"]
+    assert lines[1].paused == "reputation: lane bulk" and lines[1].bounce_rate == 0.2
+    out = views_overview.reputation(lines)
+    assert 'tr data-lane="bulk"' in out and "3 send(s) awaiting their outcome" in out

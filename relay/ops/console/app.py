@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
-from relay.ops.console.html import Markup, h, page
+from relay.ops.console.html import Markup, h, page, url
 from relay.ops.console.security import CSRF_COOKIE, HEADERS, SESSION_COOKIE, Guard
 
 PageHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,8 +105,8 @@ class Plumbing:
         request[USER] = (user or "") if self.guard.login_required else ""
         if self.guard.login_required and user is None and not public:
             if request.method == "GET":
-                return self.redirect(f"/login?next={request.path_qs}" if request.path != "/"
-                                     else "/login")
+                return self.redirect(url("/login", next=request.path_qs)
+                                     if request.path != "/" else "/login")
             return self.refuse("Refused: log in to the console first (/login).")
         cookie = request.cookies.get(CSRF_COOKIE)
         if cookie is not None and self.guard.csrf_valid(cookie):
@@ -121,8 +122,21 @@ class Plumbing:
             early = self._prepare(request, public)
             if early is not None:
                 return self._finish(request, early)
-            return self._finish(request, await handler(request), headers)
+            try:
+                resp = await handler(request)
+            except (SQLAlchemyError, OSError) as exc:
+                resp = self.unavailable(request, exc)
+            return self._finish(request, resp, headers)
         return run
+
+    def unavailable(self, request: web.Request, exc: Exception) -> web.Response:
+        """A page whose database or files did not answer: 503 with the reason, the rest of
+        the console still works."""
+        what = "database" if isinstance(exc, SQLAlchemyError) else "spool"
+        first = (str(exc).splitlines() or [""])[0][:300]
+        return self.render(request, "Not available", h(
+            '<p class="error">The {} did not answer: {}: {}. /readyz says more.</p>',
+            what, type(exc).__name__, first), status=503)
 
     def action(self, handler: Callable[[web.Request, Any], Awaitable[web.StreamResponse]],
                *, login: bool = False) -> PageHandler:
@@ -141,7 +155,11 @@ class Plumbing:
                 request.headers, request.host)
             if refusal:
                 return self._finish(request, self.refuse(refusal))
-            return self._finish(request, await handler(request, form))
+            try:
+                resp = await handler(request, form)
+            except (SQLAlchemyError, OSError) as exc:
+                resp = self.unavailable(request, exc)
+            return self._finish(request, resp)
         return run
 
 

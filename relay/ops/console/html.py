@@ -13,11 +13,16 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
+from relay.ops.queue_cli import ago as ago
+
 
 class Markup(str):
-    """A string of HTML that needs no more escaping."""
+    """A string of HTML that needs no more escaping; what is added to it is escaped."""
 
     __slots__ = ()
+
+    def __add__(self, other: str) -> Markup:
+        return Markup(str.__add__(self, esc(other)))
 
 
 def esc(value: Any) -> Markup:
@@ -40,20 +45,6 @@ def url(path: str, **query: Any) -> str:
     """A path with its query string (empty values left out); escape it when printed."""
     q = {k: v for k, v in query.items() if v not in (None, "")}
     return f"{path}?{urlencode(q)}" if q else path
-
-
-def ago(seconds: float | None) -> str:
-    """A short age: 42s, 7m, 3h, 2d; '-' for none."""
-    if seconds is None:
-        return "-"
-    s = int(max(0.0, seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
 
 
 def when(at: float | None) -> str:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay.errors import ConfigError
 from relay.ops.console import data, sandbox, views_log, views_overview, views_queue
@@ -32,6 +33,12 @@ def _one(results: list[tuple[str, str, bool]]) -> str:
     lines = [what for _, what, _ in results[:5]]
     more = f" (and {len(results) - 5} more)" if len(results) > 5 else ""
     return f"{ok} of {len(results)} message(s): " + "; ".join(lines) + more
+
+
+def local_path(target: str) -> bool:
+    """A redirect target on this console: a path, never another host (//x, /\\x, x:)."""
+    return (target.startswith("/") and not target.startswith(("//", "/\\"))
+            and "\\" not in target and not any(c < " " for c in target))
 
 
 class Console:
@@ -72,9 +79,12 @@ class Console:
         status = self.src.status()
         counts = await asyncio.to_thread(data.counts, self.src.queue, now=now,
                                          lanes=self.src.lanes, ids=self.ids)
-        per_minute, latest, problems = await asyncio.gather(
-            lookup.sent_per_minute(self.src.db, now=now), lookup.latest_event(self.src.db),
-            self.src.readiness())
+        problems = await self.src.readiness()
+        try:
+            per_minute, latest = await asyncio.gather(
+                lookup.sent_per_minute(self.src.db, now=now), lookup.latest_event(self.src.db))
+        except SQLAlchemyError:  # the chart says so; readiness names the database's problem
+            per_minute, latest = [], None
         body = views_overview.overview(counts=counts, status=status, per_minute=per_minute,
                                        problems=problems, latest=latest, now=now)
         return self.p.render(request, "Overview", body, here="/")
@@ -89,7 +99,7 @@ class Console:
                             '<label>password <input type="password" name="password" '
                             'autocomplete="current-password"></label>')
         if self.guard.token:
-            fields = Markup(fields + '<label>token <input type="password" name="token">'
+            fields = fields + Markup('<label>token <input type="password" name="token">'
                                      '</label>')
         if not self.guard.login_required:
             body = Markup('<p>This console needs no login (the admin listener is on '
@@ -108,8 +118,7 @@ class Console:
         if user is None:
             return self.p.redirect("/login", "Wrong user, password or token.")
         nxt = str(form.get("next", "/"))
-        resp = self.p.redirect(nxt if nxt.startswith("/") and not nxt.startswith("//")
-                               else "/")
+        resp = self.p.redirect(nxt if local_path(nxt) else "/")
         resp.set_cookie(SESSION_COOKIE, self.guard.session(user), httponly=True,
                         samesite="Strict", path="/")
         return resp
@@ -145,20 +154,21 @@ class Console:
         body = views_queue.queue(pg, f, csrf=request[CSRF], lanes=self.src.lanes,
                                  min_age=min_age, now=now, read_only=bool(self.guard.read_only))
         if problem:
-            body = Markup(h('<p class="error" id="filter-error">{}</p>', problem) + body)
+            body = h('<p class="error" id="filter-error">{}</p>', problem) + body
         return self.p.render(request, "Queue", body, here="/queue",
                              status=400 if problem else 200)
 
     async def queue_actions(self, request: web.Request, form: Any) -> web.StreamResponse:
         ids = [str(v) for v in form.getall("qid", [])]
-        verb = str(form.get("action", ""))
+        verb, back = str(form.get("action", "")), str(form.get("back", "/queue"))
+        back = back if back.startswith("/queue") else "/queue"  # never off the console
         if not ids:
-            return self.p.redirect("/queue", "Select one or more messages first.")
+            return self.p.redirect(back, "Select one or more messages first.")
         try:
             results = await asyncio.to_thread(data.act, self.src.queue, verb, ids)
         except QueueError as exc:
-            return self.p.redirect("/queue", str(exc))
-        return self.p.redirect("/queue", f"{verb}: {_one(results)}")
+            return self.p.redirect(back, str(exc))
+        return self.p.redirect(back, f"{verb}: {_one(results)}")
 
     def _missing(self, request: web.Request, text: str) -> web.Response:
         return self.p.render(request, "Not found", h('<p class="error">{}</p>', text),
@@ -218,7 +228,7 @@ class Console:
     async def suppressions(self, request: web.Request) -> web.StreamResponse:
         q, after = request.query.get("q", ""), request.query.get("after", "")
         entries = await lookup.suppressions(self.src.db, q=q, after=after, limit=101)
-        nxt = entries[99].address if len(entries) > 100 else ""
+        nxt = entries[99].entry.address if len(entries) > 100 else ""
         body = views_log.suppressions(q, entries[:100], csrf=request[CSRF],
                                       read_only=bool(self.guard.read_only), next_after=nxt)
         return self.p.render(request, "Suppressions", body, here="/suppressions")

@@ -28,21 +28,17 @@ class Line:
     """Rates of one lane ("" = the whole account) against the guard's lines."""
 
     lane: str
+    #: sends the rates are over (with a known or settled outcome)
     sent: int
-    bounces: int
-    complaints: int
+    bounce_rate: float
+    complaint_rate: float
     max_bounce_rate: float
     max_complaint_rate: float
+    #: sends needed before the guard judges (0: the guard's own statistics decide)
     min_sample: int = 0
     paused: str = ""
-
-    @property
-    def bounce_rate(self) -> float:
-        return self.bounces / self.sent if self.sent else 0.0
-
-    @property
-    def complaint_rate(self) -> float:
-        return self.complaints / self.sent if self.sent else 0.0
+    #: sends whose outcome is not known yet (not counted as clean)
+    unknown: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,21 +57,31 @@ class Status:
 
 
 def reputation_of(guard: Any) -> tuple[Line, ...]:
-    """The guard's last rates as Lines: the account's, then one per lane when the guard
-    keeps them (a `lanes` mapping of lane -> rates, or `last_by_lane`)."""
+    """The guard's last findings as Lines, the account first, then each lane.
+
+    Two shapes are read: a per-lane guard's `scopes` (scope -> counts, lines, paused; the
+    account under "*"), or a single account-wide guard's `last` rates with its
+    max_bounce_rate / max_complaint_rate / min_sample.
+    """
+    scopes = getattr(guard, "scopes", None)
+    if isinstance(scopes, dict):
+        lines = []
+        for scope, found in scopes.items():
+            c, lim = found.counts, found.lines
+            lines.append(Line("" if scope == "*" else str(scope), int(c.judged),
+                              float(c.bounce_rate), float(c.complaint_rate),
+                              float(lim.bounce), float(lim.complaint), 0,
+                              str(found.paused or ""), int(getattr(c, "unknown", 0))))
+        return tuple(sorted(lines, key=lambda ln: (ln.lane != "", ln.lane)))
     rates = getattr(guard, "last", None)
-    lines = []
-    if rates is not None:
-        lines.append(Line("", int(rates.sent), int(rates.bounces), int(rates.complaints),
-                          float(guard.max_bounce_rate), float(guard.max_complaint_rate),
-                          int(getattr(guard, "min_sample", 0))))
-    per_lane = getattr(guard, "last_by_lane", None) or {}
-    for lane, r in sorted(per_lane.items()):
-        lines.append(Line(str(lane), int(r.sent), int(r.bounces), int(r.complaints),
-                          float(getattr(r, "max_bounce_rate", guard.max_bounce_rate)),
-                          float(getattr(r, "max_complaint_rate", guard.max_complaint_rate)),
-                          int(getattr(guard, "min_sample", 0)), str(getattr(r, "paused", ""))))
-    return tuple(lines)
+    if rates is None:
+        return ()
+    reason = str(guard.paused_reason()) if callable(getattr(guard, "paused_reason", None)) \
+        else ""
+    return (Line("", int(rates.sent), float(rates.bounce_rate), float(rates.complaint_rate),
+                 float(guard.max_bounce_rate), float(guard.max_complaint_rate),
+                 int(getattr(guard, "min_sample", 0)),
+                 reason if reason.startswith("reputation:") else ""),)
 
 
 @dataclass(frozen=True)

@@ -46,23 +46,26 @@ class Step:
 def timeline_steps(rows: Sequence[Row], events: Sequence[Event]) -> list[Step]:
     """A message's life in order: queued, attempts, sent, then each SES event, and the
     final outcomes the log recorded (pure; tested)."""
-    steps = []
+    steps: list[tuple[int, Step]] = []
     for r in rows:
-        steps.append(Step(r.created_at, "queued", r.recipient,
-                          f"Message-ID {r.message_id_header}" if r.message_id_header else ""))
+        steps.append((0, Step(r.created_at, "queued", r.recipient,
+                              f"Message-ID {r.message_id_header}" if r.message_id_header
+                              else "")))
         if r.attempts:
-            steps.append(Step(r.sent_at or r.updated_at, "attempt", r.recipient,
-                              f"{r.attempts} attempt(s)"
-                              + (f"; last error: {r.last_error}" if r.last_error else "")))
+            # once sent, last_error holds what SES reported later (a bounce): not an attempt's
+            error = r.last_error if r.last_error and not r.sent_at else ""
+            steps.append((1, Step(r.sent_at or r.updated_at, "attempt", r.recipient,
+                                  f"{r.attempts} attempt(s)"
+                                  + (f"; last error: {error}" if error else ""))))
         if r.sent_at:
-            steps.append(Step(r.sent_at, "sent", r.recipient,
-                              f"SES MessageId {r.ses_message_id}"))
+            steps.append((2, Step(r.sent_at, "sent", r.recipient,
+                                  f"SES MessageId {r.ses_message_id}")))
         if r.status in ("suppressed", "failed", "deferred"):
-            steps.append(Step(r.updated_at, r.status, r.recipient, r.last_error))
-    for e in events:
-        steps.append(Step(e.occurred_at, EVENT_NAMES.get(e.kind, e.kind), e.recipient,
-                          e.detail))
-    return sorted(steps, key=lambda s: s.at)
+            steps.append((2, Step(r.updated_at, r.status, r.recipient, r.last_error)))
+    # SES's clock stamps its events: one may read a little before the relay saw the answer
+    steps += [(3, Step(e.occurred_at, EVENT_NAMES.get(e.kind, e.kind), e.recipient, e.detail))
+              for e in events]
+    return [s for _, s in sorted(steps, key=lambda rs: (rs[0], rs[1].at))]
 
 
 def timeline(qid: str, rows: Sequence[Row], events: Sequence[Event]) -> Markup:
@@ -81,8 +84,8 @@ def suppressions(q: str, entries: Sequence[Suppressed], *, csrf: str, read_only:
     dis = Markup(" disabled") if read_only else Markup("")
     reasons = join(h('<option value="{}">{}</option>', r, r) for r in REASONS)
     rows = []
-    for e in entries:
-        cause = e.cause
+    for s in entries:
+        e, cause = s.entry, s.cause
         caused = h('<a href="{}">{} {}</a> {}', url("/log", q=cause.ses_message_id or e.address),
                    cause.kind, when(cause.occurred_at), cause.detail) if cause else e.detail
         rows.append(h('<tr data-address="{a}"><td>{a}</td><td>{r}</td><td>{s}</td><td>{w}</td>'

@@ -44,7 +44,14 @@ def rate_chart(per_minute: Sequence[int], account_rate: float) -> Markup:
              PAD, W, y(account_rate), y(account_rate), W - 4, y(account_rate) - 4,
              f"{account_rate:g}") if account_rate else Markup("")
     last = rates[-1] if rates else 0.0
-    return h('<svg id="send-rate" role="img" viewBox="0 0 {w} {hh}" width="{w}" height="{hh}" '
+    if per_minute:
+        caption = h('<p class="note" id="send-rate-caption">{} recipient(s) sent in the last '
+                    'hour, {} in the last minute; the account allows {} per second.</p>',
+                    sum(per_minute), per_minute[-1], f"{account_rate:g}")
+    else:
+        caption = Markup('<p class="note error" id="send-rate-caption">The message log did '
+                         'not answer: no send rate to show.</p>')
+    svg = h('<svg id="send-rate" role="img" viewBox="0 0 {w} {hh}" width="{w}" height="{hh}" '
              'xmlns="http://www.w3.org/2000/svg" aria-label="send rate over the last hour">'
              '<title>recipients per second, last 60 minutes; now {now} /s</title>'
              '<line x1="{p}" x2="{w}" y1="{b}" y2="{b}" class="axis"/>{bars}{line}'
@@ -53,6 +60,7 @@ def rate_chart(per_minute: Sequence[int], account_rate: float) -> Markup:
              '<text x="2" y="{tt}" class="label">{top}</text></svg>',
              w=W, hh=H, now=f"{last:.2f}", p=PAD, b=H - PAD, bars=bars, line=line,
              lb=H - PAD + 16, tt=PAD, top=f"{top:.1f}")
+    return join([svg, caption])
 
 
 def state_table(c: Counts, lanes: Sequence[str]) -> Markup:
@@ -77,8 +85,8 @@ def state_table(c: Counts, lanes: Sequence[str]) -> Markup:
              head, join(rows), note)
 
 
-def _rate_cell(rate: float, guard: float, review: float, stop: float) -> Markup:
-    cls = "bad" if rate >= review else "warn" if rate > guard else "ok"
+def _rate_cell(rate: float, guard: float, review: float, stop: float, judged: bool) -> Markup:
+    cls = "note" if not judged else "bad" if rate >= review else "warn" if rate > guard else "ok"
     return h('<td class="{}">{}</td><td>{}</td><td>{} / {}</td>', cls, pct(rate), pct(guard),
              pct(review), pct(stop))
 
@@ -87,10 +95,14 @@ def reputation(lines: Sequence[Line]) -> Markup:
     rows = join(h('<tr data-lane="{lane}"><th>{name}</th><td>{sent}</td>{b}{c}<td>{p}</td></tr>',
                   lane=ln.lane or "account", name=ln.lane or "account", sent=ln.sent,
                   b=_rate_cell(ln.bounce_rate, ln.max_bounce_rate, SES_REVIEW_BOUNCE,
-                               SES_PAUSE_BOUNCE),
+                               SES_PAUSE_BOUNCE, ln.sent >= ln.min_sample),
                   c=_rate_cell(ln.complaint_rate, ln.max_complaint_rate,
-                               SES_REVIEW_COMPLAINT, SES_PAUSE_COMPLAINT),
-                  p=ln.paused or ("too few sends to judge" if ln.sent < ln.min_sample else ""))
+                               SES_REVIEW_COMPLAINT, SES_PAUSE_COMPLAINT,
+                               ln.sent >= ln.min_sample),
+                  p=ln.paused or "; ".join(x for x in (
+                      f"too few sends to judge (under {ln.min_sample})"
+                      if ln.sent < ln.min_sample else "",
+                      f"{ln.unknown} send(s) awaiting their outcome" if ln.unknown else "") if x))
                 for ln in lines)
     return h('<section id="reputation"><h2>Reputation</h2><table><thead><tr><th></th>'
              '<th>sent</th><th>bounce rate</th><th>guard line</th><th>SES review / pause</th>'
@@ -103,11 +115,12 @@ def quota(status: Status) -> Markup:
     if acct is None:
         return Markup('<p id="quota">24-hour quota: not read from SES yet</p>')
     if acct.max_24hour_send < 0:
-        return h('<p id="quota">24-hour quota: unlimited ({} sent)</p>',
+        return h('<p id="quota">24-hour quota: unlimited ({} sent, as SES last said)</p>',
                  f"{acct.sent_last_24hours:g}")
     used = acct.sent_last_24hours / acct.max_24hour_send if acct.max_24hour_send else 1.0
     return h('<p id="quota">24-hour quota: {} of {} used ({}) '
-             '<meter min="0" max="1" value="{}">{}</meter></p>',
+             '<meter min="0" max="1" value="{}">{}</meter> <span class="note">as SES '
+             'last said (GetAccount)</span></p>',
              f"{acct.sent_last_24hours:g}", f"{acct.max_24hour_send:g}", pct(used),
              f"{min(used, 1.0):.4f}", pct(used))
 

@@ -63,10 +63,13 @@ def queue(page: QueuePage, f: Filter, *, csrf: str, lanes: Sequence[str], min_ag
             url("/queue", state=f.state, lane=f.lane, sender=f.sender, domain=f.domain,
                 min_age=min_age, error=f.error, after=page.next_after)
             ) if page.next_after else Markup("")
+    here = url("/queue", state=f.state, lane=f.lane, sender=f.sender, domain=f.domain,
+               min_age=min_age, error=f.error, after=f.after)
     return h('{}<form id="selection" method="post" action="/queue/actions">{}'
+             '<input type="hidden" name="back" value="{}">'
              '<p class="actions">With the selected messages: {}</p></form>{}'
              '<p class="paging">{} shown{}. {}</p>',
-             filters(f, lanes, min_age), hidden_csrf(csrf), buttons,
+             filters(f, lanes, min_age), hidden_csrf(csrf), here, buttons,
              table("queue", ("", "queue id", "state", "age", "lane", "sender",
                              "pending/rcpt", "attempts", "next", "last error"), rows,
                    empty="No message matches."),
