@@ -12,10 +12,20 @@ import pytest
 
 from relay.feedback.applier import FeedbackApplier
 from relay.feedback.parse import Unparseable, parse
+from relay.feedback.sns import Verifier
 from relay.feedback.sqs import SqsIngester
 from relay.store.db import Database
 from tests.conftest import database_for
-from tests.feedback_helpers import FIXTURES, fixture, notification, snapshot
+from tests.feedback_helpers import (
+    CERT_URL,
+    FIXTURES,
+    TOPIC,
+    fixture,
+    notification,
+    pki,
+    signed_envelope,
+    snapshot,
+)
 
 
 @pytest.fixture
@@ -36,16 +46,20 @@ def in_queue(sqs, url: str) -> int:
 
 
 def envelope(doc: dict) -> str:
-    return json.dumps({"Type": "Notification", "MessageId": str(uuid.uuid4()),
-                       "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-feedback",
-                       "Message": json.dumps(doc), "Timestamp": "2026-11-22T00:00:00.000Z",
-                       "SignatureVersion": "1", "Signature": "x"})
+    return signed_envelope(doc)
 
 
-async def ingester(tmp_path: Path, moto_server: str, url: str) -> tuple[SqsIngester, Database]:
+async def fetch(url: str) -> bytes:
+    assert url == CERT_URL, "only the allow-listed URL may ever be fetched"
+    return pki()[1]
+
+
+async def ingester(tmp_path: Path, moto_server: str, url: str, **kw) -> tuple[SqsIngester,
+                                                                              Database]:
     db = await Database.open(database_for(tmp_path), tmp_path)
     return SqsIngester(applier=FeedbackApplier(db), queue_url=url, region="us-east-1",
-                       endpoint_url=moto_server, wait_time=0), db
+                       verifier=Verifier(topic_arns=[TOPIC], fetch=fetch),
+                       endpoint_url=moto_server, wait_time=0, **kw), db
 
 
 async def test_same_sqs_message_twice_changes_nothing_the_second_time(tmp_path, moto_server, queue):
@@ -89,13 +103,20 @@ async def test_garbage_is_counted_and_not_deleted(tmp_path, moto_server, queue):
     assert (await snapshot(tmp_path))["feedback_events"] == []
 
 
-async def test_raw_delivery_body_is_applied(tmp_path, moto_server, queue):
+async def test_raw_delivery_body_is_applied_only_when_configured(tmp_path, moto_server, queue):
     sqs, url = queue
     doc = notification("ses-event-complaint.json", message_id="0100-raw",
                        destination=["c@example.net"])
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps(doc))
     ing, db = await ingester(tmp_path, moto_server, url)
     try:
+        async with ing.client() as client:
+            assert await ing.poll_once(client) == 0  # refused, left for the redrive policy
+        assert ing.counts["rejected"] == 1 and in_queue(sqs, url) == 1
+        assert (await snapshot(tmp_path))["suppressions"] == []
+        ing = SqsIngester(applier=ing.applier, verifier=ing.verifier, queue_url=url,
+                          region="us-east-1", endpoint_url=moto_server, wait_time=0,
+                          raw_delivery=True)
         async with ing.client() as client:
             assert await ing.poll_once(client) == 1
     finally:

@@ -2,7 +2,7 @@
 
 The one writer of `messages`: "queued" rows once ingress committed a message, delivery
 outcomes (the pool's Listener port) batched by relay.store.log_writer (retried until the
-database takes them), and SES feedback through record_feedback() in the applier's
+database takes them), and SES feedback through record_feedback_many() in the applier's
 transaction. Reads feedback_events for `relay log`; prunes both after database.retention.
 Built by relay.service.
 """
@@ -135,6 +135,34 @@ async def record_feedback(session: AsyncSession, *, ses_message_id: str, recipie
     await session.execute(update(MessageRow).where(
         MessageRow.ses_message_id == ses_message_id, MessageRow.recipient == recipient,
     ).values(**change, updated_at=now))
+
+
+async def record_feedback_many(session: AsyncSession,
+                               events: Sequence[tuple[str, str, str, str]], *,
+                               now: float) -> None:
+    """Apply a batch of (SES MessageId, recipient, kind, detail) events, in order, to their
+    rows inside the feedback applier's transaction: as record_feedback() once each.
+
+    A row's changes are folded first (a later event's columns win, as they would applied
+    one after the other); then one executemany per set of columns changed.
+    """
+    changes: dict[tuple[str, str], dict[str, str]] = {}
+    for ses_id, rcpt, kind, detail in events:
+        change = after_feedback(kind, detail)
+        if change is not None and ses_id:
+            changes.setdefault((ses_id, rcpt), {}).update(change)
+    for ses_id in sorted({s for s, _ in changes}):
+        await xact_lock(session, LOCK_SES_MESSAGE, ses_id)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for (ses_id, rcpt), change in changes.items():
+        groups.setdefault(tuple(sorted(change)), []).append(
+            {"k_sid": ses_id, "k_rcpt": rcpt, **change})
+    table: Any = MessageRow.__table__
+    for columns, params in groups.items():
+        await session.execute(update(table).where(
+            table.c.ses_message_id == bindparam("k_sid"),
+            table.c.recipient == bindparam("k_rcpt"),
+        ).values({**{c: bindparam(c) for c in columns}, "updated_at": now}), params)
 
 
 @dataclass(frozen=True)
