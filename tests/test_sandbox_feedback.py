@@ -54,10 +54,11 @@ def test_simulator_complaint_and_suppressionlist(start_relay):
 
 def test_reputation_guard_pauses_until_relay_resume(start_relay, tmp_path):
     sb = SandboxThread(SandboxState(outbox=tmp_path / "out", max_send_rate=1000,
-                                    max_24hour_send=-1)).start()
+                                    max_24hour_send=-1, raw_delivery=True)).start()
     try:
         relay = start_relay(sb.url, feedback={
             "sqs_queue_url": f"{sb.url}/queue/feedback", "sqs_endpoint_url": sb.url,
+            "raw_delivery": True,
             "wait_time": "1s", "min_sample": 6, "max_bounce_rate": 0.2,
             "guard_interval": "0.2s"})
         for n in range(4):

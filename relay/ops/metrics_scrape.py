@@ -50,12 +50,12 @@ def feedback_families(stats: Mapping[str, float]) -> list[Metric]:
     lag = GaugeMetricFamily("relay_feedback_lag_seconds",
                             "Seconds from SES's event timestamp to applied, over the latest "
                             "events applied from SQS", labels=["quantile"])
-    for q in ("0.5", "0.99"):
-        lag.add_metric([q], stats.get(f"feedback_lag_p{q[2:]}", 0.0))
+    for q, key in (("0.5", "feedback_lag_p50"), ("0.99", "feedback_lag_p99")):
+        lag.add_metric([q], stats.get(key, 0.0))
     families: list[Metric] = [messages, kinds, lag, GaugeMetricFamily(
         "relay_feedback_backlog_messages",
         "Messages waiting in the SQS feedback queue (ApproximateNumberOfMessages; -1 unknown)",
-        value=stats.get("feedback_backlog", -1.0)), CounterMetricFamily(
+        value=stats.get("feedback_backlog", 0.0)), CounterMetricFamily(
         "relay_sns_notifications_rejected",
         "SNS messages refused (signature, topic or subscription URL not accepted)",
         value=stats.get("sns_rejected", 0.0)), CounterMetricFamily(
