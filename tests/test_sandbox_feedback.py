@@ -31,6 +31,10 @@ def test_quick_start_bounce_suppresses_and_log_shows_it(start_relay):
     assert ok not in suppressed(relay)
     lines = log_lines(relay, bounce)
     assert any(x["kind"] == "event" and x["status"] == "bounce" for x in lines)
+    # when it was listed and by which SES event (the embedded sandbox's signed envelope)
+    [listed] = [x for x in lines if x["kind"] == "suppression"]
+    assert listed["status"] == "bounce" and "SES bounce" in listed["detail"]
+    assert "feedbackId " in listed["detail"]
     assert statuses(relay, bounce)[qid] == "bounced"
     wait_for(lambda: statuses(relay, ok).get(qid) == "delivered", 20)
     text = cli(relay, "log", bounce).stdout

@@ -26,7 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from relay.spool.record import Envelope, Record
 from relay.spool.spool import Spool
 from relay.store import feedback_events
-from relay.store.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
+from relay.store.db import (
+    LOCK_SES_MESSAGE,
+    Database,
+    FeedbackEvent,
+    MessageRow,
+    Suppression,
+    xact_lock,
+)
 from relay.store.log_writer import BatchWriter
 from relay.store.suppression import normalize
 from relay.store.transitions import after_feedback, after_outcome, attempts_of
@@ -170,7 +177,7 @@ class LogLine:
     """One line of `relay log ADDRESS`: a message row or a feedback event."""
 
     at: float
-    kind: str  # "message" or "event"
+    kind: str  # "message", "event" or "suppression" (when and by which event it was listed)
     status: str
     queue_id: str
     ses_message_id: str
@@ -347,7 +354,11 @@ class MessageLog:
         async with self.db.session() as s:
             msgs = await s.scalars(select(MessageRow).where(MessageRow.recipient == addr))
             evts = await s.scalars(select(FeedbackEvent).where(FeedbackEvent.recipient == addr))
-            lines = [
+            listed = await s.get(Suppression, addr)
+            lines = [LogLine(listed.created_at, "suppression", listed.reason, "", "",
+                             f"since {listed.source}: {listed.detail}".rstrip(": "))
+                     ] if listed is not None else []
+            lines += [
                 LogLine(m.updated_at, "message", m.status, m.queue_id, m.ses_message_id,
                         "; ".join(x for x in (f"Message-ID {m.message_id_header}"
                                               if m.message_id_header else "",
