@@ -39,6 +39,8 @@ log = logging.getLogger("relay.ingester")
 OUTCOMES = ("applied", "duplicate", "ignored", "unparseable", "rejected", "too_old", "errors")
 #: events whose lag the p50/p99 gauges are computed over (the latest ones)
 LAG_SAMPLE = 2048
+#: receives per receiver whose messages may wait for their commit at once
+INFLIGHT = 8
 #: seconds between GetQueueAttributes calls for the backlog gauge
 BACKLOG_INTERVAL = 5.0
 
@@ -105,6 +107,8 @@ class SqsIngester:
         #: SQS's ApproximateNumberOfMessages at the last look (-1: not known yet)
         self.backlog = -1.0
         self._inbox: asyncio.Queue[_Received] = asyncio.Queue()
+        #: receives whose messages are not committed yet, at most (INFLIGHT per receiver)
+        self._slots = asyncio.Semaphore(receivers * INFLIGHT)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -136,18 +140,25 @@ class SqsIngester:
     async def _receive_loop(self, sqs: Any) -> None:
         backoff = 1.0
         while True:
+            # a bounded number of receives wait for their commit: while one transaction
+            # runs, the next batch gathers (one transaction for many receives), and the
+            # messages stay invisible for the visibility timeout, not a growing inbox
+            await self._slots.acquire()
             try:
                 got = await self.receive(sqs)
                 backoff = 1.0
-                if got.done is not None:
-                    self._inbox.put_nowait(got)
-                    # the next receive waits for this batch: its messages stay invisible
-                    # for the queue's visibility timeout, not for a growing inbox
-                    await asyncio.shield(got.done)
             except asyncio.CancelledError:
+                self._slots.release()
                 raise
             except Exception as exc:  # noqa: BLE001 - keep polling whatever happens
+                self._slots.release()
                 backoff = await self._failed(exc, backoff)
+                continue
+            if got.done is None:
+                self._slots.release()
+            else:
+                got.done.add_done_callback(lambda _: self._slots.release())
+                self._inbox.put_nowait(got)
 
     async def _failed(self, exc: BaseException, backoff: float) -> float:
         self.counts["errors"] += 1
