@@ -190,7 +190,7 @@ class FeedbackConfig:
     min_sample: int = 200
     reputation_window: float = _duration(default=86400.0)
     guard_interval: float = _duration(default=30.0)
-    receivers: int = 4
+    receivers: int = 8
     raw_delivery: bool = False
     max_event_age: float = _duration(default=14 * 86400.0)
 

@@ -83,7 +83,7 @@ class SqsIngester:
         static_credentials: tuple[str, str] | None = None,
         wait_time: float = 20.0,
         max_messages: int = 10,
-        receivers: int = 4,
+        receivers: int = 8,
         raw_delivery: bool = False,
         max_event_age: float = 14 * 86400.0,
         on_batch: Callable[[AppliedBatch], Awaitable[None]] | None = None,
