@@ -217,3 +217,16 @@ def test_only_a_permanent_bounce_is_a_bounce(bounce_type, kind):
 def test_a_section_without_a_timestamp_takes_the_mails():
     body = _edit("ses-event-bounce.json", ("bounce", "timestamp"), None)
     assert [e.at for e in events(parse(body))] == [at("2017-08-05T00:40:02.012Z")]
+
+
+@pytest.mark.parametrize("values, q, expected", [
+    ([], 0.5, 0.0),
+    ([3.0], 0.99, 3.0),
+    ([5.0, 1.0, 3.0, 2.0, 4.0], 0.5, 3.0),
+    ([float(i) for i in range(1, 101)], 0.99, 99.0),
+    ([float(i) for i in range(1, 101)], 0.5, 50.0),
+])
+def test_lag_percentiles_by_nearest_rank(values, q, expected):
+    from relay.feedback.sqs import percentile
+
+    assert percentile(values, q) == expected
