@@ -164,3 +164,29 @@ async def test_json_nested_too_deep_is_a_400_and_changes_nothing(endpoint, pki):
     deep = signed(key, bounce_message(Message="[" * 20_000 + "]" * 20_000))
     assert await endpoint["post"](deep) == 400
     assert (await endpoint["snapshot"]()) == before
+
+
+async def test_the_sandbox_key_is_trusted_only_where_it_is_pinned():
+    """The sandbox signs its envelopes with its own certificate on its loopback URL: the
+    embedded sandbox's relay pins that key; any other verifier refuses the URL unfetched."""
+    from relay.feedback.sns import Rejected
+    from relay.sandbox.signing import CERT_PATH, signing_key
+    from relay.sandbox.simulator import sandbox_topic, sns_envelope
+
+    url = "http://127.0.0.1:8599" + CERT_PATH
+    key = signing_key()
+    msg = json.loads(sns_envelope({"notificationType": "Bounce"},
+                                  sign=lambda m: key.sign(m, cert_url=url)))
+    fetched: list[str] = []
+
+    async def fetch(u: str) -> bytes:
+        fetched.append(u)
+        return key.pem
+
+    await Verifier(topic_arns=[sandbox_topic()], pinned={url: key.public_key}).verify(msg)
+    with pytest.raises(Rejected, match="plain https"):
+        await Verifier(topic_arns=[sandbox_topic()], fetch=fetch).verify(msg)
+    assert fetched == []
+    forged = dict(msg, Message=msg["Message"].replace("Bounce", "Delivery"))
+    with pytest.raises(Rejected, match="does not verify"):
+        await Verifier(topic_arns=[sandbox_topic()], pinned={url: key.public_key}).verify(forged)
