@@ -42,22 +42,16 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="bench",
 LOAD = r'''
 import smtplib, sys, threading
 port, n, sessions, domain = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-lock, nxt = threading.Lock(), [0]
 def rcpt(i):
     local = "bounce" if i % 10 == 3 else "complaint" if i % 100 == 7 else "success"
     return f"{local}+{i}@{domain}"
-def worker():
+def session(first):  # every sessions-th message from `first` on
     with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
-        s.ehlo("load.example")
-        while True:
-            with lock:
-                i = nxt[0]; nxt[0] += 1
-            if i >= n:
-                return
-            msg = (f"From: load@example.com\r\nTo: {rcpt(i)}\r\nSubject: m{i}\r\n"
-                   f"Message-ID: <m{i}@bench.example>\r\n\r\nhello\r\n")
-            s.sendmail("load@example.com", [rcpt(i)], msg.encode())
-ts = [threading.Thread(target=worker) for _ in range(sessions)]
+        for i in range(first, n, sessions):
+            s.sendmail("load@example.com", [rcpt(i)], (
+                f"From: load@example.com\r\nTo: {rcpt(i)}\r\nSubject: m{i}\r\n"
+                f"Message-ID: <m{i}@bench.example>\r\n\r\nhello\r\n").encode())
+ts = [threading.Thread(target=session, args=(k,)) for k in range(sessions)]
 [t.start() for t in ts]; [t.join() for t in ts]
 '''
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -209,6 +210,17 @@ async def test_migrations_match_the_models(tmp_path):
     assert diff == []
 
 
+async def poll_until(ing: SqsIngester, done: Callable[[int], bool], polls: int = 10) -> int:
+    """poll_once until done(messages deleted so far), at most `polls` times; the deleted."""
+    deleted = 0
+    async with ing.client() as client:
+        for _ in range(polls):
+            deleted += await ing.poll_once(client)
+            if done(deleted):
+                break
+    return deleted
+
+
 def bounce(address: str, message_id: str = "0100-b") -> dict:
     return notification("ses-notification-bounce-permanent-with-dsn.json",
                         message_id=message_id, destination=[address])
@@ -266,12 +278,7 @@ async def test_one_bad_message_does_not_hold_up_the_good_ones(tmp_path, moto_ser
     sqs.send_message(QueueUrl=url, MessageBody=envelope(bounce("g@example.net")))
     ing, db = await ingester(tmp_path, moto_server, url)
     try:
-        async with ing.client() as client:
-            deleted = 0
-            for _ in range(10):
-                deleted += await ing.poll_once(client)
-                if deleted == 2 and ing.counts["unparseable"]:
-                    break
+        deleted = await poll_until(ing, lambda n: n == 2 and ing.counts["unparseable"] > 0)
     finally:
         await db.close()
     assert deleted == 2 and ing.counts["applied"] == 2
@@ -297,18 +304,12 @@ async def test_nothing_is_deleted_until_the_batch_is_committed(tmp_path, moto_se
     holder = sqlite3.connect(path, isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        async with ing.client() as client:
-            with pytest.raises(Exception, match="locked"):
-                for _ in range(10):  # until a receive returns something to apply
-                    await ing.poll_once(client)
-            assert in_queue(sqs, url) == 2
-            holder.execute("ROLLBACK")
-            deleted = 0
-            for _ in range(10):
-                deleted += await ing.poll_once(client)
-                if deleted == 2:
-                    break
-        assert deleted == 2 and in_queue(sqs, url) == 0
+        with pytest.raises(Exception, match="locked"):
+            await poll_until(ing, lambda n: False)  # until a receive returns something
+        assert in_queue(sqs, url) == 2
+        holder.execute("ROLLBACK")
+        assert await poll_until(ing, lambda n: n == 2) == 2
+        assert in_queue(sqs, url) == 0
         async with db.session() as s:
             from sqlalchemy import func, select
 
@@ -337,11 +338,7 @@ async def test_a_forged_envelope_on_the_sqs_path_is_not_applied(tmp_path, moto_s
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps(body))
     ing, db = await ingester(tmp_path, moto_server, url)
     try:
-        async with ing.client() as client:
-            for _ in range(5):
-                assert await ing.poll_once(client) == 0
-                if ing.counts["rejected"]:
-                    break
+        assert await poll_until(ing, lambda n: ing.counts["rejected"] > 0, polls=5) == 0
     finally:
         await db.close()
     assert ing.counts["rejected"] >= 1 and ing.counts["applied"] == 0
@@ -360,12 +357,7 @@ async def test_an_event_older_than_max_event_age_is_deleted_unapplied(tmp_path, 
     sqs.send_message(QueueUrl=url, MessageBody=envelope(bounce("n@example.net")))
     ing, db = await ingester(tmp_path, moto_server, url)
     try:
-        async with ing.client() as client:
-            deleted = 0
-            for _ in range(10):
-                deleted += await ing.poll_once(client)
-                if deleted == 2:
-                    break
+        await poll_until(ing, lambda n: n == 2)
     finally:
         await db.close()
     assert ing.counts["too_old"] == 1 and ing.counts["applied"] == 1
