@@ -128,30 +128,17 @@ def message_id_header(data: bytes) -> str:
     return str(value).strip()[:998]
 
 
-async def record_feedback(session: AsyncSession, *, ses_message_id: str, recipient: str,
-                          kind: str, detail: str, now: float) -> None:
-    """Apply a feedback event to its row inside the feedback applier's transaction.
-
-    A row not yet known by its SES MessageId is caught up by the log writer when it
-    records the send (_early_feedback); the lock orders the two on PostgreSQL.
-    """
-    change = after_feedback(kind, detail)
-    if change is None or not ses_message_id:
-        return
-    await xact_lock(session, LOCK_SES_MESSAGE, ses_message_id)
-    await session.execute(update(MessageRow).where(
-        MessageRow.ses_message_id == ses_message_id, MessageRow.recipient == recipient,
-    ).values(**change, updated_at=now))
-
-
 async def record_feedback_many(session: AsyncSession,
                                events: Sequence[tuple[str, str, str, str]], *,
                                now: float) -> None:
     """Apply a batch of (SES MessageId, recipient, kind, detail) events, in order, to their
-    rows inside the feedback applier's transaction: as record_feedback() once each.
+    rows inside the feedback applier's transaction (relay.store.transitions.after_feedback
+    says what each changes).
 
     A row's changes are folded first (a later event's columns win, as they would applied
-    one after the other); then one executemany per set of columns changed.
+    one after the other); then one executemany per set of columns changed. A row not yet
+    known by its SES MessageId is caught up by the log writer when it records the send
+    (_early_feedback); the locks order the two on PostgreSQL.
     """
     changes: dict[tuple[str, str], dict[str, str]] = {}
     for ses_id, rcpt, kind, detail in events:

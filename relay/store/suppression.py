@@ -147,14 +147,6 @@ async def set_bounce_counts(session: AsyncSession, counts: dict[str, int], *,
         await session.execute(_upsert_count(session.get_bind().dialect.name), kept)
 
 
-async def bounce_count(session: AsyncSession, address: str) -> int:
-    """The address's consecutive transient bounces so far (normalized address)."""
-    # a column, not the row: set_bounce_count() writes by statement, never a stale object
-    count = await session.scalar(select(BounceCount.count).where(
-        BounceCount.address == address))
-    return int(count or 0)
-
-
 @functools.cache
 def _upsert_count(dialect: str) -> Any:
     """INSERT of a bounce count that replaces the count already there (SQLite, PostgreSQL)."""
@@ -165,16 +157,6 @@ def _upsert_count(dialect: str) -> Any:
     return stmt.on_conflict_do_update(
         index_elements=[BounceCount.address],
         set_={"count": stmt.excluded.count, "updated_at": stmt.excluded.updated_at})
-
-
-async def set_bounce_count(session: AsyncSession, address: str, count: int, *,
-                           now: float) -> None:
-    """Store the count inside the caller's transaction; 0 forgets the address."""
-    if count == 0:
-        await session.execute(delete(BounceCount).where(BounceCount.address == address))
-        return
-    await session.execute(_upsert_count(session.get_bind().dialect.name),
-                          {"address": address, "count": count, "updated_at": now})
 
 
 #: The delivery-time check: one SELECT for any number of addresses.
