@@ -139,6 +139,13 @@ def test_feedback_events_and_suppressions_from_the_simulator(start_relay):
         assert value(m, "relay_feedback_messages_total", outcome="applied") >= 2
         assert value(m, "relay_feedback_messages_total", outcome="unparseable") == 0
         assert value(m, "relay_reputation_sample_sends") >= 0
+        # the feedback path's own signals: events applied by kind, lag from SES's
+        # timestamp (the sandbox stamps the event when it accepts the call), the backlog
+        assert value(m, "relay_feedback_events_applied_total", kind="bounce") == 1
+        assert value(m, "relay_feedback_events_applied_total", kind="complaint") == 1
+        assert 0 <= value(m, "relay_feedback_lag_seconds", quantile="0.5") < 30
+        assert 0 < value(m, "relay_feedback_lag_seconds", quantile="0.99") < 30
+        assert value(m, "relay_feedback_backlog_messages") >= -1
         # a later message to a suppressed address is dropped at delivery time
         send(relay.smtp_port, [f"bounce@{SIM}"], message("again"))
         wait_for(lambda: value(scrape(relay), "relay_suppressed_recipients_total") == 1, 20)
