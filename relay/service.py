@@ -34,7 +34,8 @@ from relay.errors import ConfigError
 from relay.feedback.applier import AppliedBatch, FeedbackApplier
 from relay.feedback.guard import ReputationGuard
 from relay.feedback.sns import SnsEndpoint, Verifier
-from relay.feedback.sqs import SqsIngester, queue_region
+from relay.feedback.sqs import queue_region
+from relay.feedback.thread import IngesterThread, ingester_thread
 from relay.ingress.credentials import Credentials
 from relay.ingress.server import Ingress, IngressHandler
 from relay.log import event
@@ -258,7 +259,7 @@ class Relay:
     partition: Partition
     message_log: MessageLog
     guard: ReputationGuard
-    ingester: SqsIngester | None
+    ingester: IngesterThread | None
     sns: SnsEndpoint | None
     pool: DeliveryPool
     fanout: QueuedFanout
@@ -342,13 +343,10 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
 
     applier = FeedbackApplier(db, soft_bounce_limit=fcfg.soft_bounce_limit)
     verifier = verifier or Verifier(topic_arns=fcfg.topic_arns)
-    ingester = SqsIngester(
-        applier=applier, verifier=verifier, queue_url=sqs.url,
-        region=queue_region(sqs.url, config.ses.region), endpoint_url=sqs.endpoint,
-        static_credentials=sqs.credentials, wait_time=fcfg.wait_time,
-        max_messages=fcfg.max_messages, receivers=fcfg.receivers,
-        raw_delivery=fcfg.raw_delivery, max_event_age=fcfg.max_event_age, on_batch=applied,
-    ) if sqs is not None and ingest else None
+    ingester = ingester_thread(
+        config, verifier, queue_url=sqs.url, region=queue_region(sqs.url, config.ses.region),
+        endpoint_url=sqs.endpoint, static_credentials=sqs.credentials,
+        on_batch=lambda _: guard.kick()) if sqs is not None and ingest else None
     sns = SnsEndpoint(applier=applier, verifier=verifier, on_batch=applied
                       ) if fcfg.sns_endpoint and ingest else None
     ingress = _ingress(config, spool=spool, commit=commit, metrics=metrics,
@@ -407,7 +405,7 @@ def _missing_credentials(ses: SesClient) -> list[str]:
     return [reason]
 
 
-def _feedback_stats(ingester: SqsIngester | None, sns: SnsEndpoint | None,
+def _feedback_stats(ingester: IngesterThread | None, sns: SnsEndpoint | None,
                     guard: ReputationGuard) -> Callable[[], dict[str, float]]:
     """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""
 
