@@ -9,7 +9,8 @@ batch with DeleteMessageBatch only after that commit, then calls on_batch (the g
 kick). A message that cannot be parsed or fails its check is logged, counted and left
 alone, so the queue's redrive policy moves it to a dead-letter queue; one whose SES event
 is older than feedback.max_event_age is deleted unapplied and counted. Writes no table
-itself. Built by relay.service (also against the sandbox's SQS endpoint).
+itself. Built by relay.feedback.thread, on its own thread (also against the sandbox's SQS
+endpoint), and by tests.
 """
 
 from __future__ import annotations
