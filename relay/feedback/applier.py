@@ -14,7 +14,8 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.feedback.decisions import COUNTED, decide
 from relay.feedback.parse import IGNORED, Event, Notification, events, identity
@@ -134,7 +135,8 @@ class FeedbackApplier:
                           for i, (n, evts) in enumerate(notes)]
         return batch
 
-    async def _write(self, s: Any, fresh: list[_New], batch: AppliedBatch, now: float) -> None:
+    async def _write(self, s: AsyncSession, fresh: list[_New], batch: AppliedBatch,
+                     now: float) -> None:
         """The batch's new events and their effects, through each table's writer."""
         counts = await bounce_counts(s, {t.address for t in fresh if t.event.kind in COUNTED})
         changed: dict[str, int] = {}
