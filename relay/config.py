@@ -190,6 +190,9 @@ class FeedbackConfig:
     min_sample: int = 200
     reputation_window: float = _duration(default=86400.0)
     guard_interval: float = _duration(default=30.0)
+    receivers: int = 8
+    raw_delivery: bool = False
+    max_event_age: float = _duration(default=14 * 86400.0)
 
     def check(self) -> None:
         url = self.sqs_endpoint_url
@@ -214,6 +217,19 @@ class FeedbackConfig:
             raise ConfigError("feedback.min_sample", "must be at least 1")
         if self.reputation_window <= 0 or self.guard_interval <= 0:
             raise ConfigError("feedback.guard_interval", "durations must be above 0")
+        self._check_ingester()
+
+    def _check_ingester(self) -> None:
+        if not 1 <= self.receivers <= 32:
+            raise ConfigError("feedback.receivers", "must be between 1 and 32")
+        if self.max_event_age <= 0:
+            raise ConfigError("feedback.max_event_age", "must be above 0")
+        if self.sqs_queue_url and self.sqs_endpoint_url != SANDBOX and not self.raw_delivery \
+                and not self.topic_arns:
+            raise ConfigError("feedback.topic_arns", "must list the SNS topics that feed "
+                              "feedback.sqs_queue_url (their envelopes' signatures and topics "
+                              "are checked), or set feedback.raw_delivery = true when the "
+                              "subscription uses raw message delivery")
 
 
 @dataclass(frozen=True)
