@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from relay.config_guard import RETIRED, check_guard
 from relay.config_lanes import LanesConfig
 from relay.config_values import coerce
 from relay.config_values import parse_duration as parse_duration
@@ -185,11 +186,18 @@ class FeedbackConfig:
     soft_bounce_limit: int = 3
     topic_arns: tuple[str, ...] = ()
     sns_endpoint: bool = False
-    max_bounce_rate: float = 0.04
-    max_complaint_rate: float = 0.0008
-    min_sample: int = 200
+    # the reputation guard (relay.feedback.guard; keys in relay.config_guard)
+    max_bounce_rate: float = 0.05
+    max_complaint_rate: float = 0.001
+    account_max_bounce_rate: float = 0.08
+    account_max_complaint_rate: float = 0.004
+    confidence: float = 0.95
+    resume_confidence: float = 0.8
+    bounce_settle: float = _duration(default=900.0)
+    max_unjudged_sends: int = 100
     reputation_window: float = _duration(default=86400.0)
     guard_interval: float = _duration(default=30.0)
+    guard_debounce: float = _duration(default=1.0)
 
     def check(self) -> None:
         url = self.sqs_endpoint_url
@@ -207,13 +215,7 @@ class FeedbackConfig:
         if self.sns_endpoint and not self.topic_arns:
             raise ConfigError("feedback.topic_arns",
                               "must list the accepted topics when feedback.sns_endpoint is on")
-        for key in ("max_bounce_rate", "max_complaint_rate"):
-            if not 0 < getattr(self, key) <= 1:
-                raise ConfigError(f"feedback.{key}", "must be a fraction above 0 and at most 1")
-        if self.min_sample < 1:
-            raise ConfigError("feedback.min_sample", "must be at least 1")
-        if self.reputation_window <= 0 or self.guard_interval <= 0:
-            raise ConfigError("feedback.guard_interval", "durations must be above 0")
+        check_guard(self)
 
 
 @dataclass(frozen=True)
@@ -270,9 +272,16 @@ class SandboxConfig:
     #: unavailable, paused, suspended, rejected, mailfrom, noconfigset, badrequest, slow,
     #: timeout, ok): a failure mode seen without writing code
     faults: tuple[str, ...] = ()
+    #: seconds before the simulator's feedback events can be read (SES's own lag)
+    event_delay: float = _duration(default=0.0)
+    #: seconds more before a complaint can be read (complaints trail by hours at SES)
+    complaint_delay: float = _duration(default=0.0)
 
     def check(self) -> None:
         _port("sandbox.port", self.port)
+        if self.event_delay < 0 or self.complaint_delay < 0:
+            raise ConfigError("sandbox.event_delay" if self.event_delay < 0
+                              else "sandbox.complaint_delay", "must be 0 or more")
         if self.max_send_rate <= 0:
             raise ConfigError("sandbox.max_send_rate", "must be above 0")
 
@@ -367,6 +376,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        if f"{name}.{key}" in RETIRED:
+            raise ConfigError(f"{name}.{key}", RETIRED[f"{name}.{key}"])
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key in [{name}]")
         kwargs[key] = coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=False)
@@ -378,6 +389,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
         if not var.startswith(prefix):
             continue
         key = var[len(prefix):].lower()
+        if f"{name}.{key}" in RETIRED:
+            raise ConfigError(f"{name}.{key}", f"{RETIRED[f'{name}.{key}']} (from {var})")
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key (from environment variable {var})")
         kwargs[key] = coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=True)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
-from relay.config import SANDBOX, Config
+from relay.config import SANDBOX, Config, FeedbackConfig
 from relay.delivery.account import Gate
 from relay.delivery.dsn import DsnWriter
 from relay.delivery.pool import DeliveryPool
@@ -32,7 +32,8 @@ from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import Partition, PoolSettings
 from relay.errors import ConfigError
 from relay.feedback.applier import Applied, FeedbackApplier
-from relay.feedback.guard import ReputationGuard
+from relay.feedback.guard import GuardSettings, ReputationGuard
+from relay.feedback.reputation import Lines
 from relay.feedback.sns import SnsEndpoint
 from relay.feedback.sqs import SqsIngester, queue_region
 from relay.ingress.credentials import Credentials
@@ -137,6 +138,7 @@ async def _start_sandbox(config: Config) -> StartedSandbox | None:
     state = SandboxState(
         outbox=config.sandbox_dir, max_send_rate=sb.max_send_rate,
         max_24hour_send=sb.max_24hour_send, latency=sb.latency, keep_raw=False,
+        event_delay=sb.event_delay, complaint_delay=sb.complaint_delay,
     )
     try:
         state.script(*sb.faults)
@@ -317,11 +319,8 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         suppressions=suppressions, listeners=[message_log, metrics], commit=commit,
     )
     guard = ReputationGuard(
-        db=db, pause=pool.pause, resume=pool.resume, paused_reason=lambda: pool.paused_reason,
-        max_bounce_rate=fcfg.max_bounce_rate, max_complaint_rate=fcfg.max_complaint_rate,
-        min_sample=fcfg.min_sample, window=fcfg.reputation_window,
-        interval=fcfg.guard_interval,
-    )
+        db=db, scheduler=scheduler, pause=pool.pause, resume=pool.resume,
+        paused_reason=lambda: pool.paused_reason, settings=guard_settings(fcfg, partition))
 
     async def applied(_: Applied) -> None:
         guard.kick()
@@ -357,7 +356,7 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         return await database_problems(db)
 
     admin = Admin(checks=checks, metrics=metrics.render, refresh=gauges.refresh,
-                  async_checks=database,
+                  async_checks=database, notes=guard.notes,
                   routes={"/sns": sns.handle} if sns is not None else {})
     return Relay(config=config, partition=partition, message_log=message_log, guard=guard,
                  ingester=ingester, sns=sns, pool=pool, fanout=fanout, ingress=ingress,
@@ -402,8 +401,22 @@ def _feedback_stats(ingester: SqsIngester | None, sns: SnsEndpoint | None,
             out["sns_rejected"] = float(sns.rejected)
         rates = guard.last
         out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
-                   reputation_sample=float(rates.sent),
+                   reputation_sample=float(rates.judged),
                    reputation_paused=float(guard.paused_reason().startswith("reputation:")))
+        out.update(guard.stats())
         return out
 
     return stats
+
+
+def guard_settings(fcfg: FeedbackConfig, partition: Partition) -> GuardSettings:
+    """The reputation guard's settings from [feedback] (this worker's share of the
+    unjudged sends a lane may make)."""
+    return GuardSettings(
+        lane=Lines(fcfg.max_bounce_rate, fcfg.max_complaint_rate, fcfg.confidence),
+        account=Lines(fcfg.account_max_bounce_rate, fcfg.account_max_complaint_rate,
+                      fcfg.confidence),
+        resume_confidence=fcfg.resume_confidence, bounce_settle=fcfg.bounce_settle,
+        max_unjudged_sends=fcfg.max_unjudged_sends, window=fcfg.reputation_window,
+        debounce=fcfg.guard_debounce, interval=fcfg.guard_interval,
+        share=1.0 / partition.count)

@@ -100,6 +100,9 @@ class SandboxState:
     quota_exceeded: int = 0
     #: SNS-wrapped SES notifications for mailbox-simulator recipients, served as SQS
     feedback: SqsQueue = field(default_factory=SqsQueue)
+    #: seconds before a simulator notification can be received, and more for a complaint
+    event_delay: float = 0.0
+    complaint_delay: float = 0.0
     #: SES's account-level suppression list: address -> BOUNCE or COMPLAINT
     account_suppressed: dict[str, str] = field(default_factory=dict)
     _window: list[tuple[float, int]] = field(default_factory=list)
@@ -309,7 +312,8 @@ class Sandbox:
             st.calls.append(call)
         for doc in notifications(message_id=call.message_id, sender=call.sender,
                                  recipients=call.recipients, raw=data):
-            st.feedback.send(sns_envelope(doc))
+            late = st.complaint_delay if doc["notificationType"] == "Complaint" else 0.0
+            st.feedback.send(sns_envelope(doc), delay=st.event_delay + late)
 
     def _write(self, message_id: str, data: bytes) -> None:
         assert self.state.outbox is not None

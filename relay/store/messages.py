@@ -29,7 +29,7 @@ from relay.store import feedback_events
 from relay.store.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
 from relay.store.log_writer import BatchWriter
 from relay.store.suppression import normalize
-from relay.store.transitions import after_feedback, after_outcome, attempts_of
+from relay.store.transitions import KEEPS, after_feedback, after_outcome, attempts_of
 
 log = logging.getLogger("relay.tracking")
 
@@ -134,6 +134,7 @@ async def record_feedback(session: AsyncSession, *, ses_message_id: str, recipie
     await xact_lock(session, LOCK_SES_MESSAGE, ses_message_id)
     await session.execute(update(MessageRow).where(
         MessageRow.ses_message_id == ses_message_id, MessageRow.recipient == recipient,
+        MessageRow.status.not_in(KEEPS.get(kind, ())),
     ).values(**change, updated_at=now))
 
 
@@ -246,7 +247,8 @@ class MessageLog:
         now = time.time()
 
         rows = [{"queue_id": qid, "recipient": r, "message_id_header": header,
-                 "status": "queued", "attempts": 0, "created_at": now, "updated_at": now}
+                 "lane": envelope.lane, "status": "queued", "attempts": 0, "created_at": now,
+                 "updated_at": now}
                 for r in rcpts]
 
         # an outcome may have been written first: the upsert keeps it, fills in the header
@@ -276,6 +278,7 @@ class MessageLog:
         # a row not there yet (no queued row) is inserted: status or "queued", 1 attempt
         # for an outcome that counts attempts, else 0
         rows = [{"queue_id": qid, "recipient": r, "created_at": now, **values,
+                 "lane": record.envelope.lane,
                  "status": values.get("status", "queued"), "attempts": 1 if attempts else 0}
                 for r in rcpts]
         if attempts == "set":
@@ -296,8 +299,14 @@ class MessageLog:
             FeedbackEvent.ses_message_id.in_({ses_id for _, ses_id, _ in sent}),
         ).order_by(FeedbackEvent.id))
         # the latest event that changes the row wins, as it would have arriving later
-        latest = {(i, r): change for i, r, k, d in events
-                  if (change := after_feedback(k, d)) is not None and (i, r) in qids}
+        # (unless it may not replace what an earlier one set: KEEPS)
+        latest: dict[tuple[str, str], dict[str, str]] = {}
+        for i, r, k, d in events:
+            change = after_feedback(k, d)
+            if change is None or (i, r) not in qids:
+                continue
+            if latest.get((i, r), {}).get("status") not in KEEPS.get(k, ()):
+                latest[i, r] = change
         for (ses_id, rcpt), change in latest.items():
             await s.execute(update(MessageRow).where(
                 MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,
