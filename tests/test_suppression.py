@@ -1,5 +1,6 @@
 """The suppression list and message log: operator CLI, RCPT-time rejection, normalization,
-retention (the guard's arithmetic: tests/unit/test_reputation.py), and the core's import boundary."""
+retention, and the core's import boundary (the guard's arithmetic:
+tests/unit/test_reputation.py)."""
 
 from __future__ import annotations
 

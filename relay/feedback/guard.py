@@ -87,6 +87,10 @@ async def request_resume(db: Database, *, lane: str | None = None,
     return scopes
 
 
+def _hint(scope: str) -> str:
+    return "investigate, then: relay resume" + ("" if scope == ACCOUNT else f" --lane {scope}")
+
+
 def tally(rows: Sequence[tuple[str, str, bool, int]], *, lanes: Sequence[str],
           default: str) -> dict[str, Counts]:
     """(lane, status, settled, count) rows -> Counts per lane (pure).
@@ -216,17 +220,19 @@ class ReputationGuard:
                     self._log_pause(scope, reason, counts[scope])
                 else:
                     reason = ""
+            if reason and not info.paused and scope in paused:
+                # a lasting pause this process had not obeyed yet (at start, another relay)
+                event(log, "reputation_paused", level=logging.WARNING, lane=scope,
+                      reason=reason, hint=_hint(scope))
             info.paused = reason
             self._apply(scope, reason, picked)
         self.took = time.monotonic() - started
         return {s: i.paused for s, i in self.scopes.items() if i.paused}
 
     def _log_pause(self, scope: str, reason: str, c: Counts) -> None:
-        hint = "relay resume" if scope == ACCOUNT else f"relay resume --lane {scope}"
         event(log, "reputation_pause", level=logging.ERROR, lane=scope, reason=reason,
               rate=round(c.bounce_rate, 4), complaint_rate=round(c.complaint_rate, 5),
-              sends=c.judged, bounces=c.bounces, complaints=c.complaints,
-              hint=f"investigate, then: {hint}")
+              sends=c.judged, bounces=c.bounces, complaints=c.complaints, hint=_hint(scope))
 
     def _apply(self, scope: str, reason: str, picked: dict[str, int]) -> None:
         """Make this process obey the scope's state: pause, resume, the lane's allowance."""

@@ -67,8 +67,8 @@ LANE_GAUGES = {
                "Sends counted in the rates: an outcome arrived, or feedback.bounce_settle "
                "passed"),
     "unknown": ("relay_lane_unjudged_sends", "Sends SES accepted whose outcome is not known yet"),
-    "bounce_line": ("relay_lane_bounce_line", "The bounce rate the lane may not exceed"),
-    "complaint_line": ("relay_lane_complaint_line",
+    "bounce_line": ("relay_lane_bounce_line_ratio", "The bounce rate the lane may not exceed"),
+    "complaint_line": ("relay_lane_complaint_line_ratio",
                        "The complaint rate the lane may not exceed"),
     "paused": ("relay_lane_paused", "1 while the reputation guard holds the lane paused"),
 }

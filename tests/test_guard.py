@@ -1,0 +1,161 @@
+"""The reputation guard on a real relay and the sandbox: a bad list in the bulk lane is
+paused alone after a few hundred sends while transactional mail flows; `relay resume
+--lane` judges what follows on its own (a still-bad list pauses again within tens of
+sends, a clean one is not paused by the old events); OnAccountSuppressionList and
+transient bounces do not raise the rate. Every bound is a count of sends, never a time.
+"""
+
+from __future__ import annotations
+
+import random
+import smtplib
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.sandbox.server import SandboxState, SandboxThread
+from tests.conftest import RelayProcess, wait_for
+from tests.feedback_helpers import SENDER, cli
+
+SIM = "simulator.amazonses.com"
+BULK_HEAD = "Precedence: bulk\r\nList-Unsubscribe: <mailto:unsub@example.com>\r\n"
+
+
+def message(head: str = "") -> bytes:
+    return (f"From: App <{SENDER}>\r\nTo: someone@example.org\r\nSubject: hi\r\n"
+            f"Message-ID: <{uuid.uuid4().hex}@example.com>\r\n{head}\r\nbody\r\n").encode()
+
+
+def send_each(port: int, rcpts: list[str], *, bulk: bool) -> None:
+    """One message per recipient, in order, over one connection."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+        for rcpt in rcpts:
+            s.sendmail(SENDER, [rcpt], message(BULK_HEAD if bulk else ""))
+
+
+def accepted(sb: SandboxThread, tag: str) -> int:
+    """Recipients the sandbox accepted whose address carries `tag` (+b: bulk, +t: tx)."""
+    return sum(1 for c in sb.state.accepted() for r in c.recipients if f"+{tag}" in r)
+
+
+def get(relay: RelayProcess, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{relay.admin_port}{path}",
+                                    timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def lane_metric(relay: RelayProcess, name: str, lane: str) -> float:
+    for family in text_string_to_metric_families(get(relay, "/metrics")[1]):
+        for s in family.samples:
+            if s.name == name and s.labels.get("lane") == lane:
+                return s.value
+    raise AssertionError(f"no {name}{{lane={lane!r}}}")
+
+
+@pytest.fixture
+def fast_sandbox(tmp_path):
+    sb = SandboxThread(SandboxState(outbox=tmp_path / "out", max_send_rate=2000,
+                                    max_24hour_send=-1)).start()
+    yield sb
+    sb.stop()
+
+
+def start_guarded(start_relay, sb: SandboxThread, **feedback: object) -> RelayProcess:
+    return start_relay(sb.url, delivery={"max_rate": 1000}, feedback={
+        "sqs_queue_url": f"{sb.url}/queue/feedback", "sqs_endpoint_url": sb.url,
+        "wait_time": "1s", "guard_interval": "0.3s", "guard_debounce": "0.1s",
+        "max_unjudged_sends": 50, **feedback})
+
+
+def bad_list(n: int, bad: int, seed: int) -> list[str]:
+    rcpts = [f"bounce+b{i}@{SIM}" for i in range(bad)]
+    rcpts += [f"success+b{i}@{SIM}" for i in range(bad, n)]
+    random.Random(seed).shuffle(rcpts)
+    return rcpts
+
+
+def test_a_bad_bulk_list_is_paused_alone_and_pauses_again_soon_after_resume(
+        start_relay, fast_sandbox):
+    sb = fast_sandbox
+    # the account's own line is set apart: this is about one lane among others
+    relay = start_guarded(start_relay, sb, account_max_bounce_rate=0.3)
+    send_each(relay.smtp_port, bad_list(600, 48, seed=4), bulk=True)  # 8% bounce
+    send_each(relay.smtp_port, [f"success+t{i}@{SIM}" for i in range(5)], bulk=False)
+    paused = wait_for(lambda: relay.find("reputation_pause", lane="bulk"), 180)
+    assert "lane bulk bounce rate" in paused["reason"]
+    assert paused["hint"].endswith("relay resume --lane bulk")
+    assert paused["sends"] <= 300, paused
+
+    # transactional mail keeps flowing past the paused lane (and is a barrier: bulk
+    # calls in flight when the pause came have ended once these went out)
+    send_each(relay.smtp_port, [f"success+t{i}@{SIM}" for i in range(5, 15)], bulk=False)
+    wait_for(lambda: accepted(sb, "t") == 15, 60)
+    first = accepted(sb, "b")
+    assert first <= 300 + 50 + 20, first  # judged + max_unjudged_sends + in flight
+    assert len(relay.queued("active")) + len(relay.queued("deferred")) >= 600 - first
+    status, body = get(relay, "/readyz")
+    assert status == 200 and "lane bulk paused" in body, body
+    assert lane_metric(relay, "relay_lane_paused", "bulk") == 1
+    assert lane_metric(relay, "relay_lane_paused", "transactional") == 0
+    assert lane_metric(relay, "relay_lane_bounce_ratio", "bulk") > 0.05
+    assert relay.find("reputation_pause", lane="transactional") is None
+
+    # lasting: a restart stays paused
+    assert relay.stop() == 0
+    relay.start()
+    assert relay.find("reputation_paused", lane="bulk") is not None
+    send_each(relay.smtp_port, [f"success+t{i}@{SIM}" for i in range(15, 20)], bulk=False)
+    wait_for(lambda: accepted(sb, "t") == 20, 60)
+    assert accepted(sb, "b") == first
+
+    # resumed, the same list is judged on its own and pauses again within tens of sends
+    assert "resumed lane bulk" in cli(relay, "resume", "--lane", "bulk").stdout
+    again = wait_for(lambda: relay.find("reputation_pause", lane="bulk"), 120)
+    assert again["sends"] <= 150, again
+    send_each(relay.smtp_port, [f"success+t{i}@{SIM}" for i in range(20, 25)], bulk=False)
+    wait_for(lambda: accepted(sb, "t") == 25, 60)
+    assert accepted(sb, "b") - first <= 150 + 50 + 20, (first, accepted(sb, "b"))
+
+
+def test_a_clean_list_after_a_bad_one_is_not_paused_by_the_old_events(
+        start_relay, fast_sandbox):
+    sb = fast_sandbox
+    relay = start_guarded(start_relay, sb, account_max_bounce_rate=0.9)
+    send_each(relay.smtp_port, bad_list(30, 12, seed=1), bulk=True)  # 40%: all go at once
+    wait_for(lambda: relay.find("reputation_pause", lane="bulk"), 120)
+    wait_for(lambda: not relay.queued("active") and not relay.queued("deferred"), 60)
+    assert accepted(sb, "b") <= 30
+    assert "resumed lane bulk" in cli(relay, "resume", "--lane", "bulk").stdout
+    clean = [f"success+c{i}@{SIM}" for i in range(150)]
+    send_each(relay.smtp_port, clean, bulk=True)
+    # every clean send judged (its Delivery applied), the old bounces in the history only
+    wait_for(lambda: lane_metric(relay, "relay_lane_judged_sends", "bulk") >= 150, 120)
+    assert sum(1 for c in sb.state.accepted() for r in c.recipients if "+c" in r) == 150
+    assert len(relay.events("reputation_pause")) == 1
+    assert lane_metric(relay, "relay_lane_paused", "bulk") == 0
+    assert lane_metric(relay, "relay_lane_bounce_ratio", "bulk") == 0
+
+
+def test_account_suppression_list_and_soft_bounces_do_not_raise_the_rate(
+        start_relay, fast_sandbox):
+    sb = fast_sandbox
+    relay = start_guarded(start_relay, sb, max_unjudged_sends=0)
+    rcpts = ([f"suppressionlist+b{i}@{SIM}" for i in range(30)]
+             + [f"softbounce+b{i}@{SIM}" for i in range(20)]
+             + [f"mailboxfull+b{i}@{SIM}" for i in range(10)]
+             + [f"success+b{i}@{SIM}" for i in range(40)])
+    random.Random(7).shuffle(rcpts)
+    send_each(relay.smtp_port, rcpts, bulk=True)
+    # judged: 40 delivered + 30 transient bounces; the 30 SES did not try are not sends
+    wait_for(lambda: lane_metric(relay, "relay_lane_judged_sends", "bulk") >= 70, 120)
+    wait_for(lambda: len(relay.events("sent")) >= 100, 30)
+    assert lane_metric(relay, "relay_lane_judged_sends", "bulk") == 70
+    assert lane_metric(relay, "relay_lane_bounce_ratio", "bulk") == 0
+    assert relay.find("reputation_pause") is None
