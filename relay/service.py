@@ -320,7 +320,8 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     )
     guard = ReputationGuard(
         db=db, scheduler=scheduler, pause=pool.pause, resume=pool.resume,
-        paused_reason=lambda: pool.paused_reason, settings=guard_settings(fcfg, partition))
+        paused_reason=lambda: pool.paused_reason,
+        settings=guard_settings(fcfg, partition, blind=sqs is None and not fcfg.sns_endpoint))
 
     async def applied(_: Applied) -> None:
         guard.kick()
@@ -409,14 +410,21 @@ def _feedback_stats(ingester: SqsIngester | None, sns: SnsEndpoint | None,
     return stats
 
 
-def guard_settings(fcfg: FeedbackConfig, partition: Partition) -> GuardSettings:
+def guard_settings(fcfg: FeedbackConfig, partition: Partition, *,
+                   blind: bool) -> GuardSettings:
     """The reputation guard's settings from [feedback] (this worker's share of the
-    unjudged sends a lane may make)."""
+    unjudged sends a lane may make). Blind (no SQS queue, no SNS endpoint: no outcome can
+    ever be known) the lanes are not held to max_unjudged_sends."""
+    if blind and partition.index == 0:
+        event(log, "reputation_guard_blind", level=logging.WARNING,
+              reason="no feedback source (feedback.sqs_queue_url or feedback.sns_endpoint): "
+                     "the reputation guard sees no bounce or complaint")
     return GuardSettings(
         lane=Lines(fcfg.max_bounce_rate, fcfg.max_complaint_rate, fcfg.confidence),
         account=Lines(fcfg.account_max_bounce_rate, fcfg.account_max_complaint_rate,
                       fcfg.confidence),
         resume_confidence=fcfg.resume_confidence, bounce_settle=fcfg.bounce_settle,
-        max_unjudged_sends=fcfg.max_unjudged_sends, window=fcfg.reputation_window,
+        max_unjudged_sends=0 if blind else fcfg.max_unjudged_sends,
+        window=fcfg.reputation_window,
         debounce=fcfg.guard_debounce, interval=fcfg.guard_interval,
         share=1.0 / partition.count)
