@@ -166,3 +166,62 @@ def test_account_suppression_list_and_soft_bounces_do_not_raise_the_rate(
     assert lane_metric(relay, "relay_lane_judged_sends", "bulk") == 70
     assert lane_metric(relay, "relay_lane_bounce_ratio", "bulk") == 0
     assert relay.find("reputation_pause") is None
+
+
+async def test_a_check_counts_recent_sends_and_the_rest_from_the_last_full_count(tmp_path):
+    """Between full counts only the sends after the last horizon are read again: new sends
+    and outcomes on them count at once, a late complaint on an old send at the next full
+    count, and a full count always equals the whole window's."""
+    from sqlalchemy import insert, update
+
+    from relay.config_lanes import LanesConfig
+    from relay.delivery.account import Gate
+    from relay.delivery.scheduler import Scheduler
+    from relay.delivery.settings import PoolSettings
+    from relay.feedback.guard import GuardSettings, ReputationGuard
+    from relay.feedback.reputation import Counts
+    from relay.spool.spool import Spool
+    from relay.store.db import Database, MessageRow
+    from tests.conftest import database_for
+
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    now = 1_000_000.0
+
+    def row(i: int, sent_at: float, status: str) -> dict[str, object]:
+        return {"queue_id": f"q{i}", "recipient": f"r{i}@example.com", "lane": "bulk",
+                "status": status, "created_at": sent_at, "updated_at": sent_at,
+                "sent_at": sent_at, "attempts": 1}
+
+    async def add(*rows: dict[str, object]) -> None:
+        async with db.engine.begin() as conn:
+            await conn.execute(insert(MessageRow), list(rows))
+
+    try:
+        # 10 old sends (settled), 1 bounced; 5 recent ones, unknown
+        await add(*(row(i, now - 3600 + i, "bounced" if i == 0 else "delivered")
+                    for i in range(10)))
+        await add(*(row(i, now - 60 + i, "sent") for i in range(10, 15)))
+        scheduler = Scheduler(spool=Spool(tmp_path / "spool", fsync=False), gate=Gate(),
+                              settings=PoolSettings(), clock=lambda: now, lanes=LanesConfig())
+
+        def guard(recount: float) -> ReputationGuard:
+            return ReputationGuard(db=db, scheduler=scheduler, pause=lambda r: None,
+                                   resume=lambda: None, paused_reason=lambda: "",
+                                   settings=GuardSettings(recount=recount, bounce_settle=900),
+                                   clock=lambda: now)
+
+        since = {"transactional": now - 86400, "bulk": now - 86400, "*": now - 86400}
+        g = guard(recount=3600)
+        assert (await g.counts(since, now))["bulk"] == Counts(judged=10, bounces=1, unknown=5)
+        # a new send, an outcome on a recent one, a late complaint on an old one
+        await add(row(15, now - 1, "sent"))
+        async with db.engine.begin() as conn:
+            await conn.execute(update(MessageRow).where(MessageRow.queue_id == "q10")
+                               .values(status="bounced"))
+            await conn.execute(update(MessageRow).where(MessageRow.queue_id == "q5")
+                               .values(status="complained"))
+        assert (await g.counts(since, now))["bulk"] == Counts(judged=11, bounces=2, unknown=5)
+        full = Counts(judged=11, bounces=2, complaints=1, unknown=5)
+        assert (await guard(recount=0).counts(since, now))["bulk"] == full
+    finally:
+        await db.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.delivery.scheduler import Scheduler
 from relay.feedback.reputation import (
@@ -38,6 +39,7 @@ log = logging.getLogger("relay.guard")
 PAUSE = "pause/"
 RESUME = "resume/"
 
+
 __all__ = ["ACCOUNT", "REASON_PREFIX", "GuardSettings", "ReputationGuard", "Scope",
            "paused_scopes", "read_states", "request_resume", "tally"]
 
@@ -47,7 +49,7 @@ async def read_states(db: Database) -> dict[str, str]:
     async with db.session() as s:
         rows = await s.execute(select(StateRow.key, StateRow.value).where(
             StateRow.key.like("pause/%") | StateRow.key.like("resume/%")))
-        return {k: v for k, v in rows.tuples().all()}
+        return {k: v for k, v in rows.all()}
 
 
 def paused_scopes(states: dict[str, str]) -> dict[str, str]:
@@ -134,6 +136,10 @@ class GuardSettings:
     interval: float = 30.0
     #: this process's share of the relay's sends (worker processes)
     share: float = 1.0
+    #: seconds between full counts of the window; checks between them count only the
+    #: sends after the last full count's horizon (a complaint on an older send counts at
+    #: the next full count)
+    recount: float = 300.0
 
 
 @dataclass
@@ -167,6 +173,8 @@ class ReputationGuard:
         self.scopes: dict[str, Scope] = {s: Scope() for s in (*self.lanes, ACCOUNT)}
         #: seconds the last check took
         self.took = 0.0
+        #: epoch key -> (when counted, horizon, counts per lane of the sends before it)
+        self._old: dict[float, tuple[float, float, dict[str, Counts]]] = {}
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -175,24 +183,50 @@ class ReputationGuard:
         return self.scopes[ACCOUNT].counts
 
     async def counts(self, since: dict[str, float], now: float) -> dict[str, Counts]:
-        """Counts per scope, each over its own sends since since[scope] (one grouped
-        query per distinct start; usually one)."""
+        """Counts per scope, each over its own sends since since[scope].
+
+        One grouped query over the index per distinct start (usually one), over the
+        recent sends only: what was sent before the last full count's horizon (all of it
+        settled then) is taken from that count, redone every settings.recount seconds, so a
+        check reads about bounce_settle + recount of sends, not the whole window.
+        """
         settled = now - self.settings.bounce_settle
+        mono = time.monotonic()
         by_start: dict[float, dict[str, Counts]] = {}
         async with self.db.session() as s:
             for start in sorted(set(since.values())):
-                rows = await s.execute(
-                    select(MessageRow.lane, MessageRow.status, MessageRow.sent_at < settled,
-                           func.count())
-                    .where(MessageRow.sent_at >= start)
-                    .group_by(MessageRow.lane, MessageRow.status,
-                              MessageRow.sent_at < settled))
-                by_start[start] = tally([(lane, status, bool(old), int(n))
-                                         for lane, status, old, n in rows.tuples().all()],
-                                        lanes=self.lanes, default=self.default)
+                key = self._epoch_key(start, now)
+                old = self._old.get(key)
+                if old is None or mono - old[0] > self.settings.recount or old[1] < start:
+                    horizon = max(start, settled)
+                    old = (mono, horizon, await self._range(s, start, horizon, settled))
+                    self._old[key] = old
+                recent = await self._range(s, old[1], None, settled)
+                by_start[start] = {lane: old[2][lane] + recent[lane] for lane in self.lanes}
+        for key in set(self._old) - {self._epoch_key(t, now) for t in since.values()}:
+            del self._old[key]
         out = {lane: by_start[since[lane]][lane] for lane in self.lanes}
         out[ACCOUNT] = sum(by_start[since[ACCOUNT]].values(), Counts())
         return out
+
+    def _epoch_key(self, start: float, now: float) -> float:
+        """The window's start moves with the clock; a resume epoch's does not."""
+        return 0.0 if start <= now - self.settings.window else start
+
+    async def _range(self, s: AsyncSession, start: float, end: float | None,
+                     settled: float) -> dict[str, Counts]:
+        """Counts per lane of the sends in [start, end)."""
+        where = [MessageRow.sent_at >= start]
+        if end is not None:
+            if end <= start:
+                return {lane: Counts() for lane in self.lanes}
+            where.append(MessageRow.sent_at < end)
+        old = MessageRow.sent_at < settled
+        rows = await s.execute(
+            select(MessageRow.lane, MessageRow.status, old, func.count())
+            .where(*where).group_by(MessageRow.lane, MessageRow.status, old))
+        return tally([(lane, status, bool(o), int(n)) for lane, status, o, n in rows.all()],
+                     lanes=self.lanes, default=self.default)
 
     async def check(self) -> dict[str, str]:
         """Read the lasting pauses and the counts once; pause what is over its line; the
