@@ -221,7 +221,8 @@ class ReputationGuard:
             if end <= start:
                 return {lane: Counts() for lane in self.lanes}
             where.append(MessageRow.sent_at < end)
-        old = MessageRow.sent_at < settled
+        # labelled: PostgreSQL groups by the output column, not a second bound parameter
+        old = (MessageRow.sent_at < settled).label("settled")
         rows = await s.execute(
             select(MessageRow.lane, MessageRow.status, old, func.count())
             .where(*where).group_by(MessageRow.lane, MessageRow.status, old))
