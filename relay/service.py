@@ -33,7 +33,6 @@ from relay.delivery.settings import Partition, PoolSettings
 from relay.errors import ConfigError
 from relay.feedback.applier import Applied, FeedbackApplier
 from relay.feedback.guard import GuardSettings, ReputationGuard
-from relay.feedback.reputation import Lines
 from relay.feedback.sns import SnsEndpoint
 from relay.feedback.sqs import SqsIngester, queue_region
 from relay.ingress.credentials import Credentials
@@ -412,19 +411,10 @@ def _feedback_stats(ingester: SqsIngester | None, sns: SnsEndpoint | None,
 
 def guard_settings(fcfg: FeedbackConfig, partition: Partition, *,
                    blind: bool) -> GuardSettings:
-    """The reputation guard's settings from [feedback] (this worker's share of the
-    unjudged sends a lane may make). Blind (no SQS queue, no SNS endpoint: no outcome can
-    ever be known) the lanes are not held to max_unjudged_sends."""
+    """The reputation guard's settings: this worker's share of the unjudged sends a lane
+    may make; blind (no feedback source), said once."""
     if blind and partition.index == 0:
         event(log, "reputation_guard_blind", level=logging.WARNING,
               reason="no feedback source (feedback.sqs_queue_url or feedback.sns_endpoint): "
                      "the reputation guard sees no bounce or complaint")
-    return GuardSettings(
-        lane=Lines(fcfg.max_bounce_rate, fcfg.max_complaint_rate, fcfg.confidence),
-        account=Lines(fcfg.account_max_bounce_rate, fcfg.account_max_complaint_rate,
-                      fcfg.confidence),
-        resume_confidence=fcfg.resume_confidence, bounce_settle=fcfg.bounce_settle,
-        max_unjudged_sends=0 if blind else fcfg.max_unjudged_sends,
-        window=fcfg.reputation_window,
-        debounce=fcfg.guard_debounce, interval=fcfg.guard_interval,
-        share=1.0 / partition.count)
+    return GuardSettings.from_config(fcfg, share=1.0 / partition.count, blind=blind)

@@ -136,6 +136,9 @@ def test_a_clean_list_after_a_bad_one_is_not_paused_by_the_old_events(
             cli(relay, "queue", "list", "--lane", "bulk", "--json").stdout.splitlines()]
     if left:
         cli(relay, "queue", "delete", *left, "--yes")
+    wrong = cli(relay, "resume", "--lane", "nope", check=False)
+    assert wrong.returncode == 2 and "no lane named 'nope'" in wrong.stderr
+    assert "nothing to resume" in cli(relay, "resume", "--lane", "transactional").stdout
     assert "resumed lane bulk" in cli(relay, "resume", "--lane", "bulk").stdout
     clean = [f"success+c{i}@{SIM}" for i in range(150)]
     send_each(relay.smtp_port, clean, bulk=True)
@@ -174,6 +177,7 @@ async def test_a_check_counts_recent_sends_and_the_rest_from_the_last_full_count
     count, and a full count always equals the whole window's."""
     from sqlalchemy import insert, update
 
+    from relay.config import FeedbackConfig
     from relay.config_lanes import LanesConfig
     from relay.delivery.account import Gate
     from relay.delivery.scheduler import Scheduler
@@ -207,7 +211,8 @@ async def test_a_check_counts_recent_sends_and_the_rest_from_the_last_full_count
         def guard(recount: float) -> ReputationGuard:
             return ReputationGuard(db=db, scheduler=scheduler, pause=lambda r: None,
                                    resume=lambda: None, paused_reason=lambda: "",
-                                   settings=GuardSettings(recount=recount, bounce_settle=900),
+                                   settings=GuardSettings.from_config(
+                                       FeedbackConfig(), recount=recount, bounce_settle=900),
                                    clock=lambda: now)
 
         since = {"transactional": now - 86400, "bulk": now - 86400, "*": now - 86400}

@@ -16,11 +16,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from relay.config import FeedbackConfig
 from relay.delivery.scheduler import Scheduler
 from relay.feedback.reputation import (
     ACCOUNT,
@@ -121,25 +123,37 @@ def tally(rows: Sequence[tuple[str, str, bool, int]], *, lanes: Sequence[str],
 
 @dataclass(frozen=True)
 class GuardSettings:
-    lane: Lines = Lines(0.05, 0.001)
-    account: Lines = Lines(0.08, 0.004)
-    #: the confidence after `relay resume`: a resumed bad lane stops within tens of sends
-    resume_confidence: float = 0.8
-    #: seconds after which a send with no outcome counts as clean
-    bounce_settle: float = 900.0
-    #: sends a lane not yet proven clean may make ahead of its known outcomes (0: no cap)
-    max_unjudged_sends: int = 100
-    window: float = 86400.0
-    #: the least time between two checks (a check takes at most a tenth of the time)
-    debounce: float = 1.0
-    #: a check at least this often without a kick
-    interval: float = 30.0
+    """What the guard needs of [feedback] (relay.config_guard says what each key means)."""
+
+    lane: Lines
+    account: Lines
+    resume_confidence: float
+    bounce_settle: float
+    #: 0: lanes are not held back (also when no feedback source can tell outcomes)
+    max_unjudged_sends: int
+    window: float
+    debounce: float
+    interval: float
     #: this process's share of the relay's sends (worker processes)
     share: float = 1.0
     #: seconds between full counts of the window; checks between them count only the
     #: sends after the last full count's horizon (a complaint on an older send counts at
     #: the next full count)
     recount: float = 300.0
+
+    @classmethod
+    def from_config(cls, f: FeedbackConfig, *, share: float = 1.0, blind: bool = False,
+                    **changes: Any) -> GuardSettings:
+        """From [feedback]; blind (no SQS queue, no SNS endpoint: no outcome can ever be
+        known) the lanes are not held to max_unjudged_sends."""
+        return replace(cls(
+            lane=Lines(f.max_bounce_rate, f.max_complaint_rate, f.confidence),
+            account=Lines(f.account_max_bounce_rate, f.account_max_complaint_rate,
+                          f.confidence),
+            resume_confidence=f.resume_confidence, bounce_settle=f.bounce_settle,
+            max_unjudged_sends=0 if blind else f.max_unjudged_sends,
+            window=f.reputation_window, debounce=f.guard_debounce, interval=f.guard_interval,
+            share=share), **changes)
 
 
 @dataclass
@@ -165,7 +179,7 @@ class ReputationGuard:
         self.pause = pause
         self.resume = resume
         self.paused_reason = paused_reason
-        self.settings = settings or GuardSettings()
+        self.settings = settings or GuardSettings.from_config(FeedbackConfig())
         self.clock = clock
         self.lanes = scheduler.book.names
         self.default = scheduler.book.cfg.default

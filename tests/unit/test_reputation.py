@@ -139,3 +139,27 @@ def test_tally_counts_outcomes_like_ses():
     out = tally(rows, lanes=("transactional", "bulk"), default="transactional")
     assert out["bulk"] == Counts(judged=8 + 80 + 5 + 7 + 2, bounces=8, complaints=2, unknown=40)
     assert out["transactional"] == Counts(judged=5, bounces=1)
+
+
+@pytest.mark.parametrize("env,key,says", [
+    ({"RELAY_FEEDBACK__MIN_SAMPLE": "200"}, "feedback.min_sample", "feedback.confidence"),
+    ({"RELAY_FEEDBACK__CONFIDENCE": "0.3"}, "feedback.confidence", "0.5"),
+    ({"RELAY_FEEDBACK__RESUME_CONFIDENCE": "1"}, "feedback.resume_confidence", "below 1"),
+    ({"RELAY_FEEDBACK__ACCOUNT_MAX_BOUNCE_RATE": "2"}, "feedback.account_max_bounce_rate",
+     "fraction"),
+    ({"RELAY_FEEDBACK__MAX_UNJUDGED_SENDS": "-1"}, "feedback.max_unjudged_sends", "0"),
+    ({"RELAY_FEEDBACK__BOUNCE_SETTLE": "0s"}, "feedback.bounce_settle", "above 0"),
+    ({"RELAY_SANDBOX__EVENT_DELAY": "-1"}, "sandbox.event_delay", ""),
+])
+def test_guard_keys_are_checked_and_the_old_one_names_the_new(env, key, says, tmp_path):
+    from relay import config as config_mod
+    from relay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(None, env=env)
+    assert key in str(err.value) and says in str(err.value)
+    toml = tmp_path / "relay.toml"
+    toml.write_text("[feedback]\nmin_sample = 200\n")
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(toml, env={})
+    assert "feedback.min_sample" in str(err.value) and "feedback.confidence" in str(err.value)
