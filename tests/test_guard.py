@@ -230,3 +230,20 @@ async def test_a_check_counts_recent_sends_and_the_rest_from_the_last_full_count
         assert (await guard(recount=0).counts(since, now))["bulk"] == full
     finally:
         await db.close()
+
+
+def test_with_feedback_late_a_bad_lane_runs_only_k_sends_ahead(start_relay, tmp_path):
+    """Feedback held back by the sandbox (sandbox event_delay, as SES's lag): the lane
+    sends max_unjudged_sends, then waits for outcomes instead of mailing the whole list."""
+    sb = SandboxThread(SandboxState(outbox=tmp_path / "out", max_send_rate=2000,
+                                    max_24hour_send=-1, event_delay=3.0)).start()
+    try:
+        relay = start_guarded(start_relay, sb, account_max_bounce_rate=0.9)
+        send_each(relay.smtp_port, bad_list(300, 90, seed=2), bulk=True)  # 30%
+        paused = wait_for(lambda: relay.find("reputation_pause", lane="bulk"), 120)
+        send_each(relay.smtp_port, [f"success+t{i}@{SIM}" for i in range(5)], bulk=False)
+        wait_for(lambda: accepted(sb, "t") == 5, 60)
+        assert paused["sends"] <= 50
+        assert accepted(sb, "b") <= 50 + 20, accepted(sb, "b")  # K + calls in flight
+    finally:
+        sb.stop()
