@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from relay.config_guard import RETIRED, check_guard
+from relay.config_guard import RETIRED, GuardKeys
 from relay.config_lanes import LanesConfig
 from relay.config_values import coerce
 from relay.config_values import parse_duration as parse_duration
@@ -178,7 +178,9 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
-class FeedbackConfig:
+class FeedbackConfig(GuardKeys):
+    """[feedback]: the SQS queue and SNS endpoint, and the reputation guard's keys."""
+
     sqs_queue_url: str = ""
     sqs_endpoint_url: str = ""
     wait_time: float = _duration(default=20.0)
@@ -186,18 +188,6 @@ class FeedbackConfig:
     soft_bounce_limit: int = 3
     topic_arns: tuple[str, ...] = ()
     sns_endpoint: bool = False
-    # the reputation guard (relay.feedback.guard; keys in relay.config_guard)
-    max_bounce_rate: float = 0.05
-    max_complaint_rate: float = 0.001
-    account_max_bounce_rate: float = 0.08
-    account_max_complaint_rate: float = 0.004
-    confidence: float = 0.95
-    resume_confidence: float = 0.8
-    bounce_settle: float = _duration(default=900.0)
-    max_unjudged_sends: int = 100
-    reputation_window: float = _duration(default=86400.0)
-    guard_interval: float = _duration(default=30.0)
-    guard_debounce: float = _duration(default=1.0)
 
     def check(self) -> None:
         url = self.sqs_endpoint_url
@@ -215,7 +205,7 @@ class FeedbackConfig:
         if self.sns_endpoint and not self.topic_arns:
             raise ConfigError("feedback.topic_arns",
                               "must list the accepted topics when feedback.sns_endpoint is on")
-        check_guard(self)
+        self.check_guard()
 
 
 @dataclass(frozen=True)
@@ -223,9 +213,20 @@ class AdminConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8025
+    #: the console's pages at / (relay.ops.console)
+    console: bool = True
+    #: "credentials": the console's login checks smtp.auth_file's users; "" none
+    console_login: str = ""
+    #: a token that logs in to the console (Authorization: Bearer, or the login form)
+    console_token: str = ""
 
     def check(self) -> None:
         _port("admin.port", self.port)
+        if self.console_login not in ("", "credentials"):
+            raise ConfigError("admin.console_login",
+                              f'must be "credentials" or empty, got {self.console_login!r}')
+        if self.console_token and len(self.console_token) < 16:
+            raise ConfigError("admin.console_token", "must be at least 16 characters")
 
 
 DKIM_DEFAULT_HEADERS = (
@@ -272,9 +273,8 @@ class SandboxConfig:
     #: unavailable, paused, suspended, rejected, mailfrom, noconfigset, badrequest, slow,
     #: timeout, ok): a failure mode seen without writing code
     faults: tuple[str, ...] = ()
-    #: seconds before the simulator's feedback events can be read (SES's own lag)
+    #: seconds before the simulator's feedback can be read (SES's lag), more for complaints
     event_delay: float = _duration(default=0.0)
-    #: seconds more before a complaint can be read (complaints trail by hours at SES)
     complaint_delay: float = _duration(default=0.0)
 
     def check(self) -> None:
@@ -376,7 +376,7 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if f"{name}.{key}" in RETIRED:
+        if f"{name}.{key}" in RETIRED:  # a key that is gone names what replaced it
             raise ConfigError(f"{name}.{key}", RETIRED[f"{name}.{key}"])
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key in [{name}]")
@@ -443,4 +443,8 @@ def load(path: str | os.PathLike[str] | None = None,
         name: _build_section(name, cls, data.get(name, {}), env, base)
         for name, cls in SECTIONS.items()
     }
+    admin, smtp = sections["admin"], sections["smtp"]
+    if admin.console_login == "credentials" and not smtp.auth_file:
+        raise ConfigError("admin.console_login",
+                          '"credentials" logs in with smtp.auth_file\'s users: set smtp.auth_file')
     return Config(source=source, **sections)
