@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from relay.config_feedback import FeedbackConfig as FeedbackConfig
+from relay.config_guard import RETIRED
 from relay.config_lanes import LanesConfig
+from relay.config_values import SANDBOX as SANDBOX
 from relay.config_values import coerce
 from relay.config_values import parse_duration as parse_duration
 from relay.config_values import parse_size as parse_size
@@ -26,7 +29,6 @@ from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"
 DEFAULT_CONFIG = Path("conf/relay.toml")
-SANDBOX = "sandbox"
 
 
 def _duration(**kw: Any) -> Any:
@@ -177,62 +179,6 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
-class FeedbackConfig:
-    sqs_queue_url: str = ""
-    sqs_endpoint_url: str = ""
-    wait_time: float = _duration(default=20.0)
-    max_messages: int = 10
-    soft_bounce_limit: int = 3
-    topic_arns: tuple[str, ...] = ()
-    sns_endpoint: bool = False
-    max_bounce_rate: float = 0.04
-    max_complaint_rate: float = 0.0008
-    min_sample: int = 200
-    reputation_window: float = _duration(default=86400.0)
-    guard_interval: float = _duration(default=30.0)
-    receivers: int = 8
-    raw_delivery: bool = False
-    max_event_age: float = _duration(default=14 * 86400.0)
-
-    def check(self) -> None:
-        url = self.sqs_endpoint_url
-        if url and url != SANDBOX and not re.match(r"https?://[^/]+", url):
-            raise ConfigError("feedback.sqs_endpoint_url", f"must be an http(s) URL, got {url!r}")
-        if not 0 <= self.wait_time <= 20:
-            raise ConfigError("feedback.wait_time", "must be between 0 and 20 seconds (SQS limit)")
-        if not 1 <= self.max_messages <= 10:
-            raise ConfigError("feedback.max_messages", "must be between 1 and 10 (SQS limit)")
-        if self.soft_bounce_limit < 1:
-            raise ConfigError("feedback.soft_bounce_limit", "must be at least 1")
-        for arn in self.topic_arns:
-            if not re.fullmatch(r"arn:aws(-[a-z]+)*:sns:[a-z0-9-]+:\d{12}:[\w-]+", arn):
-                raise ConfigError("feedback.topic_arns", f"not an SNS topic ARN: {arn!r}")
-        if self.sns_endpoint and not self.topic_arns:
-            raise ConfigError("feedback.topic_arns",
-                              "must list the accepted topics when feedback.sns_endpoint is on")
-        for key in ("max_bounce_rate", "max_complaint_rate"):
-            if not 0 < getattr(self, key) <= 1:
-                raise ConfigError(f"feedback.{key}", "must be a fraction above 0 and at most 1")
-        if self.min_sample < 1:
-            raise ConfigError("feedback.min_sample", "must be at least 1")
-        if self.reputation_window <= 0 or self.guard_interval <= 0:
-            raise ConfigError("feedback.guard_interval", "durations must be above 0")
-        self._check_ingester()
-
-    def _check_ingester(self) -> None:
-        if not 1 <= self.receivers <= 32:
-            raise ConfigError("feedback.receivers", "must be between 1 and 32")
-        if self.max_event_age <= 0:
-            raise ConfigError("feedback.max_event_age", "must be above 0")
-        if self.sqs_queue_url and self.sqs_endpoint_url != SANDBOX and not self.raw_delivery \
-                and not self.topic_arns:
-            raise ConfigError("feedback.topic_arns", "must list the SNS topics that feed "
-                              "feedback.sqs_queue_url (their envelopes' signatures and topics "
-                              "are checked), or set feedback.raw_delivery = true when the "
-                              "subscription uses raw message delivery")
-
-
-@dataclass(frozen=True)
 class AdminConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -297,9 +243,15 @@ class SandboxConfig:
     #: unavailable, paused, suspended, rejected, mailfrom, noconfigset, badrequest, slow,
     #: timeout, ok): a failure mode seen without writing code
     faults: tuple[str, ...] = ()
+    #: seconds before the simulator's feedback can be read (SES's lag), more for complaints
+    event_delay: float = _duration(default=0.0)
+    complaint_delay: float = _duration(default=0.0)
 
     def check(self) -> None:
         _port("sandbox.port", self.port)
+        if self.event_delay < 0 or self.complaint_delay < 0:
+            raise ConfigError("sandbox.event_delay" if self.event_delay < 0
+                              else "sandbox.complaint_delay", "must be 0 or more")
         if self.max_send_rate <= 0:
             raise ConfigError("sandbox.max_send_rate", "must be above 0")
 
@@ -394,6 +346,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        if f"{name}.{key}" in RETIRED:  # a key that is gone names what replaced it
+            raise ConfigError(f"{name}.{key}", RETIRED[f"{name}.{key}"])
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key in [{name}]")
         kwargs[key] = coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=False)
@@ -405,6 +359,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any],
         if not var.startswith(prefix):
             continue
         key = var[len(prefix):].lower()
+        if f"{name}.{key}" in RETIRED:
+            raise ConfigError(f"{name}.{key}", f"{RETIRED[f'{name}.{key}']} (from {var})")
         if key not in fields:
             raise ConfigError(f"{name}.{key}", f"unknown key (from environment variable {var})")
         kwargs[key] = coerce(f"{name}.{key}", fields[key], hints[key], value, from_env=True)

@@ -15,6 +15,9 @@ from typing import Any
 
 from relay.errors import ConfigError
 
+#: the value of ses.endpoint_url (and feedback.sqs_endpoint_url) that starts the embedded sandbox
+SANDBOX = "sandbox"
+
 #: (key, value, from_env) -> the value in its type, or ConfigError
 Coercer = Callable[[str, Any, bool], Any]
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
-from relay.config import SANDBOX, Config
+from relay.config import SANDBOX, Config, FeedbackConfig
 from relay.delivery.account import Gate
 from relay.delivery.dsn import DsnWriter
 from relay.delivery.pool import DeliveryPool
@@ -32,7 +32,7 @@ from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import Partition, PoolSettings
 from relay.errors import ConfigError
 from relay.feedback.applier import AppliedBatch, FeedbackApplier
-from relay.feedback.guard import ReputationGuard
+from relay.feedback.guard import GuardSettings, ReputationGuard
 from relay.feedback.sns import SnsEndpoint, Verifier
 from relay.feedback.sqs import queue_region
 from relay.feedback.thread import IngesterThread, ingester_thread
@@ -142,6 +142,7 @@ async def _start_sandbox(config: Config) -> StartedSandbox | None:
     state = SandboxState(
         outbox=config.sandbox_dir, max_send_rate=sb.max_send_rate,
         max_24hour_send=sb.max_24hour_send, latency=sb.latency, keep_raw=False,
+        event_delay=sb.event_delay, complaint_delay=sb.complaint_delay,
     )
     try:
         state.script(*sb.faults)
@@ -333,11 +334,9 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         suppressions=suppressions, listeners=[message_log, metrics], commit=commit,
     )
     guard = ReputationGuard(
-        db=db, pause=pool.pause, resume=pool.resume, paused_reason=lambda: pool.paused_reason,
-        max_bounce_rate=fcfg.max_bounce_rate, max_complaint_rate=fcfg.max_complaint_rate,
-        min_sample=fcfg.min_sample, window=fcfg.reputation_window,
-        interval=fcfg.guard_interval,
-    )
+        db=db, scheduler=scheduler, pause=pool.pause, resume=pool.resume,
+        paused_reason=lambda: pool.paused_reason,
+        settings=guard_settings(fcfg, partition, blind=sqs is None and not fcfg.sns_endpoint))
 
     async def applied(_: AppliedBatch) -> None:
         guard.kick()
@@ -373,7 +372,7 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         return await database_problems(db)
 
     admin = Admin(checks=checks, metrics=metrics.render, refresh=gauges.refresh,
-                  async_checks=database,
+                  async_checks=database, notes=guard.notes,
                   routes={"/sns": sns.handle} if sns is not None else {})
     if config.admin.console and ingest:
         # the console's pages at / on the same listener (relay.ops.console)
@@ -424,8 +423,20 @@ def _feedback_stats(ingester: IngesterThread | None, sns: SnsEndpoint | None,
             out["sns_unparseable"] = float(sns.unparseable)
         rates = guard.last
         out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
-                   reputation_sample=float(rates.sent),
+                   reputation_sample=float(rates.judged),
                    reputation_paused=float(guard.paused_reason().startswith("reputation:")))
+        out.update(guard.stats())
         return out
 
     return stats
+
+
+def guard_settings(fcfg: FeedbackConfig, partition: Partition, *,
+                   blind: bool) -> GuardSettings:
+    """The reputation guard's settings: this worker's share of the unjudged sends a lane
+    may make; blind (no feedback source), said once."""
+    if blind and partition.index == 0:
+        event(log, "reputation_guard_blind", level=logging.WARNING,
+              reason="no feedback source (feedback.sqs_queue_url or feedback.sns_endpoint): "
+                     "the reputation guard sees no bounce or complaint")
+    return GuardSettings.from_config(fcfg, share=1.0 / partition.count, blind=blind)

@@ -63,18 +63,18 @@ def test_reputation_guard_pauses_until_relay_resume(start_relay, tmp_path):
         relay = start_relay(sb.url, feedback={
             "sqs_queue_url": f"{sb.url}/queue/feedback", "sqs_endpoint_url": sb.url,
             "raw_delivery": True,
-            "wait_time": "1s", "min_sample": 6, "max_bounce_rate": 0.2,
-            "guard_interval": "0.2s"})
+            "wait_time": "1s", "max_bounce_rate": 0.9, "account_max_bounce_rate": 0.2,
+            "guard_interval": "0.2s", "guard_debounce": "0.1s"})
         for n in range(4):
             send(relay.smtp_port, [f"success+{n}@{SIM}"])
         wait_for(lambda: len(relay.events("sent")) == 4, 20)
         assert readyz(relay)[0] == 200
-        for n in range(2):  # 2 bounces of 6 sent: 0.33 above 0.2
+        for n in range(6):  # 6 bounces of 10 sent: above 0.2 with 95% confidence
             send(relay.smtp_port, [f"bounce+{n}@{SIM}"])
         paused = wait_for(lambda: relay.find("reputation_pause"), 30)
-        assert "bounce rate" in paused["reason"]
+        assert "account bounce rate" in paused["reason"] and paused["lane"] == "*"
         status, text = readyz(relay)
-        assert status == 503 and "reputation: bounce rate" in text
+        assert status == 503 and "reputation: account bounce rate" in text
         held = send(relay.smtp_port, [f"success+late@{SIM}"])
         sent_before = len(sb.state.accepted())
         # mail stays queued while paused, also across a restart
@@ -82,7 +82,8 @@ def test_reputation_guard_pauses_until_relay_resume(start_relay, tmp_path):
         assert relay.find("sent", queue_id=held) is None
         assert relay.stop() == 0
         relay.start()
-        assert relay.find("reputation_pause") is not None  # logged before "listening"
+        kept = relay.find("reputation_paused")  # the lasting pause, logged before "listening"
+        assert kept is not None and kept["lane"] == "*"
         assert readyz(relay)[0] == 503
         assert relay.find("sent", queue_id=held) is None
         assert held in relay.queued("active") + relay.queued("deferred")

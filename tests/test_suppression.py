@@ -1,5 +1,6 @@
 """The suppression list and message log: operator CLI, RCPT-time rejection, normalization,
-the guard's verdict table, retention, and the core's import boundary."""
+retention, and the core's import boundary (the guard's arithmetic:
+tests/unit/test_reputation.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import time
 import pytest
 from sqlalchemy import event as sa_event
 
-from relay.feedback.guard import Rates, verdict
 from relay.spool.record import Envelope, Record
 from relay.store.db import Database
 from relay.store.messages import MessageLog, message_id_header
@@ -111,19 +111,6 @@ def test_delivery_time_suppression_without_rcpt_check(start_relay, sandbox):
     assert sent["ses_message_id"] == calls[0].message_id
     assert statuses(relay, "gone@example.net")[qid] == "suppressed"
     assert statuses(relay, "here@example.net")[qid] == "sent"
-
-
-@pytest.mark.parametrize("rates,expected", [
-    (Rates(sent=100, bounces=5, complaints=0), "bounce rate 0.0500 above 0.04"),
-    (Rates(sent=100, bounces=4, complaints=0), ""),
-    (Rates(sent=10, bounces=5, complaints=5), ""),  # below the minimum sample
-    (Rates(sent=10000, bounces=0, complaints=9), "complaint rate 0.0009 above 0.0008"),
-    (Rates(sent=10000, bounces=0, complaints=8), ""),
-])
-def test_guard_verdict(rates, expected):
-    reason = verdict(rates, max_bounce_rate=0.04, max_complaint_rate=0.0008, min_sample=100)
-    assert (expected in reason) if expected else reason == ""
-    assert reason.startswith("reputation:") or not reason
 
 
 async def test_log_rows_and_retention(tmp_path):

@@ -83,6 +83,13 @@ class Scheduler:
         self.next_due = 0.0
         #: deferred/'s mtime when that pass began, if settled (see MTIME_SETTLE)
         self._deferred_seen: int | None = None
+        #: lane -> why the reputation guard holds it (its mail stays queued)
+        self.lane_holds: dict[str, str] = {}
+        #: lane -> recipients it may still send before more outcomes are known (absent:
+        #: no limit); set by the reputation guard, taken from by pick()
+        self.allowance: dict[str, int] = {}
+        #: lane -> recipients taken since start (the guard's allowance counts from it)
+        self.picked: dict[str, int] = dict.fromkeys(self.book.names, 0)
 
     # -- the workers' side ----------------------------------------------------------
 
@@ -123,6 +130,29 @@ class Scheduler:
         """Read active/ again now (e.g. on resume: mail was left there while paused)."""
         self.rescan.set()
 
+    # -- the reputation guard's side ------------------------------------------------
+
+    def hold_lane(self, lane: str, reason: str) -> None:
+        """Send nothing more of `lane` (its mail stays queued); other lanes keep going."""
+        self.lane_holds[lane] = reason
+
+    def release_lane(self, lane: str) -> None:
+        if self.lane_holds.pop(lane, None) is not None:
+            self._signal()
+
+    def allow(self, lane: str, n: int | None, *, picked_before: int) -> None:
+        """`lane` may send n more recipients counted from when it had taken
+        `picked_before` (None: no limit)."""
+        if n is None:
+            self.allowance.pop(lane, None)
+        else:
+            self.allowance[lane] = n - (self.picked.get(lane, 0) - picked_before)
+        self._signal()
+
+    def lane_open(self, lane: str) -> bool:
+        """Not held by the guard, and not past its allowance."""
+        return lane not in self.lane_holds and self.allowance.get(lane, 1) > 0
+
     async def take(self) -> str:
         """The next claimed queue id, from the lane choose() names; release() it when
         done with it."""
@@ -149,7 +179,7 @@ class Scheduler:
         """Take the next message of the lane choose() names, charging that lane."""
         quota = self.quota
         views = [
-            LaneView(name, ready=bool(n), vtime=self.book.vtime[name],
+            LaneView(name, ready=bool(n) and self.lane_open(name), vtime=self.book.vtime[name],
                      free_at=self.book.free_at[name],
                      quota_ok=quota_ok(share=self.book.cfg.get(name).quota_share, n=n,
                                        remaining=quota.remaining, max_24h=quota.max_24h,
@@ -161,6 +191,9 @@ class Scheduler:
             return None
         qid, n = self.ready.pop(lane)
         self.book.charge(lane, n, now)
+        self.picked[lane] = self.picked.get(lane, 0) + n
+        if lane in self.allowance:
+            self.allowance[lane] -= n
         self.held[qid] = (lane, n)
         self.outstanding += n
         self.taken(lane)

@@ -2,7 +2,8 @@
 
 /readyz answers 503 with a reason per dependency that is not there (relay.ops.readiness:
 spool not writable or full, database not taking writes, SES not answering) and while
-delivery is paused (SES sending disabled, account paused, reputation).
+delivery is paused (SES sending disabled, account paused, reputation); while ready it
+names what is paused without stopping the relay (a lane paused by the reputation guard).
 /metrics is Prometheus text from relay.ops.metrics. The console's pages (relay.ops.console)
 are added to the same application by relay.service. Reads the spool root and the delivery
 pool's state; built by relay.service on admin.host:admin.port.
@@ -26,11 +27,14 @@ class Admin:
                  metrics: Callable[[], bytes] | None = None,
                  refresh: Callable[[], Awaitable[None]] | None = None,
                  async_checks: Callable[[], Awaitable[list[str]]] | None = None,
+                 notes: Callable[[], list[str]] | None = None,
                  routes: Mapping[str, Handler] | None = None) -> None:
         self.checks = checks
         self.metrics = metrics
         self.refresh = refresh
         self.async_checks = async_checks
+        #: what /readyz says while ready (a lane paused by the reputation guard)
+        self.notes = notes
         # a suppression-list CSV posted to the console may be larger than aiohttp's 1 MB
         self.app = web.Application(client_max_size=MAX_BODY)
         self.app.router.add_get("/healthz", self.healthz)
@@ -52,7 +56,8 @@ class Admin:
         if problems:
             text = "not ready\n" + "".join(f"- {p}\n" for p in problems)
             return web.Response(status=503, text=text)
-        return web.Response(text="ready\n")
+        notes = self.notes() if self.notes is not None else []
+        return web.Response(text="ready\n" + "".join(f"- {n}\n" for n in notes))
 
     async def scrape(self, request: web.Request) -> web.Response:
         assert self.metrics is not None

@@ -3,7 +3,7 @@
 suppression list [--json] | add ADDR [--reason R] | remove ADDR | import CSV | export |
 sync (imports SES's account-level suppression list, ListSuppressedDestinations, paged);
 log ADDRESS (every message row and feedback event for the address, newest first);
-resume (writes relay_state "resumed_at"; a running relay's reputation guard polls it).
+resume (relay.feedback.guard.request_resume writes relay_state; running relays obey).
 Each opens the database of the -c config (migrating an older schema) and refuses an SQLite
 database that does not exist: an operator command never creates one. Registered by
 relay.ops.cli.
@@ -191,13 +191,25 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from relay.feedback.guard import REASON_PREFIX, request_resume
+    from relay.feedback.guard import ACCOUNT, request_resume
 
     async def body(db: Database, cfg: config_mod.Config) -> int:
-        await request_resume(db)
-        print("resume requested: a relay paused by its reputation guard "
-              f"(reason starting {REASON_PREFIX!r}) resumes within feedback.guard_interval "
-              f"({cfg.feedback.guard_interval:g}s) and counts only feedback from now on")
+        lane = args.lane
+        if lane is not None and lane not in cfg.lanes.names:
+            print(f"relay resume: no lane named {lane!r}; lanes: "
+                  + ", ".join(cfg.lanes.names), file=sys.stderr)
+            return 2
+        scopes = await request_resume(db, lane=lane)
+        if not scopes:
+            print("nothing to resume: " + (f"lane {lane} is" if lane else "no lane and not "
+                                           "the account is") + " paused by the reputation guard")
+            return 0
+        for scope in scopes:
+            what = "the account (every lane)" if scope == ACCOUNT else f"lane {scope}"
+            print(f"resumed {what}: running relays send again within "
+                  f"feedback.guard_interval ({cfg.feedback.guard_interval:g}s); what it sends "
+                  "from now on is judged on its own (feedback.resume_confidence "
+                  f"{cfg.feedback.resume_confidence:g}), the history is kept")
         return 0
 
     return _run(args, body)
@@ -242,7 +254,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("resume", parents=[common],
                        help="resume delivery paused by the reputation guard")
-    p.description = ("Resume delivery paused by the reputation guard: a running relay "
-                     "resumes within feedback.guard_interval and counts only feedback from "
-                     "now on.")
+    p.description = ("Resume delivery paused by the reputation guard: every paused lane "
+                     "and the account, or only --lane L. Running relays resume within "
+                     "feedback.guard_interval; what is sent from then on is judged on its "
+                     "own, with less evidence needed (feedback.resume_confidence), so a list "
+                     "that is still bad pauses again within tens of sends.")
+    p.add_argument("--lane", help="resume only this lane")
     p.set_defaults(func=cmd_resume)

@@ -72,7 +72,38 @@ def feedback_families(stats: Mapping[str, float]) -> list[Metric]:
             ("relay_reputation_paused", "reputation_paused",
              "1 while the reputation guard holds delivery paused")):
         families.append(GaugeMetricFamily(name, text, value=stats.get(key, 0.0)))
-    return families
+    return families + lane_families(stats)
+
+
+#: the reputation guard's per-scope numbers: stats key suffix -> (metric, help)
+LANE_GAUGES = {
+    "bounce_rate": ("relay_lane_bounce_ratio",
+                    "Permanent bounces per judged send, as the reputation guard counts them "
+                    "(lane=account: every lane)"),
+    "complaint_rate": ("relay_lane_complaint_ratio",
+                       "Complaints per judged send that did not bounce (a lower bound "
+                       "while complaints trail)"),
+    "judged": ("relay_lane_judged_sends",
+               "Sends counted in the rates: an outcome arrived, or feedback.bounce_settle "
+               "passed"),
+    "unknown": ("relay_lane_unjudged_sends", "Sends SES accepted whose outcome is not known yet"),
+    "bounce_line": ("relay_lane_bounce_line_ratio", "The bounce rate the lane may not exceed"),
+    "complaint_line": ("relay_lane_complaint_line_ratio",
+                       "The complaint rate the lane may not exceed"),
+    "paused": ("relay_lane_paused", "1 while the reputation guard holds the lane paused"),
+}
+
+
+def lane_families(stats: Mapping[str, float]) -> list[Metric]:
+    """The guard's `lane/<lane>/<number>` stats as gauges with a `lane` label."""
+    families = {suffix: GaugeMetricFamily(name, text, labels=["lane"])
+                for suffix, (name, text) in LANE_GAUGES.items()}
+    for key, value in sorted(stats.items()):
+        kind, _, rest = key.partition("/")
+        lane, _, suffix = rest.rpartition("/")
+        if kind == "lane" and suffix in families:
+            families[suffix].add_metric([lane], value)
+    return list(families.values())
 
 
 class SpoolCollector(Collector):
@@ -148,4 +179,4 @@ class WorkersProcessCollector(Collector):
 
 
 __all__ = ["FEEDBACK_OUTCOMES", "SpoolCollector", "WorkersProcessCollector",
-           "feedback_families", "merge_processes", "worker_pids"]
+           "feedback_families", "lane_families", "merge_processes", "worker_pids"]

@@ -105,6 +105,9 @@ class SandboxState:
     #: put the SES JSON itself on the queue, as SNS raw message delivery does (the relay
     #: then needs feedback.raw_delivery = true); else a signed SNS envelope
     raw_delivery: bool = False
+    #: seconds before a simulator notification can be received, and more for a complaint
+    event_delay: float = 0.0
+    complaint_delay: float = 0.0
     #: SES's account-level suppression list: address -> BOUNCE or COMPLAINT
     account_suppressed: dict[str, str] = field(default_factory=dict)
     _window: list[tuple[float, int]] = field(default_factory=list)
@@ -319,8 +322,10 @@ class Sandbox:
         key, cert_url = signing_key(), self.url + CERT_PATH
         for doc in notifications(message_id=call.message_id, sender=call.sender,
                                  recipients=call.recipients, raw=data):
+            late = st.complaint_delay if doc["notificationType"] == "Complaint" else 0.0
             st.feedback.send(json.dumps(doc) if st.raw_delivery else sns_envelope(
-                doc, sign=functools.partial(key.sign, cert_url=cert_url)))
+                doc, sign=functools.partial(key.sign, cert_url=cert_url)),
+                delay=st.event_delay + late)
 
     async def certificate(self, _: web.Request) -> web.Response:
         """The SNS signing certificate the envelopes name (self-signed: the sandbox's)."""

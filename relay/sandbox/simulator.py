@@ -2,10 +2,12 @@
 
 Mail the sandbox accepts for success@, bounce@, ooto@, complaint@ or suppressionlist@
 simulator.amazonses.com produces the SES notification AWS would send (Delivery, Bounce
-Permanent/General, Delivery, Delivery + Complaint, Bounce Permanent/OnAccountSuppressionList)
-with the real MessageId and recipient, wrapped in an SNS envelope and put on an in-memory
-queue the sandbox serves with SQS's JSON protocol (ReceiveMessage, DeleteMessage), so the
-relay's ingester reads it exactly as it reads AWS. Used by relay.sandbox.server.
+Permanent/General, Delivery, Delivery + Complaint, Bounce Permanent/OnAccountSuppressionList),
+and softbounce@ / mailboxfull@ (the sandbox's own) a transient bounce (Transient/General,
+Transient/MailboxFull), with the real MessageId and recipient (any +tag is kept), wrapped
+in an SNS envelope and put on an in-memory queue the sandbox serves with SQS's JSON
+protocol (ReceiveMessage, DeleteMessage), so the relay's ingester reads it exactly as it
+reads AWS. Used by relay.sandbox.server.
 """
 
 from __future__ import annotations
@@ -35,12 +37,22 @@ SCENARIOS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "ooto": (("Delivery", "", ""),),
     "bounce": (("Bounce", "Permanent", "General"),),
     "suppressionlist": (("Bounce", "Permanent", "OnAccountSuppressionList"),),
+    # not SES's simulator (which has no transient bounce): the guard must not count these
+    "softbounce": (("Bounce", "Transient", "General"),),
+    "mailboxfull": (("Bounce", "Transient", "MailboxFull"),),
     "complaint": (("Delivery", "", ""), ("Complaint", "", "abuse")),
 }
 
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _diagnostic(btype: str, sub: str) -> dict[str, str]:
+    if btype == "Transient":
+        return {"status": "4.2.2", "diagnosticCode": "smtp; 452 4.2.2 mailbox full"
+                if sub == "MailboxFull" else "smtp; 451 4.4.1 try again later"}
+    return {"status": "5.1.1", "diagnosticCode": "smtp; 550 5.1.1 user unknown"}
 
 
 def scenario(recipient: str) -> tuple[tuple[str, str, str], ...]:
@@ -80,8 +92,8 @@ def notifications(*, message_id: str, sender: str, recipients: Sequence[str], ra
                 doc["bounce"] = {"bounceType": btype, "bounceSubType": sub, "feedbackId": fid,
                                  "timestamp": _iso(now), "reportingMTA": "dns; amazonses.com",
                                  "bouncedRecipients": [{
-                                     "emailAddress": rcpt, "action": "failed", "status": "5.1.1",
-                                     "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]}
+                                     "emailAddress": rcpt, "action": "failed",
+                                     **_diagnostic(btype, sub)}]}
             else:
                 doc["complaint"] = {"complainedRecipients": [{"emailAddress": rcpt}],
                                     "complaintFeedbackType": sub, "feedbackId": fid,
@@ -127,8 +139,10 @@ class SqsQueue:
         #: set when the sandbox stops: long polls answer at once
         self.closing = False
 
-    def send(self, body: str) -> str:
-        msg = _Msg(id=str(uuid.uuid4()), body=body)
+    def send(self, body: str, *, delay: float = 0.0) -> str:
+        """Queue a message, receivable after `delay` seconds (SQS's DelaySeconds)."""
+        msg = _Msg(id=str(uuid.uuid4()), body=body,
+                   visible_at=time.time() + delay if delay > 0 else 0.0)
         with self._lock:
             self._msgs[msg.id] = msg
         return msg.id

@@ -56,6 +56,8 @@ class MessageRow(Base):
         Index("ix_messages_recipient", "recipient"),
         Index("ix_messages_ses_message_id", "ses_message_id"),
         Index("ix_messages_updated_at", "updated_at"),
+        # the reputation guard counts a window's sends per lane and outcome from it
+        Index("ix_messages_sent_lane_status", "sent_at", "lane", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -63,8 +65,11 @@ class MessageRow(Base):
     recipient: Mapped[str] = mapped_column(String(320))
     message_id_header: Mapped[str] = mapped_column(String(998), default="")
     ses_message_id: Mapped[str] = mapped_column(String(128), default="")
-    #: queued, sent, delivered, bounced, complained, suppressed, failed, deferred
+    #: queued, sent, delivered, bounced, soft-bounced, ses-suppressed, complained,
+    #: suppressed, failed, deferred (relay.store.transitions)
     status: Mapped[str] = mapped_column(String(16))
+    #: the lane the ingress chose ("" on rows from before lanes were logged)
+    lane: Mapped[str] = mapped_column(String(32), default="", server_default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)

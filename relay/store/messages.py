@@ -36,7 +36,7 @@ from relay.store.db import (
 )
 from relay.store.log_writer import BatchWriter
 from relay.store.suppression import normalize
-from relay.store.transitions import after_feedback, after_outcome, attempts_of
+from relay.store.transitions import KEEPS, after_feedback, after_outcome, attempts_of
 
 log = logging.getLogger("relay.tracking")
 
@@ -140,22 +140,28 @@ async def record_feedback_many(session: AsyncSession,
     known by its SES MessageId is caught up by the log writer when it records the send
     (_early_feedback); the locks order the two on PostgreSQL.
     """
-    changes: dict[tuple[str, str], dict[str, str]] = {}
+    changes: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
     for ses_id, rcpt, kind, detail in events:
         change = after_feedback(kind, detail)
-        if change is not None and ses_id:
-            changes.setdefault((ses_id, rcpt), {}).update(change)
+        if change is None or not ses_id:
+            continue
+        # in order per row; an event may not replace what an earlier one set (KEEPS)
+        earlier = changes.get((ses_id, rcpt))
+        if earlier is not None and earlier[1].get("status") in KEEPS.get(kind, ()):
+            continue
+        changes[ses_id, rcpt] = (kind, {**(earlier[1] if earlier else {}), **change})
     for ses_id in sorted({s for s, _ in changes}):
         await xact_lock(session, LOCK_SES_MESSAGE, ses_id)
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for (ses_id, rcpt), change in changes.items():
-        groups.setdefault(tuple(sorted(change)), []).append(
+    groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for (ses_id, rcpt), (kind, change) in changes.items():
+        groups.setdefault((kind, tuple(sorted(change))), []).append(
             {"k_sid": ses_id, "k_rcpt": rcpt, **change})
     table: Any = MessageRow.__table__
-    for columns, params in groups.items():
+    for (kind, columns), params in groups.items():
         await session.execute(update(table).where(
             table.c.ses_message_id == bindparam("k_sid"),
             table.c.recipient == bindparam("k_rcpt"),
+            table.c.status.not_in(KEEPS.get(kind, ())),
         ).values({**{c: bindparam(c) for c in columns}, "updated_at": now}), params)
 
 
@@ -268,7 +274,8 @@ class MessageLog:
         now = time.time()
 
         rows = [{"queue_id": qid, "recipient": r, "message_id_header": header,
-                 "status": "queued", "attempts": 0, "created_at": now, "updated_at": now}
+                 "lane": envelope.lane, "status": "queued", "attempts": 0, "created_at": now,
+                 "updated_at": now}
                 for r in rcpts]
 
         # an outcome may have been written first: the upsert keeps it, fills in the header
@@ -298,6 +305,7 @@ class MessageLog:
         # a row not there yet (no queued row) is inserted: status or "queued", 1 attempt
         # for an outcome that counts attempts, else 0
         rows = [{"queue_id": qid, "recipient": r, "created_at": now, **values,
+                 "lane": record.envelope.lane,
                  "status": values.get("status", "queued"), "attempts": 1 if attempts else 0}
                 for r in rcpts]
         if attempts == "set":
@@ -318,8 +326,14 @@ class MessageLog:
             FeedbackEvent.ses_message_id.in_({ses_id for _, ses_id, _ in sent}),
         ).order_by(FeedbackEvent.id))
         # the latest event that changes the row wins, as it would have arriving later
-        latest = {(i, r): change for i, r, k, d in events
-                  if (change := after_feedback(k, d)) is not None and (i, r) in qids}
+        # (unless it may not replace what an earlier one set: KEEPS)
+        latest: dict[tuple[str, str], dict[str, str]] = {}
+        for i, r, k, d in events:
+            change = after_feedback(k, d)
+            if change is None or (i, r) not in qids:
+                continue
+            if latest.get((i, r), {}).get("status") not in KEEPS.get(k, ()):
+                latest[i, r] = change
         for (ses_id, rcpt), change in latest.items():
             await s.execute(update(MessageRow).where(
                 MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,

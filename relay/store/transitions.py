@@ -23,10 +23,12 @@ STATUS_OF: dict[str, str | None] = {
 }
 
 #: Feedback event kind -> the message log status it sets; kinds not here (send, delay)
-#: leave the row alone.
+#: leave the row alone. A transient bounce and a bounce SES answered from the account's
+#: suppression list (OnAccountSuppressionList: SES did not try) have their own statuses:
+#: SES counts neither in its bounce rate, and neither does the reputation guard.
 FEEDBACK_STATUS = {
     "bounce": "bounced",
-    "soft-bounce": "bounced",
+    "soft-bounce": "soft-bounced",
     "complaint": "complained",
     "delivery": "delivered",
     "reject": "failed",
@@ -63,13 +65,47 @@ def after_outcome(kind: str, *, ses_message_id: str, error: str, now: float) -> 
     return values
 
 
+#: The bounce subtype SES reports for an address on the account's suppression list.
+ON_ACCOUNT_LIST = "OnAccountSuppressionList"
+ACCOUNT_LISTED = "ses-suppressed"
+
+#: How the reputation guard reads a sent row's status: "bounce" (a counted permanent
+#: bounce), "complaint", "known" (an outcome arrived: judged at once, clean), "excluded"
+#: (SES does not count the send: account suppression list, rejected); anything else
+#: ("sent") is unknown until feedback.bounce_settle has passed.
+OUTCOME_OF_STATUS = {
+    "bounced": "bounce",
+    "complained": "complaint",
+    "delivered": "known",
+    "soft-bounced": "known",
+    ACCOUNT_LISTED: "excluded",
+    "failed": "excluded",
+}
+
+#: Statuses a later event of a kind may not replace (events can arrive out of order: a
+#: Delivery read after its Complaint must not hide the complaint).
+KEEPS: dict[str, tuple[str, ...]] = {
+    "delivery": ("bounced", "complained", ACCOUNT_LISTED),
+    "soft-bounce": ("bounced", "complained", ACCOUNT_LISTED, "delivered"),
+}
+
+
+def feedback_status(kind: str, detail: str) -> str | None:
+    """The status a feedback event gives its row (None: it changes none)."""
+    status = FEEDBACK_STATUS.get(kind)
+    if status == "bounced" and ON_ACCOUNT_LIST in detail.split(" ", 1)[0]:
+        return ACCOUNT_LISTED
+    return status
+
+
 def after_feedback(kind: str, detail: str) -> dict[str, str] | None:
     """The columns a feedback event sets on its row, or None when it changes nothing.
 
     A delivery keeps the last error (it says what happened before); every other status
-    the event sets takes the event's detail as the error.
+    the event sets takes the event's detail as the error. The bounce detail starts with
+    "bounceType/bounceSubType" (relay.feedback.parse).
     """
-    status = FEEDBACK_STATUS.get(kind)
+    status = feedback_status(kind, detail)
     if status is None:
         return None
     if status == "delivered":

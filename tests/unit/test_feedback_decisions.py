@@ -105,7 +105,7 @@ def test_no_reason_outranks_itself():
 
 @pytest.mark.parametrize("kind,change", [
     ("bounce", {"status": "bounced", "last_error": "why"}),
-    ("soft-bounce", {"status": "bounced", "last_error": "why"}),
+    ("soft-bounce", {"status": "soft-bounced", "last_error": "why"}),
     ("complaint", {"status": "complained", "last_error": "why"}),
     ("delivery", {"status": "delivered"}),  # keeps what the last error said
     ("reject", {"status": "failed", "last_error": "why"}),
@@ -116,6 +116,19 @@ def test_no_reason_outranks_itself():
 ])
 def test_feedback_changes_the_row(kind, change):
     assert after_feedback(kind, "why") == change
+
+
+@pytest.mark.parametrize("kind,detail,status", [
+    ("bounce", "Permanent/General 5.1.1 smtp; 550 user unknown", "bounced"),
+    # SES did not try: its account-level list answered; SES does not count it
+    ("bounce", "Permanent/OnAccountSuppressionList 5.1.1", "ses-suppressed"),
+    ("soft-bounce", "Transient/MailboxFull 4.2.2", "soft-bounced"),
+    # a diagnostic that merely mentions the subtype is still a counted bounce
+    ("bounce", "Permanent/General 5.1.1 OnAccountSuppressionList", "bounced"),
+])
+def test_bounces_the_guard_does_not_count_have_their_own_status(kind, detail, status):
+    change = after_feedback(kind, detail)
+    assert change is not None and change["status"] == status
 
 
 @pytest.mark.parametrize("kind,ses_id,error,values,attempts", [
