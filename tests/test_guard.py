@@ -63,7 +63,7 @@ def lane_metric(relay: RelayProcess, name: str, lane: str) -> float:
 @pytest.fixture
 def fast_sandbox(tmp_path):
     sb = SandboxThread(SandboxState(outbox=tmp_path / "out", max_send_rate=2000,
-                                    max_24hour_send=-1)).start()
+                                    max_24hour_send=-1, raw_delivery=True)).start()
     yield sb
     sb.stop()
 
@@ -71,6 +71,8 @@ def fast_sandbox(tmp_path):
 def start_guarded(start_relay, sb: SandboxThread, **feedback: object) -> RelayProcess:
     return start_relay(sb.url, delivery={"max_rate": 1000}, feedback={
         "sqs_queue_url": f"{sb.url}/queue/feedback", "sqs_endpoint_url": sb.url,
+        # a sandbox in the test's process signs with a key the relay cannot know
+        "raw_delivery": True,
         "wait_time": "1s", "guard_interval": "0.3s", "guard_debounce": "0.1s",
         "max_unjudged_sends": 50, **feedback})
 
@@ -236,7 +238,8 @@ def test_with_feedback_late_a_bad_lane_runs_only_k_sends_ahead(start_relay, tmp_
     """Feedback held back by the sandbox (sandbox event_delay, as SES's lag): the lane
     sends max_unjudged_sends, then waits for outcomes instead of mailing the whole list."""
     sb = SandboxThread(SandboxState(outbox=tmp_path / "out", max_send_rate=2000,
-                                    max_24hour_send=-1, event_delay=3.0)).start()
+                                    max_24hour_send=-1, event_delay=3.0,
+                                    raw_delivery=True)).start()
     try:
         relay = start_guarded(start_relay, sb, account_max_bounce_rate=0.9)
         send_each(relay.smtp_port, bad_list(300, 90, seed=2), bulk=True)  # 30%

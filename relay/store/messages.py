@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -161,7 +161,8 @@ async def record_feedback_many(session: AsyncSession,
         await session.execute(update(table).where(
             table.c.ses_message_id == bindparam("k_sid"),
             table.c.recipient == bindparam("k_rcpt"),
-            table.c.status.not_in(KEEPS.get(kind, ())),
+            # KEEPS holds constants: written as literals, as executemany takes no IN list
+            *(table.c.status != literal_column(f"'{status}'") for status in KEEPS.get(kind, ())),
         ).values({**{c: bindparam(c) for c in columns}, "updated_at": now}), params)
 
 
