@@ -80,6 +80,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     print(f"config: {cfg.source}: ok")
+    print(f"smtp: {cfg.smtp.host}:{cfg.smtp.port}, {cfg.smtp.workers} worker process"
+          f"{'es' if cfg.smtp.workers > 1 else ''} (smtp.workers)")
     if not _check_local(cfg):
         return 1
     if cfg.ses.endpoint_url == SANDBOX:

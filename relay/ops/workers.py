@@ -43,6 +43,7 @@ log = logging.getLogger("relay.workers")
 MAX_RESTARTS = 5
 METRICS_DIR = ".metrics"
 RESTART_WINDOW = 60.0
+WORKERS_ENV = "RELAY_SMTP__WORKERS"
 
 
 def check(config: Config) -> None:
@@ -164,7 +165,9 @@ def supervise(config: Config, *, config_path: str | None, log_level: str) -> int
 
     held, ports = _reserve_ports(config)
     shared = _metrics_dir(spool)
-    workers = _Supervisor(env=dict(os.environ) | ports | {MULTIPROC_ENV: str(shared)},
+    # the count as resolved here ("auto" included), so every worker agrees on the partitions
+    env = dict(os.environ) | ports | {MULTIPROC_ENV: str(shared), WORKERS_ENV: str(count)}
+    workers = _Supervisor(env=env,
                           config_path=config_path, log_level=log_level, lock=lock)
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)
