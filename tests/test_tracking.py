@@ -59,6 +59,40 @@ async def queued_rows(db: Database, qid: str) -> None:
             for r in RCPTS])
 
 
+async def test_queued_rows_between_outcomes_still_cost_one_statement_per_kind(tmp_path):
+    # a busy relay queues and sends in turn: the batch's queued rows go as one statement
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    statements: list[tuple[str, int]] = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if "messages" in statement and not statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement.split("(")[0].strip(),
+                               len(parameters) if executemany else 1))
+
+    sa_event.listen(db.engine.sync_engine, "before_cursor_execute", before)
+    try:
+        log = MessageLog(db)
+        await log.start()
+        for n in range(10):
+            await log._submit(Write(("queued",), [
+                {"queue_id": f"Q{n}", "recipient": f"r{n}@example.net",
+                 "message_id_header": f"<m{n}@example.net>", "status": "queued",
+                 "attempts": 0, "created_at": 1.0, "updated_at": 1.0}]))
+            await log.outcome("sent", record(f"Q{n}"), [f"r{n}@example.net"],
+                              ses_message_id=f"M{n}")
+        await log.stop()
+        assert statements == [("INSERT INTO messages", 10), ("INSERT INTO messages", 10)]
+        rows = await table(db)
+        assert all(rows[f"Q{n}", f"r{n}@example.net"] == ("sent", f"M{n}", 1, "", True)
+                   for n in range(10))
+        async with db.session() as s:
+            headers = {r.queue_id: r.message_id_header for r in await s.scalars(
+                select(MessageRow))}
+        assert headers == {f"Q{n}": f"<m{n}@example.net>" for n in range(10)}
+    finally:
+        await db.close()
+
+
 async def table(db: Database) -> dict[tuple[str, str], tuple[str, str, int, str, bool]]:
     async with db.session() as s:
         rows = await s.scalars(select(MessageRow))
