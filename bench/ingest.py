@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -172,6 +171,7 @@ class Relay:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.port = free_port()
         self.account = ""
+        self.log = tmp / "relay.log"
 
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="bench",
@@ -200,13 +200,18 @@ class Relay:
         cfg.write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
             for name, values in sections.items()))
-        relay = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--log-level", "warning"],
-            env=env, cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        # the default log level too: a JSON line per message accepted and per call
+        with open(self.log, "wb") as log:
+            relay = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "-c", str(cfg)],
+                env=env, cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=log,
+            )
         self.procs.append(relay)
-        threading.Thread(target=lambda: relay.stderr and relay.stderr.read(), daemon=True).start()
-        wait_port(self.port)
+        try:
+            wait_port(self.port)
+        except SystemExit:
+            print(self.log.read_text()[-2000:], file=sys.stderr)
+            raise
         time.sleep(1.0)  # every worker up and listening
 
     def sent(self) -> int:
