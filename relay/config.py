@@ -228,9 +228,20 @@ class AdminConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8025
+    #: the console's pages at / (relay.ops.console)
+    console: bool = True
+    #: "credentials": the console's login checks smtp.auth_file's users; "" none
+    console_login: str = ""
+    #: a token that logs in to the console (Authorization: Bearer, or the login form)
+    console_token: str = ""
 
     def check(self) -> None:
         _port("admin.port", self.port)
+        if self.console_login not in ("", "credentials"):
+            raise ConfigError("admin.console_login",
+                              f'must be "credentials" or empty, got {self.console_login!r}')
+        if self.console_token and len(self.console_token) < 16:
+            raise ConfigError("admin.console_token", "must be at least 16 characters")
 
 
 DKIM_DEFAULT_HEADERS = (
@@ -443,4 +454,8 @@ def load(path: str | os.PathLike[str] | None = None,
         name: _build_section(name, cls, data.get(name, {}), env, base)
         for name, cls in SECTIONS.items()
     }
+    admin, smtp = sections["admin"], sections["smtp"]
+    if admin.console_login == "credentials" and not smtp.auth_file:
+        raise ConfigError("admin.console_login",
+                          '"credentials" logs in with smtp.auth_file\'s users: set smtp.auth_file')
     return Config(source=source, **sections)

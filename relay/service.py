@@ -39,6 +39,7 @@ from relay.ingress.credentials import Credentials
 from relay.ingress.server import Ingress, IngressHandler
 from relay.log import event
 from relay.ops.admin import Admin
+from relay.ops.console.wiring import install_console
 from relay.ops.metrics import Gauges, Metrics, TimedSender
 from relay.ops.readiness import SesWatch, database_problems, spool_problems
 from relay.sandbox.server import Sandbox, SandboxState
@@ -363,6 +364,11 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     admin = Admin(checks=checks, metrics=metrics.render, refresh=gauges.refresh,
                   async_checks=database,
                   routes={"/sns": sns.handle} if sns is not None else {})
+    if config.admin.console and ingest:
+        # the console's pages at / on the same listener (relay.ops.console)
+        install_console(admin.app, config=config, spool=spool, db=db,
+                        suppressions=suppressions, pool=pool, limiter=limiter, guard=guard,
+                        checks=checks, async_checks=database)
     return Relay(config=config, partition=partition, message_log=message_log, guard=guard,
                  ingester=ingester, sns=sns, pool=pool, fanout=fanout, ingress=ingress,
                  admin=admin, metrics=metrics)
