@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from relay.config_cores import AUTO, MAX_WORKERS, usable_cores
 from relay.config_lanes import LanesConfig
 from relay.config_values import coerce
 from relay.config_values import parse_duration as parse_duration
@@ -36,11 +35,6 @@ def _duration(**kw: Any) -> Any:
 
 def _size(**kw: Any) -> Any:
     return field(metadata={"size": True}, **kw)
-
-
-def _workers(**kw: Any) -> Any:
-    """A process count that may be "auto" (relay.config_cores), kept as 0 until resolved."""
-    return field(metadata={"auto": True}, **kw)
 
 
 def _path(**kw: Any) -> Any:
@@ -78,13 +72,11 @@ class SmtpConfig:
     max_junk_commands: int = 20
     data_timeout: float = _duration(default=600.0)
     reject_suppressed: bool = False
-    #: "auto" (0 here until Config resolves it): one worker per usable core
-    workers: int = _workers(default=0)
+    #: 0 for "auto" (one per usable core): relay.config_cores.workers() gives the number
+    workers: int = field(default=0, metadata={"auto": True})
 
     def check(self) -> None:
         _port("smtp.port", self.port)
-        if not 0 <= self.workers <= MAX_WORKERS:
-            raise ConfigError("smtp.workers", f'must be "{AUTO}" or between 1 and {MAX_WORKERS}')
         _check_hardening(self)
         for net in self.allowed_networks:
             try:
@@ -324,12 +316,6 @@ class Config:
     sendmail: SendmailConfig = SendmailConfig()
     lanes: LanesConfig = LanesConfig()
     source: str = "built-in defaults"
-
-    def __post_init__(self) -> None:
-        if self.smtp.workers == 0:  # "auto"
-            # the embedded sandbox lives in the relay's one process (relay.ops.workers)
-            count = 1 if self.ses.endpoint_url == SANDBOX else usable_cores()
-            object.__setattr__(self, "smtp", dataclasses.replace(self.smtp, workers=count))
 
     @property
     def spool_path(self) -> Path:

@@ -2,8 +2,9 @@
 worker_processes auto.
 
 The CPU affinity mask (taskset, a container's cpuset), lowered by a cgroup v2 CPU quota
-(/sys/fs/cgroup/cpu.max: "quota period", rounded up) where one is set. Reads that one
-file; called by relay.config when it resolves the setting.
+(/sys/fs/cgroup/cpu.max: "quota period", rounded up) where one is set; one worker with the
+embedded sandbox, which lives in the relay's one process. Reads that one file; called by
+the CLI (`relay serve`, `relay check`) and relay.ops.workers through workers().
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import math
 import os
 from pathlib import Path
 
-#: the value that asks for one worker per usable core
-AUTO = "auto"
-#: the most worker processes smtp.workers may ask for
-MAX_WORKERS = 64
+from relay.config import SANDBOX, Config
+from relay.config_values import MAX_COUNT
+
+#: the most worker processes "auto" gives
+MAX_WORKERS = MAX_COUNT
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
@@ -48,4 +50,11 @@ def usable_cores(cpu_max: Path = CPU_MAX) -> int:
     return max(1, min(cores, MAX_WORKERS))
 
 
-__all__ = ["AUTO", "MAX_WORKERS", "quota_cores", "usable_cores"]
+def workers(config: Config) -> int:
+    """The worker processes `relay serve` runs: smtp.workers, or "auto" (0) resolved."""
+    if config.smtp.workers:
+        return config.smtp.workers
+    return 1 if config.ses.endpoint_url == SANDBOX else usable_cores()
+
+
+__all__ = ["MAX_WORKERS", "quota_cores", "usable_cores", "workers"]

@@ -25,6 +25,8 @@ _SIZE_UNITS = {
     "gb": 1024**3,
 }
 _TRUE = ("1", "true", "yes", "on")
+#: the most a count that may be "auto" may be (smtp.workers: worker processes)
+MAX_COUNT = 64
 _FALSE = ("0", "false", "no", "off")
 
 
@@ -124,8 +126,8 @@ def _auto_int(key: str, value: Any, from_env: bool) -> int:
         n = _int(key, value, from_env)
     except ConfigError:
         raise ConfigError(key, f'must be "auto" or an integer, got {value!r}') from None
-    if n < 1:
-        raise ConfigError(key, f'must be "auto" or at least 1, got {value!r}')
+    if not 1 <= n <= MAX_COUNT:
+        raise ConfigError(key, f'must be "auto" or between 1 and {MAX_COUNT}, got {value!r}')
     return n
 
 

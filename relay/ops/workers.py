@@ -32,6 +32,7 @@ from pathlib import Path
 from prometheus_client.multiprocess import mark_process_dead
 
 from relay.config import SANDBOX, Config
+from relay.config_cores import workers as worker_count
 from relay.errors import ConfigError
 from relay.log import event
 from relay.ops.metrics import MULTIPROC_ENV
@@ -157,7 +158,7 @@ def _metrics_dir(spool: Spool) -> Path:
 
 def supervise(config: Config, *, config_path: str | None, log_level: str) -> int:
     check(config)
-    count = config.smtp.workers
+    count = worker_count(config)
     spool = Spool(config.spool.dir, fsync=config.spool.fsync)
     # before recovery: a second relay, or old workers still finishing, stop us here
     lock = SpoolLock.take(spool.root)

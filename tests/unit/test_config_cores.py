@@ -7,7 +7,7 @@ import os
 import pytest
 
 from relay import config
-from relay.config_cores import MAX_WORKERS, quota_cores, usable_cores
+from relay.config_cores import MAX_WORKERS, quota_cores, usable_cores, workers
 from relay.errors import ConfigError
 
 
@@ -37,23 +37,23 @@ def test_usable_cores_are_the_affinity_mask_lowered_by_the_quota(tmp_path):
 
 
 def test_workers_default_to_the_usable_cores():
-    assert config.load(env={}).smtp.workers == usable_cores()
-    assert config.load(env={"RELAY_SMTP__WORKERS": "auto"}).smtp.workers == usable_cores()
-    assert config.load(env={"RELAY_SMTP__WORKERS": "3"}).smtp.workers == 3
+    assert workers(config.load(env={})) == usable_cores()
+    assert workers(config.load(env={"RELAY_SMTP__WORKERS": "auto"})) == usable_cores()
+    assert workers(config.load(env={"RELAY_SMTP__WORKERS": "3"})) == 3
 
 
 def test_auto_with_the_embedded_sandbox_is_one_worker(tmp_path):
     # the sandbox lives in the relay's own process; an explicit count still refuses it
     loaded = config.load(env={"RELAY_SES__ENDPOINT_URL": "sandbox"})
-    assert loaded.smtp.workers == 1
+    assert workers(loaded) == 1
 
 
 def test_workers_from_a_file_take_auto_or_a_count(tmp_path):
     path = tmp_path / "relay.toml"
     path.write_text('[smtp]\nworkers = "auto"\n')
-    assert config.load(path, env={}).smtp.workers == usable_cores()
+    assert workers(config.load(path, env={})) == usable_cores()
     path.write_text("[smtp]\nworkers = 2\n")
-    assert config.load(path, env={}).smtp.workers == 2
+    assert workers(config.load(path, env={})) == 2
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "65", "1.5"])
