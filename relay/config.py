@@ -74,12 +74,11 @@ class SmtpConfig:
     max_junk_commands: int = 20
     data_timeout: float = _duration(default=600.0)
     reject_suppressed: bool = False
-    workers: int = 1
+    #: 0 for "auto" (one per usable core): relay.config_cores.workers() gives the number
+    workers: int = field(default=0, metadata={"auto": True})
 
     def check(self) -> None:
         _port("smtp.port", self.port)
-        if not 1 <= self.workers <= 64:
-            raise ConfigError("smtp.workers", "must be between 1 and 64")
         _check_hardening(self)
         for net in self.allowed_networks:
             try:

@@ -1,9 +1,10 @@
 """Config values: a TOML value or an environment string turned into a setting's type.
 
-One coercer per type (bool, int, float, str, list of strings), plus durations ("5m") and
-sizes ("10MB") chosen by a field's metadata. TOML values must already have their type;
-environment strings are parsed. A wrong value raises ConfigError naming the key and what
-was expected. Pure: reads no file. Called by relay.config for every key it loads.
+One coercer per type (bool, int, float, str, list of strings), plus durations ("5m"),
+sizes ("10MB") and counts that may be "auto" chosen by a field's metadata. TOML values
+must already have their type; environment strings are parsed. A wrong value raises
+ConfigError naming the key and what was expected. Pure: reads no file. Called by
+relay.config for every key it loads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _SIZE_UNITS = {
     "gb": 1024**3,
 }
 _TRUE = ("1", "true", "yes", "on")
+#: the most a count that may be "auto" may be (smtp.workers: worker processes)
+MAX_COUNT = 64
 _FALSE = ("0", "false", "no", "off")
 
 
@@ -118,8 +121,23 @@ COERCERS: dict[Any, Coercer] = {
 }
 
 
+def _auto_int(key: str, value: Any, from_env: bool) -> int:
+    """A count or "auto" (0: resolved by relay.config), as smtp.workers takes it."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    try:
+        n = _int(key, value, from_env)
+    except ConfigError:
+        raise ConfigError(key, f'must be "auto" or an integer, got {value!r}') from None
+    if not 1 <= n <= MAX_COUNT:
+        raise ConfigError(key, f'must be "auto" or between 1 and {MAX_COUNT}, got {value!r}')
+    return n
+
+
 def coerce(key: str, f: dataclasses.Field[Any], typ: Any, value: Any, *, from_env: bool) -> Any:
     """`value` for the setting `key` (dataclass field `f` of type `typ`), in its type."""
+    if f.metadata.get("auto"):
+        return _auto_int(key, value, from_env)
     if f.metadata.get("duration"):
         return parse_duration(key, value)
     if f.metadata.get("size"):

@@ -268,6 +268,8 @@ class Relay:
     ingress: Ingress
     admin: Admin
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: its plain session and reply counts are flushed into the counters at stop
+    metrics: Metrics | None = None
 
     async def start(self) -> None:
         await self.message_log.start()
@@ -291,6 +293,8 @@ class Relay:
 
     async def stop(self) -> None:
         await self.ingress.close(grace=2.0)
+        if self.metrics is not None:
+            self.metrics.flush()  # the last sessions' counts (several workers: a shared file)
         await self.pool.stop(self.config.delivery.shutdown_timeout)
         await self.admin.stop()
         for part in (self.ingester, self.guard):
@@ -381,7 +385,7 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
                         checks=checks, async_checks=database)
     return Relay(config=config, partition=partition, message_log=message_log, guard=guard,
                  ingester=ingester, sns=sns, pool=pool, fanout=fanout, ingress=ingress,
-                 admin=admin)
+                 admin=admin, metrics=metrics)
 
 
 def _ingress(config: Config, *, spool: Spool, commit: GroupCommit, metrics: Metrics,

@@ -3,6 +3,7 @@ counters fed by the in-process ingress through its SessionObserver hook."""
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import urllib.error
 import urllib.request
@@ -184,7 +185,11 @@ def test_sessions_and_replies_are_counted_through_the_session_observer(ingress):
     metrics = Metrics()
     server = ingress(max_connections_per_client=1, ingress_kw={"observer": metrics})
 
+    async def scrape() -> None:
+        metrics.flush()  # as /metrics does, on the loop the sessions count on
+
     def count(name: str, **labels: str) -> float:
+        asyncio.run_coroutine_threadsafe(scrape(), server.loop).result(10)
         return metrics.registry.get_sample_value(name, labels) or 0.0
 
     with Raw(server.port) as c:

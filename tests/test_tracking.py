@@ -59,6 +59,25 @@ async def queued_rows(db: Database, qid: str) -> None:
             for r in RCPTS])
 
 
+def writes_to_messages(db: Database) -> list[tuple[str, int]]:
+    """The writes to `messages` from now on: (statement, rows) per execute."""
+    statements: list[tuple[str, int]] = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if "messages" in statement and not statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement.split("(")[0].strip(),
+                               len(parameters) if executemany else 1))
+
+    sa_event.listen(db.engine.sync_engine, "before_cursor_execute", before)
+    return statements
+
+
+def queued_row(qid: str, header: str) -> dict[str, object]:
+    n = qid[1:]
+    return {"queue_id": qid, "recipient": f"r{n}@example.net", "message_id_header": header,
+            "status": "queued", "attempts": 0, "created_at": 1.0, "updated_at": 1.0}
+
+
 async def table(db: Database) -> dict[tuple[str, str], tuple[str, str, int, str, bool]]:
     async with db.session() as s:
         rows = await s.scalars(select(MessageRow))
@@ -128,31 +147,33 @@ def test_a_plain_header_block_is_read_without_the_email_parser():
     assert _plain_message_id(b"Message-ID:\r\n <folded@b>\r\n\r\n") is None
 
 
-async def test_a_batch_of_writes_costs_one_statement_per_run(tmp_path):
+@pytest.mark.parametrize("in_turn", [False, True])
+async def test_a_batch_of_writes_costs_one_statement_per_run(tmp_path, in_turn):
+    # in turn: a busy relay queues and sends messages in turn, and the batch's queued rows
+    # still go as one statement
     db = await Database.open(database_for(tmp_path), tmp_path)
-    statements: list[tuple[str, int]] = []
-
-    def before(conn, cursor, statement, parameters, context, executemany):
-        if "messages" in statement and not statement.lstrip().upper().startswith("SELECT"):
-            statements.append((statement.split("(")[0].strip(),
-                               len(parameters) if executemany else 1))
-
-    sa_event.listen(db.engine.sync_engine, "before_cursor_execute", before)
+    statements = writes_to_messages(db)
+    order = ([("queued", n) for n in range(10)] + [("sent", n) for n in range(20)])
+    if in_turn:
+        order = [w for n in range(10) for w in (("queued", n), ("sent", n))] + order[20:]
     try:
         log = MessageLog(db)
         await log.start()
-        for n in range(10):
-            await log._submit(Write(("queued",), [
-                {"queue_id": f"Q{n}", "recipient": f"r{n}@example.net", "message_id_header": "",
-                 "status": "queued", "attempts": 0, "created_at": 1.0, "updated_at": 1.0}]))
-        for n in range(20):
-            await log.outcome("sent", record(f"Q{n}"), [f"r{n}@example.net"],
-                              ses_message_id=f"M{n}")
+        for kind, n in order:
+            if kind == "queued":
+                await log._submit(Write(("queued",), [queued_row(f"Q{n}", "<m@x>")]))
+            else:
+                await log.outcome("sent", record(f"Q{n}"), [f"r{n}@example.net"],
+                                  ses_message_id=f"M{n}")
         await log.stop()
         assert statements == [("INSERT INTO messages", 10), ("INSERT INTO messages", 20)]
         rows = await table(db)
         assert len(rows) == 20
         assert all(rows[f"Q{n}", f"r{n}@example.net"] == ("sent", f"M{n}", 1, "", True)
                    for n in range(20))
+        async with db.session() as s:
+            headers = {r.queue_id: r.message_id_header for r in await s.scalars(
+                select(MessageRow))}
+        assert headers == {f"Q{n}": "<m@x>" if n < 10 else "" for n in range(20)}
     finally:
         await db.close()

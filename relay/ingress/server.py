@@ -1,9 +1,10 @@
 """SMTP ingress: an aiosmtpd server that spools each message before answering 250.
 
 handle_DATA hands the bytes as received (but for the header changes of relay.ingress.headers
-and the optional DKIM signature) to Spool.prepare in a worker thread, then to the shared group
-commit (relay.spool.commit) that flushes them, renames them into active/ and flushes again,
-all shielded from client disconnects; it answers 250 only once they are durable; spool errors
+and the optional DKIM signature) to Spool.prepare (on the loop for a small message, in a
+worker thread for a big one), then to the shared group commit (relay.spool.commit) that
+flushes them, renames them into active/ and flushes again, all shielded from client
+disconnects; it answers 250 only once they are durable; spool errors
 answer 451 4.3.0 or 452 4.3.1, never 500. Mail is accepted only from smtp.allowed_networks or
 authenticated clients (AUTH over TLS, relay.ingress.auth); replies live in
 relay.ingress.replies, address rules in relay.ingress.addresses, caps in relay.ingress.limits.
@@ -68,7 +69,8 @@ log = logging.getLogger("relay.smtp")
 
 #: bytes of a message handed on with it for its header fields (relay.store.messages)
 HEAD = 64 * 1024
-#: messages smaller than this are inspected on the event loop (a thread hand-off costs more)
+#: messages smaller than this are inspected and written on the event loop (a thread
+#: hand-off costs more than the work)
 INLINE = 256 * 1024
 
 
@@ -304,13 +306,18 @@ class IngressHandler(AuthHooks):
     async def _spool(self, env: Envelope, data: bytes,
                      prepare: Callable[[bytes], bytes]) -> str:
         """Write the message, then wait for the shared flushes that make it durable."""
-        loop = asyncio.get_running_loop()
-
         def write() -> tuple[str, bytes]:
             body = prepare(data)
             return self.spool.prepare(env, body), body[:HEAD]
 
-        qid, head = await loop.run_in_executor(None, write)
+        # A small message is written on the loop: the write lands in the page cache (the
+        # group commit's flush is what waits for the disk), and the hand-off to a thread
+        # and back costs more than the write. A big one goes to a thread, so that other
+        # sessions are not held up while it is copied.
+        if len(data) < INLINE:
+            qid, head = write()
+        else:
+            qid, head = await asyncio.get_running_loop().run_in_executor(None, write)
         await self.commit.publish(qid)
         if self.listener is not None:
             # the envelope and the header block, so nobody reads them back from the spool
@@ -350,6 +357,8 @@ class Ingress:
         return RelaySession(
             self.handler,
             rules=rules,
+            # the running loop, handed over: aiosmtpd would look it up for every connection
+            loop=asyncio.get_running_loop(),
             data_size_limit=self.config.max_message_size,
             # parsed as UTF-8 so non-ASCII addresses get 553 5.6.7; never advertised
             enable_SMTPUTF8=True,

@@ -1,7 +1,8 @@
 """The SMTP session: aiosmtpd's protocol class with the relay's connection rules.
 
 Connection caps and the per-client connection rate (relay.ingress.limits) at connect, reply
-rewrites, the error delay and the error cap on every reply, the junk-command cap for clients
+rewrites, the error delay and the error cap on every reply, a multi-line reply in one write
+(EHLO's lines are one send, not one each), the junk-command cap for clients
 that may not send, smtp.data_timeout over the whole DATA phase, DATA read in blocks
 (relay.ingress.data), the idle timeout's 421, and a STARTTLS handshake cut short ending the
 session. A SessionObserver (metrics) hears of each session and reply.
@@ -130,6 +131,8 @@ class RelaySession(SMTP):
     def __init__(self, handler: Any, *, rules: SessionRules, **options: Any) -> None:
         self.rules = rules
         self.observer = rules.observer
+        #: the lines of a multi-line reply (EHLO's) so far: written with its last line
+        self._held: list[str] = []
         super().__init__(handler, **options)
         if self.observer is not None:
             self.observer.session_opened()
@@ -186,6 +189,14 @@ class RelaySession(SMTP):
                     event(log, "error_delay", client=self.client, errors=self.errors,
                           seconds=config.error_delay)
                     await asyncio.sleep(config.error_delay)
+            if line[3:4] == "-":
+                # a continuation line: the whole reply goes out in one write (one send)
+                self._held.append(line)
+                return
+            if self._held:
+                self._held.append(line)
+                line = "\r\n".join(self._held)
+                self._held.clear()
             await super().push(line)
         else:
             await super().push(status)

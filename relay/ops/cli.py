@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 
 from relay import __version__
 from relay import config as config_mod
+from relay.config_cores import workers as worker_count
 from relay.errors import ConfigError, DeliveryError
 
 
@@ -33,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     workers.check(cfg)
-    count = cfg.smtp.workers
+    count = worker_count(cfg)
     if args.worker is None:
         # before recovery, migrations and GetAccount: a relay that cannot start changes nothing
         problems = startup_problems(cfg)
@@ -80,6 +81,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     print(f"config: {cfg.source}: ok")
+    count = worker_count(cfg)
+    print(f"smtp: {cfg.smtp.host}:{cfg.smtp.port}, {count} worker process"
+          f"{'es' if count > 1 else ''} (smtp.workers{' = auto' if not cfg.smtp.workers else ''})")
     if not _check_local(cfg):
         return 1
     if cfg.ses.endpoint_url == SANDBOX:

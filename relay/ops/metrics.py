@@ -2,8 +2,9 @@
 
 Counters are fed by the delivery pool's Listener port (outcomes), by TimedSender (each
 SendEmail call's latency and outcome), and by the SMTP sessions through their
-SessionObserver hook (sessions, replies by code); every known label value is exposed from
-the start. Scrape-time families (spool, feedback, reputation, process_*) come from
+SessionObserver hook (sessions, replies by code: plain counts, moved into the counters at
+each scrape and every second); every known label value is exposed from the start.
+Scrape-time families (spool, feedback, reputation, process_*) come from
 relay.ops.metrics_scrape. With several workers, counters live in the shared
 PROMETHEUS_MULTIPROC_DIR and worker 0's /metrics sums them. Wired by relay.service.
 """
@@ -101,6 +102,9 @@ class Metrics:
                                     ["code"], registry=r)
         self._reply_codes: dict[str, Counter] = {
             code: self.smtp_replies.labels(code) for code in REPLY_CODES}
+        #: sessions and replies by code not yet in the counters above (see flush())
+        self._opened = 0
+        self._replies: dict[str | bytes, int] = {}
         self.accepted = Counter("relay_messages_accepted", "Messages spooled and answered 250",
                                 registry=r)
         self.ses_calls = Counter("relay_ses_calls", "SendEmail calls by outcome", ["outcome"],
@@ -136,19 +140,34 @@ class Metrics:
 
     def session_opened(self) -> None:
         """relay.ingress.session.SessionObserver: a connection was accepted."""
-        self.smtp_sessions.inc()
+        self._opened += 1
 
     def reply_sent(self, status: str | bytes) -> None:
-        """relay.ingress.session.SessionObserver: one reply, counted by its code."""
-        text = status.decode(errors="replace") if isinstance(status, bytes) else status
-        code = text[:3]
-        # every reply lands here: the labelled child is looked up once per code
-        child = self._reply_codes.get(code)
-        if child is None:
-            if not code.isdigit():
-                return
-            child = self._reply_codes[code] = self.smtp_replies.labels(code)
-        child.inc()
+        """relay.ingress.session.SessionObserver: one reply, counted by its code.
+
+        Every reply lands here, so it only adds one to a plain count; flush() hands the
+        counts to the Prometheus counters (whose increments take a lock and, with several
+        workers, write a shared file) at each scrape and every LIVE_INTERVAL.
+        """
+        code = status[:3]
+        self._replies[code] = self._replies.get(code, 0) + 1
+
+    def flush(self) -> None:
+        """Move the plain session and reply counts into the Prometheus counters."""
+        if self._opened:
+            opened, self._opened = self._opened, 0
+            self.smtp_sessions.inc(opened)
+        if not self._replies:
+            return
+        replies, self._replies = self._replies, {}
+        for raw, n in replies.items():
+            code = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            child = self._reply_codes.get(code)
+            if child is None:
+                if not code.isdigit():
+                    continue
+                child = self._reply_codes[code] = self.smtp_replies.labels(code)
+            child.inc(n)
 
     async def outcome(self, kind: str, record: Record, recipients: Sequence[str], *,
                       ses_message_id: str = "", error: str = "") -> None:
@@ -164,6 +183,7 @@ class Metrics:
             self.suppressed.inc(len(recipients))
 
     def render(self) -> bytes:
+        self.flush()
         if self.shared is None:
             return generate_latest(self.registry) + generate_latest(self.local)
         every = CollectorRegistry()
@@ -200,6 +220,7 @@ class Gauges:
         else:
             # no scrape reaches the other workers: each writes its numbers every second
             def tick() -> None:
+                metrics.flush()
                 for gauge, read in live:
                     gauge.set(read())
                 loop.call_later(LIVE_INTERVAL, tick)

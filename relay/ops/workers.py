@@ -32,6 +32,7 @@ from pathlib import Path
 from prometheus_client.multiprocess import mark_process_dead
 
 from relay.config import SANDBOX, Config
+from relay.config_cores import workers as worker_count
 from relay.errors import ConfigError
 from relay.log import event
 from relay.ops.metrics import MULTIPROC_ENV
@@ -43,6 +44,7 @@ log = logging.getLogger("relay.workers")
 MAX_RESTARTS = 5
 METRICS_DIR = ".metrics"
 RESTART_WINDOW = 60.0
+WORKERS_ENV = "RELAY_SMTP__WORKERS"
 
 
 def check(config: Config) -> None:
@@ -156,7 +158,7 @@ def _metrics_dir(spool: Spool) -> Path:
 
 def supervise(config: Config, *, config_path: str | None, log_level: str) -> int:
     check(config)
-    count = config.smtp.workers
+    count = worker_count(config)
     spool = Spool(config.spool.dir, fsync=config.spool.fsync)
     # before recovery: a second relay, or old workers still finishing, stop us here
     lock = SpoolLock.take(spool.root)
@@ -164,7 +166,9 @@ def supervise(config: Config, *, config_path: str | None, log_level: str) -> int
 
     held, ports = _reserve_ports(config)
     shared = _metrics_dir(spool)
-    workers = _Supervisor(env=dict(os.environ) | ports | {MULTIPROC_ENV: str(shared)},
+    # the count as resolved here ("auto" included), so every worker agrees on the partitions
+    env = dict(os.environ) | ports | {MULTIPROC_ENV: str(shared), WORKERS_ENV: str(count)}
+    workers = _Supervisor(env=env,
                           config_path=config_path, log_level=log_level, lock=lock)
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)

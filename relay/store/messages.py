@@ -232,7 +232,16 @@ class MessageLog:
                         raise
 
     async def _apply(self, conn: AsyncConnection, batch: list[Write]) -> None:
-        """The writes in order; runs of the same statement as one executemany each."""
+        """The writes in order, "queued" rows first; runs of the same statement as one
+        executemany each.
+
+        A queued row leaves a row already there alone and an outcome inserts a missing one,
+        so moving the queued rows ahead changes no row; it keeps a busy relay's batch, where
+        messages are queued and sent in turn, at two statements instead of one per write.
+        """
+        queued = [op for op in batch if op.statement[0] == "queued"]
+        if queued and len(queued) < len(batch):
+            batch = queued + [op for op in batch if op.statement[0] != "queued"]
         dialect = conn.dialect.name
         sent: list[tuple[str, str, list[str]]] = []
         run: list[dict[str, Any]] = []

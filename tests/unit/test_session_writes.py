@@ -1,0 +1,91 @@
+"""How the SMTP session writes its replies: a multi-line reply (EHLO's) is one write.
+
+The session is driven the way asyncio drives a protocol: connection_made with a transport,
+data_received with the client's bytes. The transport records each write, so the test sees
+the sends a client would get, without a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from relay.config import SmtpConfig
+from relay.ingress.limits import ConnectionLimiter, Networks
+from relay.ingress.server import IngressHandler
+from relay.ingress.session import RelaySession, SessionRules
+from relay.spool.spool import Spool
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps what is written, one entry per write call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 2525)}.get(
+            name, default)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def session(tmp_path: Path) -> RelaySession:
+    config = SmtpConfig(hostname="relay.test")
+    handler = IngressHandler(spool=Spool(tmp_path / "spool", fsync=False, min_free_bytes=0),
+                             config=config)
+    rules = SessionRules(config=config, limiter=ConnectionLimiter(total=10, per_client=10),
+                         plain_auth=Networks(()), sessions=set(),
+                         trusted=Networks(config.allowed_networks))
+    return RelaySession(handler, rules=rules, hostname="relay.test", decode_data=False,
+                        loop=asyncio.get_running_loop())
+
+
+async def replies_to(proto: RelaySession, transport: RecordingTransport, line: bytes,
+                     last: bytes) -> list[bytes]:
+    """The writes the session makes for one command, up to the reply line starting `last`."""
+    before = len(transport.writes)
+    proto.data_received(line)
+    for _ in range(1000):  # bounded: the session answers within a few loop turns
+        if any(last in w for w in transport.writes[before:]):
+            break
+        await asyncio.sleep(0)
+    return transport.writes[before:]
+
+
+async def test_the_ehlo_reply_is_one_write_however_many_lines_it_has(tmp_path):
+    proto, transport = session(tmp_path), RecordingTransport()
+    proto.connection_made(transport)
+    greeting = await replies_to(proto, transport, b"", b"220 ")
+    assert len(greeting) == 1 and greeting[0].startswith(b"220 relay.test ")
+
+    writes = await replies_to(proto, transport, b"EHLO client.test\r\n", b"250 ")
+    assert len(writes) == 1, writes
+    lines = writes[0].split(b"\r\n")[:-1]
+    assert len(lines) >= 3, lines
+    assert lines[0] == b"250-relay.test" and lines[-1].startswith(b"250 ")
+    assert all(line.startswith(b"250-") for line in lines[:-1])
+
+    # a one-line reply after it goes out as it is
+    writes = await replies_to(proto, transport, b"MAIL FROM:<a@example.com>\r\n", b"250 ")
+    assert writes == [b"250 2.1.0 Ok\r\n"]
+    proto.connection_lost(None)
