@@ -80,7 +80,7 @@ def test_250_waits_for_a_flush_after_the_files_and_one_after_the_rename(tmp_path
         incoming, active = spool.seen[0]
         assert len(incoming) == 1 and active == []
         qid = incoming[0]
-        assert (spool.path(State.INCOMING, qid) / "message.eml").read_bytes().endswith(b"body\r\n")
+        assert spool.path(State.INCOMING, qid).read_bytes().endswith(b"body\r\n")
         client.join(timeout=1.0)
         assert not replies, "250 before the message's files were flushed"
         spool.gate.release()

@@ -100,7 +100,7 @@ class Attempt:
         except CorruptMessage as exc:
             # moved to corrupt/; if even that failed, never looked at again by this process
             event(log, "corrupt", level=logging.ERROR, queue_id=qid, error=str(exc))
-            if self.spool.path(State.ACTIVE, qid).exists():
+            if self.spool.exists(State.ACTIVE, qid):
                 self.corrupt.add(qid)
         except FileNotFoundError:
             pass  # moved away by an operator (hold, delete) while waiting
@@ -129,8 +129,7 @@ class Attempt:
         await self.outcomes.finish(record)
 
     def _read(self, qid: str) -> tuple[Record, bytes]:
-        record = self.spool.load(State.ACTIVE, qid)
-        return record, self.spool.read_message(State.ACTIVE, qid, record)
+        return self.spool.read(State.ACTIVE, qid)
 
     async def _drop_suppressed(self, record: Record, pending: list[str]
                                ) -> list[str] | None:
@@ -179,7 +178,7 @@ class Attempt:
         """The recipients of the next call, once the rate lets them go; None: stop here
         (paused or stopping meanwhile, moved by an operator, or the quota used up)."""
         await self.gate.wait_unpaused()
-        if not self.spool.path(State.ACTIVE, record.id).is_dir():
+        if not self.spool.exists(State.ACTIVE, record.id):
             return None  # held or deleted by an operator meanwhile: send nothing more
         cap = min(MAX_DESTINATIONS, self.limiter.capacity(time.monotonic()))
         granted = self.quota.take(len(pending[:cap]))
@@ -223,7 +222,7 @@ class Attempt:
         done = len(chunk) == len(pending) and not failed(record)
         # durable before anything else: a retry or restart skips these recipients. When
         # this call finished the message, removing it from active/ is that record (its
-        # envelope.json would be deleted right after being written).
+        # record would be deleted right after being written).
         if done:
             try:
                 await self.outcomes.discard(record)

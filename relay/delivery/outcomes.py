@@ -1,6 +1,6 @@
 """What an attempt leaves behind: the record in the spool, then the listeners told.
 
-Every outcome is durable before anyone hears of it: envelope.json replaced (save), the
+Every outcome is durable before anyone hears of it: the record replaced (save), the
 message removed from active/ (discard), or moved to deferred/ with its next attempt as
 the mtime (postpone), to hold/ (hold) or to failed/ (finish, then the on_failed hook,
 e.g. a DSN). The flushes are shared through the group commit. A change the spool
@@ -74,7 +74,7 @@ class Outcomes:
             raise ResultNotSaved(f"{record.id}: result not saved: {exc}") from exc
 
     async def save(self, record: Record) -> None:
-        """Replace envelope.json; durable on return (the flush is shared)."""
+        """Replace the record; durable on return (the flush is shared)."""
         def change() -> None:
             self.spool.save(State.ACTIVE, record, durable=False)
         await self._durably(record, change)

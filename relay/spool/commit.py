@@ -27,7 +27,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.spool.spool import Spool, as_spool_error
+from relay.spool.files import as_spool_error
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.commit")
 
