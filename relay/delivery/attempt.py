@@ -40,6 +40,8 @@ log = logging.getLogger("relay.delivery")
 
 #: SES accepts at most 50 destinations per SendEmail call.
 MAX_DESTINATIONS = 50
+#: messages up to this size are read for delivery on the loop, bigger ones in a thread
+INLINE_READ = 256 * 1024
 QUOTA_USED_UP = "24-hour sending quota used up"
 #: the gate's hold while the suppression list cannot answer
 DATABASE = "database"
@@ -113,7 +115,10 @@ class Attempt:
                 pass
 
     async def process(self, qid: str) -> None:
-        record, raw = await asyncio.to_thread(self._read, qid)
+        # a small message is read on the loop (one read of a cached file costs less than
+        # the hop to a thread); a big one in a thread, so the loop is not held up
+        got = self.spool.read_small(State.ACTIVE, qid, INLINE_READ)
+        record, raw = got if got is not None else await asyncio.to_thread(self._read, qid)
         if self.policy.expired(record.envelope.received_at, self.clock()):
             reason = "expired: " + (record.last_error or "no attempt succeeded")
             await self.outcomes.fail_pending(record, reason)

@@ -51,12 +51,14 @@ def read_all(fd: int, size: int) -> bytes:
     return data
 
 
-def read_file(path: Path, *, whole: bool) -> bytes:
-    """A spool file's bytes: all of them (one read), or enough for its record line."""
+def read_file(path: Path, *, whole: bool, limit: int = -1) -> bytes | None:
+    """A spool file's bytes: all of them (one read; None when more than `limit`), or
+    enough for its record line."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if whole:
-            return read_all(fd, os.fstat(fd).st_size)
+            size = os.fstat(fd).st_size
+            return None if 0 <= limit < size else read_all(fd, size)
         data = os.read(fd, HEAD_BLOCK)
         while b"\n" not in data:
             more = os.read(fd, HEAD_BLOCK * 16)

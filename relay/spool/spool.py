@@ -179,7 +179,7 @@ class Spool(Durable):
     def load(self, state: State, qid: str) -> Record:
         """The record of a message; an unreadable one is moved to corrupt/."""
         try:
-            raw = read_file(self.path(state, qid), whole=False)
+            raw = read_file(self.path(state, qid), whole=False) or b""
         except IsADirectoryError:
             return self._legacy(state, qid, body=False)[0]
         return self._parse(state, qid, raw)[0]
@@ -190,7 +190,7 @@ class Spool(Durable):
         try:
             if legacy.is_legacy(path):
                 return legacy.read_record(path)
-            return Record.from_head(read_file(self.path(state, qid), whole=False))[0]
+            return Record.from_head(read_file(self.path(state, qid), whole=False) or b"")[0]
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -198,11 +198,19 @@ class Spool(Durable):
         """A message's record and raw MIME, in one read of its file. One shorter or
         longer than the size recorded at acceptance is moved to corrupt/
         (CorruptMessage), never forwarded."""
+        got = self.read_small(state, qid, -1)
+        assert got is not None
+        return got
+
+    def read_small(self, state: State, qid: str, limit: int) -> tuple[Record, bytes] | None:
+        """read(), or None when the file is over `limit` bytes (nothing read)."""
         try:
-            raw = read_file(self.path(state, qid), whole=True)
+            raw = read_file(self.path(state, qid), whole=True, limit=limit)
         except IsADirectoryError:
             record, data = self._legacy(state, qid, body=True)
         else:
+            if raw is None:
+                return None
             record, start = self._parse(state, qid, raw)
             data = raw[start:]
         if len(data) != record.size:
