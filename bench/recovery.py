@@ -51,7 +51,7 @@ from relay.spool.spool import Spool  # noqa: E402
 #: group -> share of the spool; the rest is deferred with the next attempt ahead
 MIX = {"active": 0.08, "due": 0.05, "hold": 0.01, "failed": 0.01}
 GARBAGE = 100
-#: what one message costs on disk: its directory and two small files, a block each
+#: what one message costs on disk: one small file, a block
 BYTES_PER_MESSAGE = 4096  # one file of one block per message
 BODY = (b"From: app@example.com\r\nTo: someone@example.net\r\nSubject: scale\r\n"
         b"Message-ID: <scale@bench.example>\r\n\r\n" + b"x" * 180 + b"\r\n")

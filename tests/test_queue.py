@@ -71,6 +71,10 @@ def test_deferred_message_replayed_with_retry(start_relay, tmp_path):
         assert doc["pending_recipients"] == ["a@example.net", "b@example.org"]
         text = relay_cli(relay, "queue", "show", qid).stdout
         assert "InternalFailure" in text and "Message-ID:" in text
+        # the file it names reads as `show` says: the record, then the message
+        assert f"head -1 {doc['path']} (record); tail -n +2 {doc['path']} (message)" in text
+        assert spoolfile.record(Path(doc["path"]))["id"] == qid
+        assert b"Subject: replay" in spoolfile.mime(Path(doc["path"]))
 
         stats = json.loads(relay_cli(relay, "queue", "stats", "--json").stdout)
         assert stats["states"]["deferred"]["T"] == 1 and stats["total"] == 1

@@ -164,6 +164,8 @@ class Queue:
         rec = self.read(state, qid)
         path = self.spool.path(state, qid)
         doc["path"] = str(path)
+        if path.is_file():
+            doc["read"] = f"head -1 {path} (record); tail -n +2 {path} (message)"
         if rec is not None:
             doc["envelope"] = {"sender": rec.envelope.sender,
                                "recipients": list(rec.envelope.recipients),
