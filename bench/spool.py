@@ -5,11 +5,14 @@ sync, a rename into active/, a shared sync), read back for delivery, then finish
 from active/, a shared sync), in batches of --batch messages as concurrent sessions share
 a group commit. Layouts:
   spool     relay.spool as it is in the tree given by --tree (default: this one)
+  syncfs    the same spool flushing with one syncfs(2), as it does on a filesystem of
+            its own, instead of its file and directory syncs
   flat      two flat files per message, <qid>.eml + <qid>.json (the .json renamed last)
   xattr     one file of raw MIME, the record in its user.relay extended attribute
 The sketches (flat, xattr) sync like the current spool: an fdatasync per file written, an
 fsync per directory changed. System calls come from `strace -c -f` of a run with
---messages N less one with none; CPU from the process's own clock, without strace.
+--messages N less one with none; CPU and wall time from the best of three runs without
+strace (wall time includes waiting for the disk).
 
     .venv/bin/python bench/spool.py [--messages 2000] [--batch 20] [--size 5120] \
         [--tree /path/to/an/older/checkout]
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUTS = ("spool", "flat", "xattr")
+LAYOUTS = ("spool", "syncfs", "flat", "xattr")
 
 
 def _sync_dirs(*dirs: Path) -> None:
@@ -52,10 +55,17 @@ def _read(path: Path) -> bytes:
         os.close(fd)
 
 
-def run_spool(root: Path, batches: list[list[str]], body: bytes) -> None:
+def run_syncfs(root: Path, batches: list[list[str]], body: bytes) -> None:
+    run_spool(root, batches, body, syncfs=True)
+
+
+def run_spool(root: Path, batches: list[list[str]], body: bytes, *,
+              syncfs: bool | None = None) -> None:
     from relay.spool.record import Envelope, State
     from relay.spool.spool import Spool
     spool = Spool(root)
+    if syncfs is not None:
+        spool.syncfs = syncfs
     spool.ensure()
     env = Envelope("a@example.com", ("b@example.net",), time.time())
     for batch in batches:
@@ -131,28 +141,31 @@ def child(layout: str, n: int, batch: int, size: int, where: str) -> None:
     body = (b"x" * 76 + b"\r\n") * max(1, size // 78)
     ids = [f"{i:018X}" for i in range(1, n + 1)]
     batches = [ids[i:i + batch] for i in range(0, n, batch)]
-    run = {"spool": run_spool, "flat": run_flat, "xattr": run_xattr}[layout]
-    t0 = time.process_time()
+    run = {"spool": run_spool, "syncfs": run_syncfs, "flat": run_flat,
+           "xattr": run_xattr}[layout]
+    t0, w0 = time.process_time(), time.perf_counter()
     run(Path(where), batches, body)
-    print(json.dumps({"cpu": time.process_time() - t0}))
+    print(json.dumps({"cpu": time.process_time() - t0, "wall": time.perf_counter() - w0}))
 
 
 def measure(layout: str, args: argparse.Namespace, tree: Path, *, strace: bool,
-            n: int) -> float:
+            n: int) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of a run, or (system calls, 0) under strace."""
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         cmd = [sys.executable, __file__, "--child", layout, "--messages", str(n),
                "--batch", str(args.batch), "--size", str(args.size), "--where", tmp]
         env = dict(os.environ, PYTHONPATH=str(tree))
         if not strace:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            return float(json.loads(out.stdout)["cpu"])
+            doc = json.loads(out.stdout)
+            return float(doc["cpu"]), float(doc["wall"])
         report = Path(tmp) / "strace.txt"
         subprocess.run(["strace", "-c", "-f", "-o", str(report), *cmd], env=env,
                        capture_output=True, text=True, check=True)
         total = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)", report.read_text(), re.M)
         if total is None:
             raise SystemExit(f"no total in strace's report:\n{report.read_text()}")
-        return float(total.group(1))
+        return float(total.group(1)), 0.0
 
 
 def main() -> None:
@@ -173,12 +186,12 @@ def main() -> None:
     n = args.messages
     print(f"{n} messages of ~{args.size} bytes, group commits of {args.batch}; "
           f"spool row: {args.tree}")
-    print(f"{'layout':8} {'syscalls/msg':>13} {'CPU us/msg':>11}")
+    print(f"{'layout':8} {'syscalls/msg':>13} {'CPU us/msg':>11} {'wall us/msg':>12}")
     for layout in args.layouts.split(","):
-        calls = (measure(layout, args, args.tree, strace=True, n=n)
-                 - measure(layout, args, args.tree, strace=True, n=0)) / n
-        cpu = min(measure(layout, args, args.tree, strace=False, n=n) for _ in range(3))
-        print(f"{layout:8} {calls:13.1f} {cpu / n * 1e6:11.0f}")
+        calls = (measure(layout, args, args.tree, strace=True, n=n)[0]
+                 - measure(layout, args, args.tree, strace=True, n=0)[0]) / n
+        cpu, wall = min(measure(layout, args, args.tree, strace=False, n=n) for _ in range(3))
+        print(f"{layout:8} {calls:13.1f} {cpu / n * 1e6:11.0f} {wall / n * 1e6:12.0f}")
 
 
 if __name__ == "__main__":

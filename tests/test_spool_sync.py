@@ -3,15 +3,18 @@ a message's file is synced before the rename that makes it visible, and that ren
 synced (its directory) before the call returns (before the 250); a new record is synced
 before it replaces the old one; a removal is synced before delivery hears it is done.
 
-Each case runs a small Python process under `strace -f -y` (skipped without strace).
+Each case runs a small Python process under `strace -f -y` (skipped without strace); the
+last one with the spool on a tmpfs of its own (root only), where one syncfs does it all.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,17 +41,20 @@ os.write(1, b"discarded\n")
 QID = "0000000000001AAAAA"
 
 
-@pytest.fixture(scope="module")
-def calls(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    tmp = tmp_path_factory.mktemp("sync")
-    out = tmp / "strace.txt"
+def traced(spool: Path, out: Path) -> list[str]:
     subprocess.run(["strace", "-f", "-y", "-s", "64", "-o", str(out),
-                    "-e", "trace=openat,write,writev,fdatasync,fsync,rename,renameat,"
+                    "-e", "trace=openat,write,writev,fdatasync,fsync,syncfs,rename,renameat,"
                           "renameat2,unlink,unlinkat,copy_file_range",
-                    sys.executable, "-c", SCRIPT, str(tmp / "spool")],
+                    sys.executable, "-c", SCRIPT, str(spool)],
                    check=True, timeout=60, capture_output=True, cwd=ROOT,
                    env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     return out.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def calls(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    tmp = tmp_path_factory.mktemp("sync")
+    return traced(tmp / "spool", tmp / "strace.txt")
 
 
 def first(calls: list[str], pattern: str, after: int = -1) -> int:
@@ -83,3 +89,22 @@ def test_a_finished_message_is_one_unlink_synced_before_the_caller_goes_on(calls
     removed = first(calls, rf"unlink\w*\(.*active/{QID}", start)
     dir_synced = first(calls, r"fsync\(\d+</[^>]*/spool/active>\) = 0", removed)
     assert dir_synced < first(calls, r'write\(1.*"discarded')
+
+
+def test_on_a_filesystem_of_its_own_one_syncfs_before_the_rename_and_one_after(tmp_path):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs for the spool needs root and mount")
+    mnt = tmp_path / "own"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True,
+                   timeout=30)
+    try:
+        calls = traced(mnt, tmp_path / "strace.txt")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
+    written = first(calls, rf"writev\(\d+</[^>]*/incoming/{QID}>")
+    synced = first(calls, r"syncfs\(\d+<[^>]*/own>\) = 0", written)
+    renamed = first(calls, rf"rename\w*\(.*incoming/{QID}.*active/{QID}", synced)
+    again = first(calls, r"syncfs\(\d+<[^>]*/own>\) = 0", renamed)
+    assert again < first(calls, r'write\(1.*"accepted')
+    assert not any("fdatasync" in c for c in calls[written:renamed])

@@ -337,7 +337,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     qp = sub.add_parser("queue", parents=[common],
                         help="inspect and change the spool (safe while serving)")
     qp.description = ("Inspect and change the spool's messages, safely while `relay serve` "
-                      "runs: every change is one rename of a message's directory.")
+                      "runs: every change is one rename of a message's file.")
     qs = qp.add_subparsers(dest="queue_command", required=True)
     states = [s.value for s in STATES]
 

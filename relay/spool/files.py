@@ -5,10 +5,13 @@ relay.spool.spool and relay.spool.commit.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from relay.errors import SpoolError, SpoolFullError
 from relay.spool.record import State
@@ -111,6 +114,38 @@ def as_spool_error(exc: BaseException) -> BaseException:
     return SpoolError(f"spool write failed: {exc}")
 
 
+def _load_syncfs() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "syncfs", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+#: Linux syncfs(2): every dirty page and inode of one filesystem, one journal commit
+_syncfs = _load_syncfs()
+
+
+def syncfs(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {root}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def whole_filesystem(root: Path) -> bool:
+    """Whether the spool is a filesystem of its own (a mount point), so that one syncfs
+    flushes the spool's changes and nobody else's."""
+    return _syncfs is not None and os.path.ismount(root)
+
+
 class Durable:
     """What a spool changed and has not yet synced, and the flush that syncs it."""
 
@@ -126,6 +161,8 @@ class Durable:
         self._files: list[int] = []  #: written, not yet fdatasynced (closed by flush)
         self._dirs: set[State] = set()  #: changed, not yet fsynced
         self.converted = 0  #: messages of the older layout converted by recover()
+        #: flush by one syncfs (the spool is a filesystem of its own), decided at the first
+        self.syncfs: bool | None = None
 
     def _written(self, fd: int) -> None:
         """Leave a new file's sync to the next flush (it closes the descriptor)."""
@@ -147,8 +184,13 @@ class Durable:
                 self._dirs.add(state)
 
     def flush(self) -> None:
-        """Make every change noted so far durable: an fdatasync per file written, then an
-        fsync per directory changed. Raises OSError on a write-back error.
+        """Make every change noted so far durable. Raises OSError on a write-back error.
+
+        On a filesystem of its own, one syncfs: a single journal commit and device flush
+        for everything. Elsewhere an fdatasync per file written, then an fsync per
+        directory changed, so that other programs' writes stay out of it (measured by
+        bench/spool.py: each fdatasync costs a device flush of its own, so a batch of 20
+        waited 2-6 times longer than one syncfs; CPU alike).
 
         One flush at a time: a second caller waits for the one running, so a change
         noted before a call is always synced before that call returns.
@@ -157,16 +199,21 @@ class Durable:
             with self._dirty_lock:
                 files, self._files = self._files, []
                 dirs, self._dirs = self._dirs, set()
+            if self.syncfs is None:
+                self.syncfs = whole_filesystem(self.root)
             failure: OSError | None = None
             for fd in files:
                 try:
-                    os.fdatasync(fd)
+                    if not self.syncfs:
+                        os.fdatasync(fd)
                 except OSError as exc:
                     failure = failure or exc
                 finally:
                     os.close(fd)
             if failure is not None:
                 raise failure
+            if self.syncfs and (files or dirs):
+                syncfs(self.root)
+                return
             for state in sorted(dirs):
                 fsync_dir(self.root / state.value)
-

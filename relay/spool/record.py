@@ -22,7 +22,7 @@ from typing import Any
 class State(enum.StrEnum):
     INCOMING = "incoming"  #: being written; anything here at start-up is garbage
     ACTIVE = "active"  #: ready for delivery or in flight
-    DEFERRED = "deferred"  #: waiting for the next attempt (directory mtime)
+    DEFERRED = "deferred"  #: waiting for the next attempt (the file's mtime)
     HOLD = "hold"  #: held by an operator or a configuration error
     FAILED = "failed"  #: permanent failure or expired; kept for inspection
     CORRUPT = "corrupt"  #: unreadable; kept, never deleted

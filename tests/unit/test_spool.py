@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from relay.errors import SpoolFullError
+from relay.spool.files import whole_filesystem
 from relay.spool.record import Envelope, Record, State, new_queue_id
 from relay.spool.spool import CorruptMessage, Spool
 
@@ -143,3 +145,11 @@ def test_queue_ids_are_unique_and_sortable():
     ids = [new_queue_id() for _ in range(5000)]
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
+
+
+def test_a_spool_flushes_by_syncfs_only_on_a_filesystem_of_its_own(spool, tmp_path):
+    """syncfs would flush every other program's writes on a shared filesystem."""
+    spool.prepare(ENV, b"m")
+    spool.flush()
+    assert spool.syncfs is False  # a directory of the test's filesystem: file by file
+    assert whole_filesystem(Path("/")) and not whole_filesystem(tmp_path)
