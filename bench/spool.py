@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,18 +82,26 @@ def run_spool(root: Path, batches: list[list[str]], body: bytes, *,
         spool.flush()
         for grave in graves:
             if grave is not None:
-                import shutil
                 shutil.rmtree(grave, ignore_errors=True)
 
 
-def run_flat(root: Path, batches: list[list[str]], body: bytes) -> None:
+def _states(root: Path) -> tuple[Path, Path]:
     inc, act = root / "incoming", root / "active"
     for d in (inc, act):
         d.mkdir(parents=True, exist_ok=True)
+    return inc, act
+
+
+def _record(qid: str, body: bytes) -> bytes:
+    return json.dumps({"id": qid, "sender": "a@example.com", "size": len(body)}).encode()
+
+
+def run_flat(root: Path, batches: list[list[str]], body: bytes) -> None:
+    inc, act = _states(root)
     for batch in batches:
         fds = []
         for q in batch:
-            rec = json.dumps({"id": q, "sender": "a@example.com", "size": len(body)}).encode()
+            rec = _record(q, body)
             fds += [_write(inc / f"{q}.eml", body), _write(inc / f"{q}.json", rec)]
         for fd in fds:
             os.fdatasync(fd)
@@ -111,15 +120,12 @@ def run_flat(root: Path, batches: list[list[str]], body: bytes) -> None:
 
 
 def run_xattr(root: Path, batches: list[list[str]], body: bytes) -> None:
-    inc, act = root / "incoming", root / "active"
-    for d in (inc, act):
-        d.mkdir(parents=True, exist_ok=True)
+    inc, act = _states(root)
     for batch in batches:
         fds = []
         for q in batch:
-            rec = json.dumps({"id": q, "sender": "a@example.com", "size": len(body)}).encode()
             fd = _write(inc / q, body)
-            os.setxattr(fd, "user.relay", rec)
+            os.setxattr(fd, "user.relay", _record(q, body))
             fds.append(fd)
         for fd in fds:
             os.fsync(fd)  # the xattr is metadata: fdatasync would not cover it

@@ -9,7 +9,6 @@ last one with the spool on a tmpfs of its own (root only), where one syncfs does
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_faults_spool import small_disk  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 
@@ -91,20 +91,12 @@ def test_a_finished_message_is_one_unlink_synced_before_the_caller_goes_on(calls
     assert dir_synced < first(calls, r'write\(1.*"discarded')
 
 
-def test_on_a_filesystem_of_its_own_one_syncfs_before_the_rename_and_one_after(tmp_path):
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs for the spool needs root and mount")
-    mnt = tmp_path / "own"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True,
-                   timeout=30)
-    try:
-        calls = traced(mnt, tmp_path / "strace.txt")
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
+def test_on_a_filesystem_of_its_own_one_syncfs_before_the_rename_and_one_after(
+        tmp_path, small_disk):  # noqa: F811 - the fixture imported above
+    calls = traced(small_disk, tmp_path / "strace.txt")
     written = first(calls, rf"writev\(\d+</[^>]*/incoming/{QID}>")
-    synced = first(calls, r"syncfs\(\d+<[^>]*/own>\) = 0", written)
+    synced = first(calls, r"syncfs\(\d+<[^>]*/small>\) = 0", written)
     renamed = first(calls, rf"rename\w*\(.*incoming/{QID}.*active/{QID}", synced)
-    again = first(calls, r"syncfs\(\d+<[^>]*/own>\) = 0", renamed)
+    again = first(calls, r"syncfs\(\d+<[^>]*/small>\) = 0", renamed)
     assert again < first(calls, r'write\(1.*"accepted')
     assert not any("fdatasync" in c for c in calls[written:renamed])

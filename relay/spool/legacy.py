@@ -21,6 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
+from relay.spool.files import fsync_dir
 from relay.spool.record import Record
 
 MESSAGE = "message.eml"
@@ -38,14 +39,6 @@ def read_record(path: Path) -> Record:
 
 def read_message(path: Path) -> bytes:
     return (path / MESSAGE).read_bytes()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def convert(state_dir: Path, qid: str, *, sync: bool) -> bool:
@@ -73,7 +66,7 @@ def convert(state_dir: Path, qid: str, *, sync: bool) -> bool:
     os.rename(old, state_dir / f".{qid}.old")
     os.rename(new, old)
     if sync:
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     shutil.rmtree(state_dir / f".{qid}.old", ignore_errors=True)
     return True
 
@@ -92,7 +85,7 @@ def finish(state_dir: Path, *, sync: bool) -> None:
             elif new.exists():
                 os.rename(new, target)  # step 3 left undone: .new was synced in step 1
                 if sync:
-                    _fsync_dir(state_dir)
+                    fsync_dir(state_dir)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(old, target)  # cannot happen; keep the original, convert again
