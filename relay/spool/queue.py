@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -118,7 +119,7 @@ class Queue:
         doc: dict[str, Any] = {"id": qid, "state": state.value, "arrival": born,
                                "age": round(max(0.0, now - born), 3)}
         if rec is None:
-            if not path.is_dir():
+            if not os.path.lexists(path):
                 return None  # moved on between the stat and the read
             doc["error"] = "record unreadable"
             return doc

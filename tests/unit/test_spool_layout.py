@@ -152,3 +152,11 @@ def test_an_operators_delete_during_a_save_is_never_undone(spool):
     saver.join(30)
     assert len(errors) == 1 and spool.locate(qid) is None
     assert os.listdir(spool.dir(State.INCOMING)) == []
+
+
+def test_the_queue_lists_a_file_it_cannot_read_with_the_reason(spool):
+    qid = spool.accept(ENV, DATA)
+    spool.move(qid, State.ACTIVE, State.HOLD)
+    spool.path(State.HOLD, qid).write_bytes(b"not a record\n")
+    [row] = list(Queue(spool).entries())
+    assert row["id"] == qid and row["state"] == "hold" and row["error"] == "record unreadable"
