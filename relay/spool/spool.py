@@ -219,8 +219,19 @@ class Spool(Durable):
         return record, data
 
     def read_message(self, state: State, qid: str, record: Record | None = None) -> bytes:
-        """The raw MIME (checked against its record's size, see read)."""
-        return self.read(state, qid)[1]
+        """The raw MIME. With its record, checked as by read (one that does not match is
+        moved to corrupt/); without, as it is, never moving anything (OSError when it
+        cannot be read)."""
+        if record is not None:
+            return self.read(state, qid)[1]
+        path = self.path(state, qid)
+        if legacy.is_legacy(path):
+            return legacy.read_message(path)
+        raw = read_file(path, whole=True) or b""
+        start = raw.find(b"\n")
+        if start < 0:
+            raise OSError(errno.EBADMSG, "no record line: not a spool file", str(path))
+        return raw[start + 1:]
 
     def read_head(self, state: State, qid: str, size: int = 65536) -> bytes:
         """Up to `size` bytes from the start of the raw MIME, for its headers; never

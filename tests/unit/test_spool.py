@@ -153,3 +153,16 @@ def test_a_spool_flushes_by_syncfs_only_on_a_filesystem_of_its_own(spool, tmp_pa
     spool.flush()
     assert spool.syncfs is False  # a directory of the test's filesystem: file by file
     assert whole_filesystem(Path("/")) and not whole_filesystem(tmp_path)
+
+
+def test_read_message_without_its_record_only_reads_and_never_moves(spool):
+    """A read-only view (the console, a DSN) looks; delivery's read() decides on corrupt."""
+    qid = spool.accept(ENV, b"Subject: x\r\n\r\nbody\r\n")
+    with open(spool.path(State.ACTIVE, qid), "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4)
+    assert spool.read_message(State.ACTIVE, qid) == b"Subject: x\r\n\r\nbo"
+    assert spool.locate(qid) is State.ACTIVE
+    spool.path(State.ACTIVE, qid).write_bytes(b"no record line")
+    with pytest.raises(OSError, match="no record line"):
+        spool.read_message(State.ACTIVE, qid)
+    assert spool.locate(qid) is State.ACTIVE
