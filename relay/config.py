@@ -190,6 +190,9 @@ class FeedbackConfig:
     min_sample: int = 200
     reputation_window: float = _duration(default=86400.0)
     guard_interval: float = _duration(default=30.0)
+    receivers: int = 8
+    raw_delivery: bool = False
+    max_event_age: float = _duration(default=14 * 86400.0)
 
     def check(self) -> None:
         url = self.sqs_endpoint_url
@@ -214,6 +217,19 @@ class FeedbackConfig:
             raise ConfigError("feedback.min_sample", "must be at least 1")
         if self.reputation_window <= 0 or self.guard_interval <= 0:
             raise ConfigError("feedback.guard_interval", "durations must be above 0")
+        self._check_ingester()
+
+    def _check_ingester(self) -> None:
+        if not 1 <= self.receivers <= 32:
+            raise ConfigError("feedback.receivers", "must be between 1 and 32")
+        if self.max_event_age <= 0:
+            raise ConfigError("feedback.max_event_age", "must be above 0")
+        if self.sqs_queue_url and self.sqs_endpoint_url != SANDBOX and not self.raw_delivery \
+                and not self.topic_arns:
+            raise ConfigError("feedback.topic_arns", "must list the SNS topics that feed "
+                              "feedback.sqs_queue_url (their envelopes' signatures and topics "
+                              "are checked), or set feedback.raw_delivery = true when the "
+                              "subscription uses raw message delivery")
 
 
 @dataclass(frozen=True)
@@ -221,9 +237,20 @@ class AdminConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8025
+    #: the console's pages at / (relay.ops.console)
+    console: bool = True
+    #: "credentials": the console's login checks smtp.auth_file's users; "" none
+    console_login: str = ""
+    #: a token that logs in to the console (Authorization: Bearer, or the login form)
+    console_token: str = ""
 
     def check(self) -> None:
         _port("admin.port", self.port)
+        if self.console_login not in ("", "credentials"):
+            raise ConfigError("admin.console_login",
+                              f'must be "credentials" or empty, got {self.console_login!r}')
+        if self.console_token and len(self.console_token) < 16:
+            raise ConfigError("admin.console_token", "must be at least 16 characters")
 
 
 DKIM_DEFAULT_HEADERS = (
@@ -430,4 +457,8 @@ def load(path: str | os.PathLike[str] | None = None,
         name: _build_section(name, cls, data.get(name, {}), env, base)
         for name, cls in SECTIONS.items()
     }
+    admin, smtp = sections["admin"], sections["smtp"]
+    if admin.console_login == "credentials" and not smtp.auth_file:
+        raise ConfigError("admin.console_login",
+                          '"credentials" logs in with smtp.auth_file\'s users: set smtp.auth_file')
     return Config(source=source, **sections)

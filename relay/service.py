@@ -31,17 +31,21 @@ from relay.delivery.retry import RetryPolicy
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.settings import Partition, PoolSettings
 from relay.errors import ConfigError
-from relay.feedback.applier import Applied, FeedbackApplier
+from relay.feedback.applier import AppliedBatch, FeedbackApplier
 from relay.feedback.guard import ReputationGuard
-from relay.feedback.sns import SnsEndpoint
-from relay.feedback.sqs import SqsIngester, queue_region
+from relay.feedback.sns import SnsEndpoint, Verifier
+from relay.feedback.sqs import queue_region
+from relay.feedback.thread import IngesterThread, ingester_thread
 from relay.ingress.credentials import Credentials
 from relay.ingress.server import Ingress, IngressHandler
 from relay.log import event
 from relay.ops.admin import Admin
+from relay.ops.console.wiring import install_console
 from relay.ops.metrics import Gauges, Metrics, TimedSender
 from relay.ops.readiness import SesWatch, database_problems, spool_problems
 from relay.sandbox.server import Sandbox, SandboxState
+from relay.sandbox.signing import CERT_PATH, signing_key
+from relay.sandbox.simulator import sandbox_topic
 from relay.ses.client import SesClient
 from relay.spool.commit import GroupCommit
 from relay.spool.lock import SpoolLock
@@ -80,7 +84,8 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
             max_connections=config.delivery.max_concurrency,
             stamp_departures=endpoint is not None))
         relay = await build(config, spool=spool, db=db, ses=ses, partition=part,
-                            sqs=_feedback_queue(config, endpoint, creds))
+                            sqs=_feedback_queue(config, endpoint, creds),
+                            verifier=_verifier(config, sandbox))
         await relay.start()
         await stop.wait()
         event(log, "stopping")
@@ -146,6 +151,16 @@ async def _start_sandbox(config: Config) -> StartedSandbox | None:
     url = await sandbox.start(sb.host, sb.port)
     event(log, "sandbox", url=url, outbox=str(config.sandbox_dir))
     return StartedSandbox(sandbox, url)
+
+
+def _verifier(config: Config, sandbox: StartedSandbox | None) -> Verifier:
+    """The one SNS envelope check (SQS path and /sns). The embedded sandbox's signing key
+    is trusted for its own certificate URL and topic, and only when it is embedded."""
+    topics, pinned = set(config.feedback.topic_arns), {}
+    if sandbox is not None:
+        topics.add(sandbox_topic())
+        pinned[sandbox.url + CERT_PATH] = signing_key().public_key
+    return Verifier(topic_arns=topics, pinned=pinned)
 
 
 @dataclass(frozen=True)
@@ -245,7 +260,7 @@ class Relay:
     partition: Partition
     message_log: MessageLog
     guard: ReputationGuard
-    ingester: SqsIngester | None
+    ingester: IngesterThread | None
     sns: SnsEndpoint | None
     pool: DeliveryPool
     fanout: QueuedFanout
@@ -290,7 +305,8 @@ class Relay:
 
 
 async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
-                partition: Partition, sqs: FeedbackQueue | None) -> Relay:
+                partition: Partition, sqs: FeedbackQueue | None,
+                verifier: Verifier | None = None) -> Relay:
     """Every part, each constructed with what it needs; nothing is started here."""
     dcfg, fcfg = config.delivery, config.feedback
     ingest = partition.index == 0
@@ -323,16 +339,16 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         interval=fcfg.guard_interval,
     )
 
-    async def applied(_: Applied) -> None:
+    async def applied(_: AppliedBatch) -> None:
         guard.kick()
 
     applier = FeedbackApplier(db, soft_bounce_limit=fcfg.soft_bounce_limit)
-    ingester = SqsIngester(
-        applier=applier, queue_url=sqs.url, region=queue_region(sqs.url, config.ses.region),
+    verifier = verifier or Verifier(topic_arns=fcfg.topic_arns)
+    ingester = ingester_thread(
+        config, verifier, queue_url=sqs.url, region=queue_region(sqs.url, config.ses.region),
         endpoint_url=sqs.endpoint, static_credentials=sqs.credentials,
-        wait_time=fcfg.wait_time, max_messages=fcfg.max_messages, on_applied=applied,
-    ) if sqs is not None and ingest else None
-    sns = SnsEndpoint(applier=applier, topic_arns=fcfg.topic_arns, on_applied=applied
+        on_batch=lambda _: guard.kick()) if sqs is not None and ingest else None
+    sns = SnsEndpoint(applier=applier, verifier=verifier, on_batch=applied
                       ) if fcfg.sns_endpoint and ingest else None
     ingress = _ingress(config, spool=spool, commit=commit, metrics=metrics,
                        listener=CountedQueued(metrics, fanout), suppressions=suppressions,
@@ -359,6 +375,11 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     admin = Admin(checks=checks, metrics=metrics.render, refresh=gauges.refresh,
                   async_checks=database,
                   routes={"/sns": sns.handle} if sns is not None else {})
+    if config.admin.console and ingest:
+        # the console's pages at / on the same listener (relay.ops.console)
+        install_console(admin.app, config=config, spool=spool, db=db,
+                        suppressions=suppressions, pool=pool, limiter=limiter, guard=guard,
+                        checks=checks, async_checks=database)
     return Relay(config=config, partition=partition, message_log=message_log, guard=guard,
                  ingester=ingester, sns=sns, pool=pool, fanout=fanout, ingress=ingress,
                  admin=admin)
@@ -390,16 +411,17 @@ def _missing_credentials(ses: SesClient) -> list[str]:
     return [reason]
 
 
-def _feedback_stats(ingester: SqsIngester | None, sns: SnsEndpoint | None,
+def _feedback_stats(ingester: IngesterThread | None, sns: SnsEndpoint | None,
                     guard: ReputationGuard) -> Callable[[], dict[str, float]]:
     """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""
 
     def stats() -> dict[str, float]:
         out: dict[str, float] = {}
         if ingester is not None:
-            out.update({f"feedback_{k}": float(v) for k, v in ingester.counts.items()})
+            out.update(ingester.stats())
         if sns is not None:
             out["sns_rejected"] = float(sns.rejected)
+            out["sns_unparseable"] = float(sns.unparseable)
         rates = guard.last
         out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
                    reputation_sample=float(rates.sent),

@@ -1,13 +1,18 @@
-"""Helpers shared by the feedback tests: fixtures as SES would send them, CLI calls."""
+"""Helpers shared by the feedback tests: fixtures as SES would send them, SNS envelopes
+signed by a test CA's certificate, CLI calls."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import datetime
+import functools
 import json
 import os
 import smtplib
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,17 +21,87 @@ from tests.conftest import ROOT, RelayProcess
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ses"
 SENDER = "app@example.com"
+TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
+CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem"
+
+
+def _name(cn: str) -> Any:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+@functools.cache
+def pki() -> tuple[Any, bytes]:
+    """A test CA and an SNS-like signing certificate it issued: (its key, its PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca = (x509.CertificateBuilder().subject_name(_name("relay test CA"))
+          .issuer_name(_name("relay test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(_name("sns.amazonaws.com"))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+    return key, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def signed(key: Any, msg: dict[str, Any], version: str = "1") -> dict[str, Any]:
+    """msg with SignatureVersion and the Signature SNS would compute with `key`."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from relay.feedback.sns import string_to_sign
+
+    msg = dict(msg, SignatureVersion=version)
+    algo = hashes.SHA1() if version == "1" else hashes.SHA256()
+    signature = key.sign(string_to_sign(msg), padding.PKCS1v15(), algo)
+    msg["Signature"] = base64.b64encode(signature).decode()
+    return msg
+
+
+def sns_message(doc: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The SNS envelope of an SES document (unsigned), as SNS delivers it to SQS or /sns."""
+    return {"Type": "Notification", "MessageId": str(uuid.uuid4()), "TopicArn": TOPIC,
+            "Subject": "Amazon SES Email Event Notification", "Message": json.dumps(doc),
+            "Timestamp": "2026-11-22T00:00:00.000Z", "SigningCertURL": CERT_URL,
+            "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe", **extra}
+
+
+def signed_envelope(doc: dict[str, Any], **extra: Any) -> str:
+    """An SQS body: the SES document in an SNS envelope signed by the test certificate."""
+    return json.dumps(signed(pki()[0], sns_message(doc, **extra)))
 
 
 def fixture(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / name).read_text())
 
 
+def iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
 def notification(name: str, *, message_id: str, destination: list[str],
-                 recipients: list[str] | None = None) -> dict[str, Any]:
-    """A documented SES sample re-addressed to a message the test sent."""
+                 recipients: list[str] | None = None, at: float | None = None
+                 ) -> dict[str, Any]:
+    """A documented SES sample re-addressed to a message the test sent, and re-timed to
+    `at` (default now: SES reports a message just sent)."""
     doc = copy.deepcopy(fixture(name))
     recipients = destination if recipients is None else recipients
+    stamp = iso(time.time() if at is None else at)
+    for section in doc.values():
+        if isinstance(section, dict) and "timestamp" in section:
+            section["timestamp"] = stamp
     doc["mail"]["messageId"] = message_id
     doc["mail"]["destination"] = destination
     kind = doc.get("notificationType") or doc.get("eventType")

@@ -11,9 +11,13 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
-# Debian packages: swaks (a real SMTP client the tests use), PostgreSQL (server + psql).
+# Debian packages: swaks (a real SMTP client the tests use), PostgreSQL (server + psql),
+# Chromium and its driver for the console's browser tests (tests/browser: Playwright drives
+# Debian's /usr/bin/chromium; no browser is downloaded).
 need=()
 command -v swaks >/dev/null || need+=(swaks)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ "${RELAY_TEST_POSTGRES:-1}" != 0 ]; then
   { [ -n "$(pg_bin)" ] && command -v psql >/dev/null; } || need+=(postgresql postgresql-client)
 fi

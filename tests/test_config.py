@@ -53,6 +53,9 @@ def test_relay_config_env_names_the_file(tmp_path):
         ("[delivery]\nmax_rate = -1\n", {}, "delivery.max_rate"),
         ('[delivery]\nmin_backoff = "10m"\nmax_backoff = "1m"\n', {}, "delivery.max_backoff"),
         ("[admin]\nenabled = 3\n", {}, "admin.enabled"),
+        ('[admin]\nconsole_login = "ldap"\n', {}, "admin.console_login"),
+        ('[admin]\nconsole_login = "credentials"\n', {}, "admin.console_login"),
+        ('[admin]\nconsole_token = "short"\n', {}, "admin.console_token"),
         ("[smtp\n", {}, "config"),
     ],
 )

@@ -33,7 +33,10 @@ def feedback_queue(moto_server, monkeypatch):
     url = sqs.create_queue(QueueName=name)["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url,
                                    AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
+    # raw message delivery: moto's envelopes carry no real signature (the relay verifies
+    # envelopes), so the queue gets the SES JSON itself and the relay is told to expect it
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn,
+                  Attributes={"RawMessageDelivery": "true"})
 
     def publish(doc):
         sns.publish(TopicArn=topic, Message=json.dumps(doc))
@@ -46,7 +49,8 @@ def relay(start_relay, feedback_queue):
     return start_relay(
         feedback_queue["endpoint"], delivery={"max_rate": 50},
         feedback={"sqs_queue_url": feedback_queue["url"],
-                  "sqs_endpoint_url": feedback_queue["endpoint"], "wait_time": "1s"},
+                  "sqs_endpoint_url": feedback_queue["endpoint"], "wait_time": "1s",
+                  "raw_delivery": True},
     )
 
 

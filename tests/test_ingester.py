@@ -5,17 +5,28 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
 import pytest
 
 from relay.feedback.applier import FeedbackApplier
-from relay.feedback.parse import Unparseable, parse
+from relay.feedback.parse import Unparseable, events, parse
+from relay.feedback.sns import Verifier
 from relay.feedback.sqs import SqsIngester
 from relay.store.db import Database
 from tests.conftest import database_for
-from tests.feedback_helpers import FIXTURES, fixture, notification, snapshot
+from tests.feedback_helpers import (
+    CERT_URL,
+    FIXTURES,
+    TOPIC,
+    fixture,
+    notification,
+    pki,
+    signed_envelope,
+    snapshot,
+)
 
 
 @pytest.fixture
@@ -36,16 +47,20 @@ def in_queue(sqs, url: str) -> int:
 
 
 def envelope(doc: dict) -> str:
-    return json.dumps({"Type": "Notification", "MessageId": str(uuid.uuid4()),
-                       "TopicArn": "arn:aws:sns:us-east-1:123456789012:ses-feedback",
-                       "Message": json.dumps(doc), "Timestamp": "2026-11-22T00:00:00.000Z",
-                       "SignatureVersion": "1", "Signature": "x"})
+    return signed_envelope(doc)
 
 
-async def ingester(tmp_path: Path, moto_server: str, url: str) -> tuple[SqsIngester, Database]:
+async def fetch(url: str) -> bytes:
+    assert url == CERT_URL, "only the allow-listed URL may ever be fetched"
+    return pki()[1]
+
+
+async def ingester(tmp_path: Path, moto_server: str, url: str, **kw) -> tuple[SqsIngester,
+                                                                              Database]:
     db = await Database.open(database_for(tmp_path), tmp_path)
     return SqsIngester(applier=FeedbackApplier(db), queue_url=url, region="us-east-1",
-                       endpoint_url=moto_server, wait_time=0), db
+                       verifier=Verifier(topic_arns=[TOPIC], fetch=fetch),
+                       endpoint_url=moto_server, wait_time=0, **kw), db
 
 
 async def test_same_sqs_message_twice_changes_nothing_the_second_time(tmp_path, moto_server, queue):
@@ -89,13 +104,20 @@ async def test_garbage_is_counted_and_not_deleted(tmp_path, moto_server, queue):
     assert (await snapshot(tmp_path))["feedback_events"] == []
 
 
-async def test_raw_delivery_body_is_applied(tmp_path, moto_server, queue):
+async def test_raw_delivery_body_is_applied_only_when_configured(tmp_path, moto_server, queue):
     sqs, url = queue
     doc = notification("ses-event-complaint.json", message_id="0100-raw",
                        destination=["c@example.net"])
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps(doc))
     ing, db = await ingester(tmp_path, moto_server, url)
     try:
+        async with ing.client() as client:
+            assert await ing.poll_once(client) == 0  # refused, left for the redrive policy
+        assert ing.counts["rejected"] == 1 and in_queue(sqs, url) == 1
+        assert (await snapshot(tmp_path))["suppressions"] == []
+        ing = SqsIngester(applier=ing.applier, verifier=ing.verifier, queue_url=url,
+                          region="us-east-1", endpoint_url=moto_server, wait_time=0,
+                          raw_delivery=True)
         async with ing.client() as client:
             assert await ing.poll_once(client) == 1
     finally:
@@ -186,3 +208,158 @@ async def test_migrations_match_the_models(tmp_path):
     finally:
         await db.close()
     assert diff == []
+
+
+async def poll_until(ing: SqsIngester, done: Callable[[int], bool], polls: int = 10) -> int:
+    """poll_once until done(messages deleted so far), at most `polls` times; the deleted."""
+    deleted = 0
+    async with ing.client() as client:
+        for _ in range(polls):
+            deleted += await ing.poll_once(client)
+            if done(deleted):
+                break
+    return deleted
+
+
+def bounce(address: str, message_id: str = "0100-b") -> dict:
+    return notification("ses-notification-bounce-permanent-with-dsn.json",
+                        message_id=message_id, destination=[address])
+
+
+async def test_a_batch_applies_once_what_it_holds_twice_and_what_came_before(tmp_path):
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    applier = FeedbackApplier(db)
+    first, second = bounce("a@example.net"), bounce("b@example.net")
+    delivery = notification("ses-notification-delivery.json", message_id="0100-d",
+                            destination=["c@example.net"])
+    try:
+        notes = [parse(envelope(d)) for d in (first, delivery, first, second)]
+        batch = await applier.apply_batch([(n, events(n)) for n in notes])
+        assert batch.outcomes == ["applied", "applied", "duplicate", "applied"]
+        assert sorted(batch.suppressed) == ["a@example.net", "b@example.net"]
+        assert batch.kinds == {"bounce": 2, "delivery": 1}
+        after_first = await snapshot(tmp_path)
+        # the next batch: the same bounce again (another SNS envelope) and a new one
+        third = bounce("d@example.net")
+        notes = [parse(envelope(d)) for d in (second, third)]
+        batch = await applier.apply_batch([(n, events(n)) for n in notes])
+        assert batch.outcomes == ["duplicate", "applied"]
+        assert [e.recipient for e in batch.events] == ["d@example.net"]
+    finally:
+        await db.close()
+    rows = await snapshot(tmp_path)
+    assert len(rows["feedback_events"]) == len(after_first["feedback_events"]) + 1 == 4
+    assert [r[0] for r in rows["suppressions"]] == ["a@example.net", "b@example.net",
+                                                    "d@example.net"]
+
+
+async def test_one_bounce_counts_once_in_both_formats_wrapped_raw_or_re_encoded(tmp_path):
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    applier = FeedbackApplier(db)
+    doc = notification("ses-event-bounce.json", message_id="0100-f",
+                       destination=["e@example.net"])
+    as_notification = {("notificationType" if k == "eventType" else k): v
+                       for k, v in doc.items()}
+    bodies = [json.dumps(doc), envelope(doc), envelope(as_notification),
+              json.dumps(as_notification, indent=3, sort_keys=True)]
+    try:
+        outcomes = [(await applier.apply(parse(b))).outcome for b in bodies]
+    finally:
+        await db.close()
+    assert outcomes == ["applied", "duplicate", "duplicate", "duplicate"]
+    rows = await snapshot(tmp_path)
+    assert [(r[2], r[3]) for r in rows["feedback_events"]] == [("e@example.net", "bounce")]
+
+
+async def test_one_bad_message_does_not_hold_up_the_good_ones(tmp_path, moto_server, queue):
+    sqs, url = queue
+    sqs.send_message(QueueUrl=url, MessageBody=envelope(bounce("f@example.net")))
+    sqs.send_message(QueueUrl=url, MessageBody='{"Type": "Notification", "Message": "{oops"}')
+    sqs.send_message(QueueUrl=url, MessageBody=envelope(bounce("g@example.net")))
+    ing, db = await ingester(tmp_path, moto_server, url)
+    try:
+        deleted = await poll_until(ing, lambda n: n == 2 and ing.counts["unparseable"] > 0)
+    finally:
+        await db.close()
+    assert deleted == 2 and ing.counts["applied"] == 2
+    assert in_queue(sqs, url) == 1  # the bad one, for the redrive policy
+    rows = await snapshot(tmp_path)
+    assert [r[0] for r in rows["suppressions"]] == ["f@example.net", "g@example.net"]
+    assert ing.stats()["feedback_lag_p99"] >= 0 and len(ing.lags) == 2
+
+
+async def test_nothing_is_deleted_until_the_batch_is_committed(tmp_path, moto_server, queue):
+    """The database refuses the write (another writer holds SQLite's lock): the batch
+    stays in SQS; once the database takes writes again it is applied and deleted."""
+    import sqlite3
+
+    sqs, url = queue
+    for addr in ("h@example.net", "i@example.net"):
+        sqs.send_message(QueueUrl=url, MessageBody=envelope(bounce(addr)))
+    path = tmp_path / "locked.db"
+    db = await Database.open(f"sqlite:///{path}", tmp_path, lock_timeout=0.2)
+    ing = SqsIngester(applier=FeedbackApplier(db), queue_url=url, region="us-east-1",
+                      verifier=Verifier(topic_arns=[TOPIC], fetch=fetch),
+                      endpoint_url=moto_server, wait_time=0, max_messages=10)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(Exception, match="locked"):
+            await poll_until(ing, lambda n: False)  # until a receive returns something
+        assert in_queue(sqs, url) == 2
+        holder.execute("ROLLBACK")
+        assert await poll_until(ing, lambda n: n == 2) == 2
+        assert in_queue(sqs, url) == 0
+        async with db.session() as s:
+            from sqlalchemy import func, select
+
+            from relay.store.db import Suppression
+            assert await s.scalar(select(func.count()).select_from(Suppression)) == 2
+    finally:
+        holder.close()
+        await db.close()
+
+
+@pytest.mark.parametrize("forge", ["signature", "topic", "cert-url", "unsigned"])
+async def test_a_forged_envelope_on_the_sqs_path_is_not_applied(tmp_path, moto_server, queue,
+                                                               forge):
+    sqs, url = queue
+    body = json.loads(envelope(bounce("k@example.net")))
+    if forge == "signature":  # the bounce moved to another address after signing
+        body["Message"] = body["Message"].replace("k@example.net", "l@example.net")
+    elif forge == "topic":
+        body = json.loads(signed_envelope(bounce("k@example.net"),
+                                          TopicArn="arn:aws:sns:us-east-1:123456789012:other"))
+    elif forge == "cert-url":
+        body = json.loads(signed_envelope(bounce("k@example.net"),
+                                          SigningCertURL="https://evil.example/cert.pem"))
+    else:
+        body.pop("Signature")
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(body))
+    ing, db = await ingester(tmp_path, moto_server, url)
+    try:
+        assert await poll_until(ing, lambda n: ing.counts["rejected"] > 0, polls=5) == 0
+    finally:
+        await db.close()
+    assert ing.counts["rejected"] >= 1 and ing.counts["applied"] == 0
+    assert in_queue(sqs, url) == 1  # left for the redrive policy's dead-letter queue
+    assert (await snapshot(tmp_path))["feedback_events"] == []
+
+
+async def test_an_event_older_than_max_event_age_is_deleted_unapplied(tmp_path, moto_server,
+                                                                     queue):
+    import time
+
+    sqs, url = queue
+    old = notification("ses-notification-bounce-permanent-with-dsn.json", message_id="0100-o",
+                       destination=["m@example.net"], at=time.time() - 15 * 86400)
+    sqs.send_message(QueueUrl=url, MessageBody=envelope(old))
+    sqs.send_message(QueueUrl=url, MessageBody=envelope(bounce("n@example.net")))
+    ing, db = await ingester(tmp_path, moto_server, url)
+    try:
+        await poll_until(ing, lambda n: n == 2)
+    finally:
+        await db.close()
+    assert ing.counts["too_old"] == 1 and ing.counts["applied"] == 1
+    assert in_queue(sqs, url) == 0
+    assert [r[0] for r in (await snapshot(tmp_path))["suppressions"]] == ["n@example.net"]

@@ -119,10 +119,11 @@ def test_metrics_carry_every_series(start_relay):
 
 
 def test_feedback_events_and_suppressions_from_the_simulator(start_relay):
-    state = SandboxState(max_send_rate=1000, max_24hour_send=-1)
+    state = SandboxState(max_send_rate=1000, max_24hour_send=-1, raw_delivery=True)
     with SandboxThread(state) as sb:
         relay = start_relay(sb.url, feedback={"sqs_queue_url": f"{sb.url}/queue/feedback",
-                                              "sqs_endpoint_url": sb.url, "wait_time": "1s"})
+                                              "sqs_endpoint_url": sb.url, "raw_delivery": True,
+                                              "wait_time": "1s"})
         send(relay.smtp_port, [f"bounce@{SIM}", f"complaint@{SIM}", f"success@{SIM}"],
              message("feedback"))
 
@@ -138,6 +139,13 @@ def test_feedback_events_and_suppressions_from_the_simulator(start_relay):
         assert value(m, "relay_feedback_messages_total", outcome="applied") >= 2
         assert value(m, "relay_feedback_messages_total", outcome="unparseable") == 0
         assert value(m, "relay_reputation_sample_sends") >= 0
+        # the feedback path's own signals: events applied by kind, lag from SES's
+        # timestamp (the sandbox stamps the event when it accepts the call), the backlog
+        assert value(m, "relay_feedback_events_applied_total", kind="bounce") == 1
+        assert value(m, "relay_feedback_events_applied_total", kind="complaint") == 1
+        assert 0 <= value(m, "relay_feedback_lag_seconds", quantile="0.5") < 30
+        assert 0 < value(m, "relay_feedback_lag_seconds", quantile="0.99") < 30
+        assert value(m, "relay_feedback_backlog_messages") >= -1
         # a later message to a suppressed address is dropped at delivery time
         send(relay.smtp_port, [f"bounce@{SIM}"], message("again"))
         wait_for(lambda: value(scrape(relay), "relay_suppressed_recipients_total") == 1, 20)
@@ -237,14 +245,27 @@ def test_feedback_numbers_get_one_metric_each_and_zero_when_absent():
 
     full = values({"feedback_applied": 5, "feedback_errors": 1, "sns_rejected": 2,
                    "bounce_rate": 0.05, "complaint_rate": 0.001, "reputation_sample": 400,
-                   "reputation_paused": 1.0})
+                   "reputation_paused": 1.0, "feedback_rejected": 3, "feedback_too_old": 4,
+                   "feedback_kind_bounce": 6, "feedback_kind_delivery": 7,
+                   "feedback_lag_p50": 0.5, "feedback_lag_p99": 1.5, "feedback_backlog": 8,
+                   "sns_unparseable": 9})
+    kinds = ("bounce", "soft-bounce", "complaint", "delivery", "delay", "reject",
+             "rendering-failure", "send")
     assert full == {
         ("relay_feedback_messages_total", (("outcome", "applied"),)): 5,
         ("relay_feedback_messages_total", (("outcome", "duplicate"),)): 0,
         ("relay_feedback_messages_total", (("outcome", "ignored"),)): 0,
         ("relay_feedback_messages_total", (("outcome", "unparseable"),)): 0,
+        ("relay_feedback_messages_total", (("outcome", "rejected"),)): 3,
+        ("relay_feedback_messages_total", (("outcome", "too_old"),)): 4,
         ("relay_feedback_messages_total", (("outcome", "errors"),)): 1,
+        **{("relay_feedback_events_applied_total", (("kind", k),)):
+           {"bounce": 6, "delivery": 7}.get(k, 0) for k in kinds},
+        ("relay_feedback_lag_seconds", (("quantile", "0.5"),)): 0.5,
+        ("relay_feedback_lag_seconds", (("quantile", "0.99"),)): 1.5,
+        ("relay_feedback_backlog_messages", ()): 8,
         ("relay_sns_notifications_rejected_total", ()): 2,
+        ("relay_sns_notifications_unparseable_total", ()): 9,
         ("relay_reputation_bounce_ratio", ()): 0.05,
         ("relay_reputation_complaint_ratio", ()): 0.001,
         ("relay_reputation_sample_sends", ()): 400,

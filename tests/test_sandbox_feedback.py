@@ -31,6 +31,10 @@ def test_quick_start_bounce_suppresses_and_log_shows_it(start_relay):
     assert ok not in suppressed(relay)
     lines = log_lines(relay, bounce)
     assert any(x["kind"] == "event" and x["status"] == "bounce" for x in lines)
+    # when it was listed and by which SES event (the embedded sandbox's signed envelope)
+    [listed] = [x for x in lines if x["kind"] == "suppression"]
+    assert listed["status"] == "bounce" and "SES bounce" in listed["detail"]
+    assert "feedbackId " in listed["detail"]
     assert statuses(relay, bounce)[qid] == "bounced"
     wait_for(lambda: statuses(relay, ok).get(qid) == "delivered", 20)
     text = cli(relay, "log", bounce).stdout
@@ -54,10 +58,11 @@ def test_simulator_complaint_and_suppressionlist(start_relay):
 
 def test_reputation_guard_pauses_until_relay_resume(start_relay, tmp_path):
     sb = SandboxThread(SandboxState(outbox=tmp_path / "out", max_send_rate=1000,
-                                    max_24hour_send=-1)).start()
+                                    max_24hour_send=-1, raw_delivery=True)).start()
     try:
         relay = start_relay(sb.url, feedback={
             "sqs_queue_url": f"{sb.url}/queue/feedback", "sqs_endpoint_url": sb.url,
+            "raw_delivery": True,
             "wait_time": "1s", "min_sample": 6, "max_bounce_rate": 0.2,
             "guard_interval": "0.2s"})
         for n in range(4):

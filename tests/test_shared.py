@@ -220,10 +220,12 @@ def test_sidecar_config_loads_and_shares_one_database():
 def test_feedback_read_by_any_relay_is_seen_by_all(tmp_path):
     sim = "simulator.amazonses.com"
     bounce, ok = f"bounce@{sim}", f"success@{sim}"
-    state = SandboxState(max_send_rate=100, max_24hour_send=-1, keep_raw=False)
+    state = SandboxState(max_send_rate=100, max_24hour_send=-1, keep_raw=False,
+                         raw_delivery=True)
     with SandboxThread(state) as sb:
         relays = start_relays(tmp_path, sb.url, 3, feedback={
             "sqs_queue_url": f"{sb.url}/queue/feedback", "sqs_endpoint_url": sb.url,
+            "raw_delivery": True,
             "wait_time": "1s"})
         try:
             # relays 0 and 1 both poll the queue; relay 2 polls nothing

@@ -5,7 +5,6 @@ when the URL is wrong, and leaves the database unchanged."""
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import urllib.error
 import urllib.request
@@ -14,61 +13,28 @@ import uuid
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
 
 from relay.feedback.applier import FeedbackApplier
-from relay.feedback.sns import SnsEndpoint, string_to_sign
+from relay.feedback.sns import SnsEndpoint, Verifier
 from relay.store.db import Database
 from tests.conftest import database_for, wait_for
-from tests.feedback_helpers import notification
+from tests.feedback_helpers import CERT_URL, TOPIC, notification, signed, sns_message
+from tests.feedback_helpers import pki as make_pki
 from tests.feedback_helpers import snapshot as db_snapshot
 
-TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
-CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem"
 TABLES = ("suppressions", "messages", "feedback_events", "bounce_counts")
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 @pytest.fixture(scope="module")
 def pki():
     """A test CA and an SNS-like signing certificate it issued."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca = (x509.CertificateBuilder().subject_name(_name("relay test CA"))
-          .issuer_name(_name("relay test CA"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (x509.CertificateBuilder().subject_name(_name("sns.amazonaws.com"))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
-    return key, cert.public_bytes(serialization.Encoding.PEM)
-
-
-def signed(key, msg: dict, version: str = "1") -> dict:
-    msg = dict(msg, SignatureVersion=version)
-    algo = hashes.SHA1() if version == "1" else hashes.SHA256()
-    signature = key.sign(string_to_sign(msg), padding.PKCS1v15(), algo)
-    msg["Signature"] = base64.b64encode(signature).decode()
-    return msg
+    return make_pki()
 
 
 def bounce_message(address: str = "x@example.net", **extra) -> dict:
     doc = notification("ses-notification-bounce-permanent-no-dsn.json", message_id="0100-sns",
                        destination=[address])
-    return {"Type": "Notification", "MessageId": str(uuid.uuid4()), "TopicArn": TOPIC,
-            "Subject": "Amazon SES Email Event Notification", "Message": json.dumps(doc),
-            "Timestamp": "2026-11-22T00:00:00.000Z", "SigningCertURL": CERT_URL,
-            "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe", **extra}
+    return sns_message(doc, **extra)
 
 
 @pytest.fixture
@@ -87,7 +53,8 @@ async def endpoint(tmp_path, pki):
         return b"<ConfirmSubscriptionResponse/>"
 
     db = await Database.open(database_for(tmp_path), tmp_path)
-    sns = SnsEndpoint(applier=FeedbackApplier(db), topic_arns=[TOPIC], fetch=fetch, confirm=confirm)
+    sns = SnsEndpoint(applier=FeedbackApplier(db), confirm=confirm,
+                      verifier=Verifier(topic_arns=[TOPIC], fetch=fetch))
     app = web.Application()
     app.router.add_post("/sns", sns.handle)
     runner = web.AppRunner(app)
@@ -187,3 +154,39 @@ def test_relay_serves_sns_on_the_admin_listener(start_relay, sandbox):
     err.value.close()  # the error carries the open response
     assert err.value.code == 403
     wait_for(lambda: relay.find("sns_rejected"), 10)
+
+
+async def test_json_nested_too_deep_is_a_400_and_changes_nothing(endpoint, pki):
+    key, _ = pki
+    before = await endpoint["snapshot"]()
+    assert await endpoint["post"]("[" * 100_000 + "]" * 100_000) == 400
+    # nested inside the signed SES document: verified, then refused as unparseable
+    deep = signed(key, bounce_message(Message="[" * 20_000 + "]" * 20_000))
+    assert await endpoint["post"](deep) == 400
+    assert (await endpoint["snapshot"]()) == before
+
+
+async def test_the_sandbox_key_is_trusted_only_where_it_is_pinned():
+    """The sandbox signs its envelopes with its own certificate on its loopback URL: the
+    embedded sandbox's relay pins that key; any other verifier refuses the URL unfetched."""
+    from relay.feedback.sns import Rejected
+    from relay.sandbox.signing import CERT_PATH, signing_key
+    from relay.sandbox.simulator import sandbox_topic, sns_envelope
+
+    url = "http://127.0.0.1:8599" + CERT_PATH
+    key = signing_key()
+    msg = json.loads(sns_envelope({"notificationType": "Bounce"},
+                                  sign=lambda m: key.sign(m, cert_url=url)))
+    fetched: list[str] = []
+
+    async def fetch(u: str) -> bytes:
+        fetched.append(u)
+        return key.pem
+
+    await Verifier(topic_arns=[sandbox_topic()], pinned={url: key.public_key}).verify(msg)
+    with pytest.raises(Rejected, match="plain https"):
+        await Verifier(topic_arns=[sandbox_topic()], fetch=fetch).verify(msg)
+    assert fetched == []
+    forged = dict(msg, Message=msg["Message"].replace("Bounce", "Delivery"))
+    with pytest.raises(Rejected, match="does not verify"):
+        await Verifier(topic_arns=[sandbox_topic()], pinned={url: key.public_key}).verify(forged)

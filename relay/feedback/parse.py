@@ -3,8 +3,9 @@
 Accepts an SNS envelope (the SES JSON is a string in `Message`) or the SES JSON itself
 (raw delivery), in either SES format: notifications (`notificationType`) or
 configuration-set event publishing (`eventType`); events() lists what it says per
-recipient. Pure: touches no table. Called by relay.feedback.applier, relay.feedback.sqs,
-relay.feedback.sns and tests.
+recipient, each with its identity as SES gives it (identity()), so the same event in
+either format, wrapped or raw, or re-encoded, has one key. Pure: touches no table. Called
+by relay.feedback.applier, relay.feedback.sqs, relay.feedback.sns and tests.
 """
 
 from __future__ import annotations
@@ -26,16 +27,27 @@ class Unparseable(ValueError):
     """Not an SES notification the relay understands; left for the queue's redrive."""
 
 
+def loads(text: str | bytes) -> Any:
+    """json.loads that refuses nesting too deep for the parser as Unparseable (Python's
+    decoder raises RecursionError, which must never reach the caller)."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Unparseable(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise Unparseable("JSON nested too deep") from None
+
+
 @dataclass(frozen=True)
 class Notification:
-    #: sha256 of the SES JSON: the same notification twice is applied once
-    key: str
     #: the SES type (notificationType or eventType)
     kind: str
     ses_message_id: str
     timestamp: float
     doc: dict[str, Any] = field(repr=False)
     topic_arn: str = ""
+    #: the SNS envelope around the SES JSON (None: raw delivery)
+    envelope: dict[str, Any] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class Event:
     detail: str
     #: when it happened (the event's own timestamp, else the mail's)
     at: float
+    #: the SES feedbackId of a bounce or complaint, "" for other kinds
+    feedback_id: str = ""
 
 
 def _timestamp(value: Any) -> float:
@@ -58,30 +72,28 @@ def _timestamp(value: Any) -> float:
         return time.time()
 
 
-def _unwrap(outer: dict[str, Any], raw: str) -> tuple[str, str, Any]:
-    """(the SES JSON text, the SNS topic or "", the SES JSON) of an envelope or raw body."""
+def _unwrap(outer: dict[str, Any]) -> tuple[str, Any, dict[str, Any] | None]:
+    """(the SNS topic or "", the SES JSON, the envelope or None) of an envelope or raw body."""
     if outer.get("Type") == "Notification" and "Message" in outer:
         text = outer["Message"]
         if not isinstance(text, str):
             raise Unparseable("SNS Message is not a string")
         try:
-            return text, str(outer.get("TopicArn", "")), json.loads(text)
-        except ValueError:
-            raise Unparseable("SNS Message is not SES JSON") from None
+            doc = loads(text)
+        except Unparseable as exc:
+            raise Unparseable(f"SNS Message is not SES JSON: {exc}") from None
+        return str(outer.get("TopicArn", "")), doc, outer
     if "Type" in outer and "TopicArn" in outer:
         raise Unparseable(f"SNS {outer['Type']} is not a notification")
-    return raw, "", outer
+    return "", outer, None
 
 
 def parse(body: str | bytes) -> Notification:
     """An SQS body or SNS POST body -> Notification; raises Unparseable."""
-    try:
-        outer = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Unparseable(f"not JSON: {exc}") from None
+    outer = loads(body)
     if not isinstance(outer, dict):
         raise Unparseable("not a JSON object")
-    text, topic, doc = _unwrap(outer, body if isinstance(body, str) else body.decode())
+    topic, doc, envelope = _unwrap(outer)
     if not isinstance(doc, dict):
         raise Unparseable("SES JSON is not an object")
     kind = doc.get("notificationType") or doc.get("eventType")
@@ -92,10 +104,36 @@ def parse(body: str | bytes) -> Notification:
         mail = mail if isinstance(mail, dict) else {}
     elif not isinstance(mail, dict) or not mail.get("messageId"):
         raise Unparseable("SES JSON has no mail.messageId")
-    key = hashlib.sha256(text.encode()).hexdigest()
-    return Notification(key=key, kind=kind, ses_message_id=str(mail.get("messageId", "")),
+    return Notification(kind=kind, ses_message_id=str(mail.get("messageId", "")),
                         timestamp=_timestamp(mail.get("timestamp", "")), doc=doc,
-                        topic_arn=topic)
+                        topic_arn=topic, envelope=envelope)
+
+
+#: SES spells one type two ways across its formats
+_TYPE_NAMES = {"Rendering Failure": "RenderingFailure"}
+
+
+def identity(kind: str, *, recipient: str, ses_message_id: str, feedback_id: str = "",
+             at: float = 0.0) -> str:
+    """The event's key: a digest of SES's identity of it, never of the JSON text.
+
+    A bounce or complaint is its feedbackId and recipient; any other event is its type,
+    the SES MessageId and the recipient, plus its time for a delay (SES sends several).
+    The same event in the notification and event-publishing formats, in an SNS envelope
+    or raw, or re-encoded, has the same key. `recipient` is the normalized address.
+    """
+    if feedback_id and kind in ("bounce", "soft-bounce", "complaint"):
+        parts = ["feedback", feedback_id, recipient]
+    else:
+        parts = [_TYPE_NAMES.get(kind, kind), ses_message_id, recipient]
+        if kind in ("delay", "bounce", "soft-bounce", "complaint"):
+            parts.append(f"{at:.3f}")
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def event_time(n: Notification, todo: list[Event]) -> float:
+    """When SES says the notification's events happened: the latest of them, else the mail's."""
+    return max((e.at for e in todo), default=n.timestamp)
 
 
 def bounce_kind(bounce_type: str) -> str:
@@ -127,10 +165,10 @@ Doc = dict[str, Any]
 def _bounce(doc: Doc, at: float, _dest: list[Doc]) -> list[Event]:
     b = doc.get("bounce") or {}
     btype, sub = str(b.get("bounceType", "")), str(b.get("bounceSubType", ""))
-    at, kind = _at(b, at), bounce_kind(btype)
+    at, kind, fid = _at(b, at), bounce_kind(btype), str(b.get("feedbackId") or "")
     return [Event(r["emailAddress"], kind,
                   " ".join(x for x in (f"{btype}/{sub}", str(r.get("status", "")),
-                                       str(r.get("diagnosticCode", ""))) if x), at)
+                                       str(r.get("diagnosticCode", ""))) if x), at, fid)
             for r in _recipients(b.get("bouncedRecipients"))]
 
 
@@ -138,8 +176,8 @@ def _complaint(doc: Doc, at: float, _dest: list[Doc]) -> list[Event]:
     c = doc.get("complaint") or {}
     detail = " ".join(str(x) for x in (c.get("complaintFeedbackType") or "complaint",
                                        c.get("complaintSubType") or "") if x)
-    at = _at(c, at)
-    return [Event(r["emailAddress"], "complaint", detail, at)
+    at, fid = _at(c, at), str(c.get("feedbackId") or "")
+    return [Event(r["emailAddress"], "complaint", detail, at, fid)
             for r in _recipients(c.get("complainedRecipients"))]
 
 
@@ -152,6 +190,7 @@ def _delivery(doc: Doc, at: float, _dest: list[Doc]) -> list[Event]:
 
 def _delay(doc: Doc, at: float, _dest: list[Doc]) -> list[Event]:
     d = doc.get("deliveryDelay") or {}
+    at = _at(d, at)
     return [Event(r["emailAddress"], "delay",
                   f"{d.get('delayType', '')} {r.get('diagnosticCode', '')}".strip(), at)
             for r in _recipients(d.get("delayedRecipients") or [])]

@@ -5,15 +5,15 @@ Checks before any fetch: the topic is one of feedback.topic_arns, SignatureVersi
 (or .amazonaws.com.cn)/SimpleNotificationService-<hex>.pem with no userinfo, port, query or
 fragment. Then fetches the certificate (cached), verifies the signature with `cryptography`,
 applies notifications through relay.feedback.applier (which writes the tables) and confirms
-subscriptions for accepted topics. Anything else answers 403 and changes nothing. Built
-by relay.service.
+subscriptions for accepted topics. Anything else answers 403 and changes nothing; a body
+that is not JSON (or nested too deep) answers 400. The Verifier is the one check of an
+SNS envelope, here and on the SQS path (relay.feedback.sqs). Built by relay.service.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,8 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from relay.feedback.applier import Applied, FeedbackApplier
-from relay.feedback.parse import Unparseable, parse
+from relay.feedback.applier import AppliedBatch, FeedbackApplier
+from relay.feedback.parse import Unparseable, events, loads, parse
 from relay.log import event
 
 log = logging.getLogger("relay.sns")
@@ -88,20 +88,23 @@ async def https_fetch(url: str) -> bytes:
             return await resp.content.read(64 * 1024)
 
 
-class SnsEndpoint:
-    def __init__(self, *, applier: FeedbackApplier, topic_arns: Iterable[str],
-                 fetch: Fetch = https_fetch, confirm: Fetch | None = None,
-                 on_applied: Callable[[Applied], Awaitable[None]] | None = None) -> None:
-        self.applier = applier
+class Verifier:
+    """Checks an SNS envelope: accepted topic, signature version, certificate URL, signature.
+
+    pinned: certificate URL -> public key trusted without a fetch or URL check (only the
+    embedded sandbox's signing key, handed over in-process by relay.service).
+    """
+
+    def __init__(self, *, topic_arns: Iterable[str], fetch: Fetch = https_fetch,
+                 pinned: dict[str, rsa.RSAPublicKey] | None = None) -> None:
         self.topic_arns = frozenset(topic_arns)
         self.fetch = fetch
-        self.confirm = confirm or fetch
-        self.on_applied = on_applied
+        self.pinned = dict(pinned or {})
         self._keys: dict[str, rsa.RSAPublicKey] = {}
-        self.rejected = 0
 
     async def verify(self, msg: dict[str, Any]) -> None:
-        """Raise Rejected unless msg is signed by SNS for an accepted topic."""
+        """Raise Rejected unless msg is signed by SNS for an accepted topic; OSError or
+        aiohttp.ClientError when the certificate cannot be fetched (try again later)."""
         topic = msg.get("TopicArn")
         if not isinstance(topic, str) or topic not in self.topic_arns:
             raise Rejected(f"topic not in feedback.topic_arns: {topic!r}")
@@ -111,7 +114,8 @@ class SnsEndpoint:
         url = msg.get("SigningCertURL")
         if not isinstance(url, str):
             raise Rejected("no SigningCertURL")
-        check_url(url, topic)
+        if url not in self.pinned:
+            check_url(url, topic)
         try:
             signature = base64.b64decode(str(msg.get("Signature", "")), validate=True)
         except (binascii.Error, ValueError):
@@ -123,6 +127,8 @@ class SnsEndpoint:
             raise Rejected("signature does not verify") from None
 
     async def _key(self, url: str) -> rsa.RSAPublicKey:
+        if url in self.pinned:
+            return self.pinned[url]
         if url not in self._keys:
             pem = await self.fetch(url)
             try:
@@ -133,6 +139,21 @@ class SnsEndpoint:
                 raise Rejected("certificate key is not RSA")
             self._keys[url] = key
         return self._keys[url]
+
+    def close(self) -> None:
+        self._keys.clear()
+
+
+class SnsEndpoint:
+    def __init__(self, *, applier: FeedbackApplier, verifier: Verifier,
+                 confirm: Fetch | None = None,
+                 on_batch: Callable[[AppliedBatch], Awaitable[None]] | None = None) -> None:
+        self.applier = applier
+        self.verifier = verifier
+        self.confirm = confirm or verifier.fetch
+        self.on_batch = on_batch
+        self.rejected = 0
+        self.unparseable = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         """POST /sns: verify, then confirm a subscription or apply a notification."""
@@ -150,8 +171,7 @@ class SnsEndpoint:
             return web.Response(text="ok\n")
         return await self._notify(raw)
 
-    @staticmethod
-    async def _read(request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
+    async def _read(self, request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
         """A POST body and its SNS message of a known type, or the answer refusing it."""
         if (request.content_length or 0) > MAX_BODY:
             return web.Response(status=413, text="too large\n")
@@ -159,10 +179,13 @@ class SnsEndpoint:
         if len(raw) > MAX_BODY:
             return web.Response(status=413, text="too large\n")
         try:
-            msg = json.loads(raw)
-            if not isinstance(msg, dict):
-                raise ValueError
-        except ValueError:
+            msg = loads(raw)
+        except Unparseable:
+            msg = None
+        if not isinstance(msg, dict):
+            self.unparseable += 1
+            event(log, "feedback_unparseable", level=logging.WARNING, via="sns",
+                  error="not a JSON object, or nested too deep")
             return web.Response(status=400, text="not an SNS message\n")
         if msg.get("Type") not in ("Notification", "SubscriptionConfirmation",
                                    "UnsubscribeConfirmation"):
@@ -173,7 +196,7 @@ class SnsEndpoint:
         """None when the message is signed by SNS for an accepted topic (and a subscription's
         URL is an SNS URL); else the answer refusing it."""
         try:
-            await self.verify(msg)
+            await self.verifier.verify(msg)
             if msg["Type"] == "SubscriptionConfirmation":
                 check_url(str(msg.get("SubscribeURL", "")), str(msg["TopicArn"]), cert=False)
         except Rejected as exc:
@@ -196,15 +219,17 @@ class SnsEndpoint:
 
     async def _notify(self, raw: bytes) -> web.Response:
         try:
-            applied = await self.applier.apply(parse(raw))
+            note = parse(raw)
+            batch = await self.applier.apply_batch([(note, events(note))])
         except Unparseable as exc:
-            event(log, "feedback_unparseable", level=logging.WARNING, error=str(exc))
+            self.unparseable += 1
+            event(log, "feedback_unparseable", level=logging.WARNING, via="sns", error=str(exc))
             return web.Response(status=400, text="not an SES notification\n")
-        event(log, "feedback", via="sns", outcome=applied.outcome,
-              recipients=applied.suppressed, suppressed=len(applied.suppressed))
-        if self.on_applied is not None and applied.outcome == "applied":
-            await self.on_applied(applied)
+        event(log, "feedback", via="sns", outcome=batch.outcomes[0],
+              recipients=batch.suppressed, suppressed=len(batch.suppressed))
+        if self.on_batch is not None and batch.events:
+            await self.on_batch(batch)
         return web.Response(text="ok\n")
 
     async def close(self) -> None:
-        self._keys.clear()
+        self.verifier.close()

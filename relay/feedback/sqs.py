@@ -1,29 +1,50 @@
 """The feedback ingester: long-polls the SQS queue that SES's SNS topic feeds.
 
-ReceiveMessage (feedback.wait_time, default 20 s; up to 10 messages) with aioboto3,
-applies each message through relay.feedback.applier in one database transaction, and
-deletes it from SQS only after that commit. A message that cannot be parsed is logged,
-counted and left alone, so the queue's redrive policy moves it to a dead-letter queue.
-Writes no table itself. Built by relay.service (also against the sandbox's SQS endpoint).
+feedback.receivers loops each ReceiveMessage (feedback.wait_time, up to 10 messages) with
+aioboto3, parse and check their messages (an SNS envelope's signature and topic by the
+same relay.feedback.sns.Verifier as the HTTPS endpoint; raw SES JSON only with
+feedback.raw_delivery), and hand them to one apply loop, which applies everything
+received meanwhile in ONE transaction through relay.feedback.applier, then deletes the
+batch with DeleteMessageBatch only after that commit, then calls on_batch (the guard's
+kick). A message that cannot be parsed or fails its check is logged, counted and left
+alone, so the queue's redrive policy moves it to a dead-letter queue; one whose SES event
+is older than feedback.max_event_age is deleted unapplied and counted. Writes no table
+itself. Built by relay.feedback.thread, on its own thread (also against the sandbox's SQS
+endpoint), and by tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aioboto3
+import aiohttp
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 
-from relay.feedback.applier import Applied, FeedbackApplier
-from relay.feedback.parse import Unparseable, parse
+from relay.feedback.applier import AppliedBatch, FeedbackApplier
+from relay.feedback.parse import Event, Notification, Unparseable, event_time, events, parse
+from relay.feedback.sns import Rejected, Verifier
 from relay.log import event
 
 log = logging.getLogger("relay.ingester")
+
+#: the outcomes of a message taken from SQS (relay.ops.metrics_scrape exposes each)
+OUTCOMES = ("applied", "duplicate", "ignored", "unparseable", "rejected", "too_old", "errors")
+#: events whose lag the p50/p99 gauges are computed over (the latest ones)
+LAG_SAMPLE = 2048
+#: receives per receiver whose messages may wait for their commit at once
+INFLIGHT = 8
+#: seconds between GetQueueAttributes calls for the backlog gauge
+BACKLOG_INTERVAL = 5.0
 
 
 def queue_region(queue_url: str, default: str) -> str:
@@ -32,38 +53,73 @@ def queue_region(queue_url: str, default: str) -> str:
     return m.group(1) if m else default
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0-1) of values by nearest rank; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass
+class _Received:
+    """What one ReceiveMessage returned, checked: what to apply and what to delete."""
+
+    todo: list[tuple[Notification, list[Event]]] = field(default_factory=list)
+    #: receipt handles of the messages in todo, in the same order
+    receipts: list[str] = field(default_factory=list)
+    #: receipt handles to delete without applying (too old)
+    drop: list[str] = field(default_factory=list)
+    done: asyncio.Future[None] | None = None
+
+
 class SqsIngester:
     def __init__(
         self,
         *,
         applier: FeedbackApplier,
+        verifier: Verifier,
         queue_url: str,
         region: str,
         endpoint_url: str | None = None,
         static_credentials: tuple[str, str] | None = None,
         wait_time: float = 20.0,
         max_messages: int = 10,
-        on_applied: Callable[[Applied], Awaitable[None]] | None = None,
+        receivers: int = 8,
+        raw_delivery: bool = False,
+        max_event_age: float = 14 * 86400.0,
+        on_batch: Callable[[AppliedBatch], Awaitable[None]] | None = None,
     ) -> None:
         self.applier = applier
+        self.verifier = verifier
         self.queue_url = queue_url
         self.region = region
         self.endpoint_url = endpoint_url
         self.static_credentials = static_credentials
         self.wait_time = int(wait_time)
         self.max_messages = max_messages
-        self.on_applied = on_applied
-        self.counts = {"applied": 0, "duplicate": 0, "ignored": 0, "unparseable": 0,
-                       "errors": 0}
-        self._task: asyncio.Task[None] | None = None
+        self.receivers = receivers
+        self.raw_delivery = raw_delivery
+        self.max_event_age = max_event_age
+        self.on_batch = on_batch
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        #: events applied, by kind (bounce, soft-bounce, complaint, delivery, ...)
+        self.kinds: Counter[str] = Counter()
+        self.lags: deque[float] = deque(maxlen=LAG_SAMPLE)
+        #: SQS's ApproximateNumberOfMessages at the last look (-1: not known yet)
+        self.backlog = -1.0
+        self._inbox: asyncio.Queue[_Received] = asyncio.Queue()
+        #: receives whose messages are not committed yet, at most (INFLIGHT per receiver)
+        self._slots = asyncio.Semaphore(receivers * INFLIGHT)
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="feedback-ingester")
+        self._tasks = [asyncio.create_task(self.run(), name="feedback-ingester")]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def client(self) -> Any:
         """An aioboto3 SQS client (async context manager)."""
@@ -72,58 +128,175 @@ class SqsIngester:
             kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"] = self.static_credentials
         session = aioboto3.Session(region_name=self.region, **kwargs)
         config = AioConfig(read_timeout=self.wait_time + 10, connect_timeout=5,
+                           max_pool_connections=self.receivers + 4,
                            retries={"total_max_attempts": 1, "mode": "standard"})
         return session.client("sqs", endpoint_url=self.endpoint_url, config=config)
 
     async def run(self) -> None:
         async with self.client() as sqs:
-            event(log, "feedback_polling", queue=self.queue_url)
-            backoff = 1.0
-            while True:
-                try:
-                    await self.poll_once(sqs)
-                    backoff = 1.0
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - keep polling whatever happens
-                    self.counts["errors"] += 1
-                    event(log, "feedback_error", level=logging.WARNING, error=str(exc),
-                          retry_in=backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 60.0)
+            event(log, "feedback_polling", queue=self.queue_url, receivers=self.receivers)
+            loops = [self._apply_loop(sqs), self._backlog_loop(sqs)]
+            loops += [self._receive_loop(sqs) for _ in range(self.receivers)]
+            await asyncio.gather(*loops)
 
-    async def poll_once(self, sqs: Any) -> int:
-        """One ReceiveMessage; returns how many messages were deleted."""
+    async def _receive_loop(self, sqs: Any) -> None:
+        backoff = 1.0
+        while True:
+            # a bounded number of receives wait for their commit: while one transaction
+            # runs, the next batch gathers (one transaction for many receives), and the
+            # messages stay invisible for the visibility timeout, not a growing inbox
+            await self._slots.acquire()
+            try:
+                got = await self.receive(sqs)
+                backoff = 1.0
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep polling whatever happens
+                self._slots.release()
+                backoff = await self._failed(exc, backoff)
+                continue
+            if got.done is None:
+                self._slots.release()
+            else:
+                got.done.add_done_callback(lambda _: self._slots.release())
+                self._inbox.put_nowait(got)
+
+    async def _failed(self, exc: BaseException, backoff: float) -> float:
+        self.counts["errors"] += 1
+        event(log, "feedback_error", level=logging.WARNING, error=str(exc), retry_in=backoff)
+        await asyncio.sleep(backoff)
+        return min(backoff * 2, 60.0)
+
+    async def _apply_loop(self, sqs: Any) -> None:
+        backoff = 1.0
+        while True:
+            batch = [await self._inbox.get()]
+            while not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            try:
+                await self.commit(sqs, batch)
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - left in SQS: received again later
+                backoff = await self._failed(exc, backoff)
+            finally:
+                for got in batch:
+                    if got.done is not None and not got.done.done():
+                        got.done.set_result(None)
+
+    async def _backlog_loop(self, sqs: Any) -> None:
+        while True:
+            try:
+                attrs = await sqs.get_queue_attributes(
+                    QueueUrl=self.queue_url, AttributeNames=["ApproximateNumberOfMessages"])
+                self.backlog = float(attrs["Attributes"]["ApproximateNumberOfMessages"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a gauge, never a reason to stop
+                self.backlog = -1.0
+                event(log, "feedback_backlog_unknown", level=logging.DEBUG, error=str(exc))
+            await asyncio.sleep(BACKLOG_INTERVAL)
+
+    async def receive(self, sqs: Any) -> _Received:
+        """One ReceiveMessage, each message checked; done is set when there is work."""
         resp = await sqs.receive_message(
             QueueUrl=self.queue_url, MaxNumberOfMessages=self.max_messages,
             WaitTimeSeconds=self.wait_time,
         )
-        deleted = 0
+        got, now = _Received(), time.time()
         for msg in resp.get("Messages", []):
-            if await self.handle(msg.get("Body", ""), str(msg.get("MessageId", ""))):
-                try:
-                    await sqs.delete_message(QueueUrl=self.queue_url,
-                                             ReceiptHandle=msg["ReceiptHandle"])
-                    deleted += 1
-                except botocore.exceptions.ClientError as exc:
-                    # committed already; a redelivery is a duplicate and changes nothing
-                    event(log, "feedback_delete_failed", level=logging.WARNING, error=str(exc))
-        return deleted
+            checked = await self.check(msg.get("Body", ""), str(msg.get("MessageId", "")), now)
+            if isinstance(checked, str):
+                got.drop.append(msg["ReceiptHandle"])
+            elif checked is not None:
+                got.todo.append(checked)
+                got.receipts.append(msg["ReceiptHandle"])
+        if got.todo or got.drop:
+            got.done = asyncio.get_running_loop().create_future()
+        return got
 
-    async def handle(self, body: str, sqs_id: str = "") -> bool:
-        """Apply one message body; True when it may be deleted (committed or ignorable)."""
+    async def check(self, body: str, sqs_id: str, now: float
+                    ) -> tuple[Notification, list[Event]] | str | None:
+        """The message parsed and its events; "too_old"; or None (left for the redrive)."""
         try:
             note = parse(body)
-            applied = await self.applier.apply(note)
+            todo = events(note)
+            if note.envelope is not None:
+                await self.verifier.verify(note.envelope)
+            elif not self.raw_delivery:
+                raise Rejected("raw SES JSON without an SNS envelope (feedback.raw_delivery "
+                               "is off)")
         except Unparseable as exc:
-            self.counts["unparseable"] += 1
-            event(log, "feedback_unparseable", level=logging.WARNING, sqs_message_id=sqs_id,
-                  error=str(exc), unparseable_total=self.counts["unparseable"])
-            return False
-        self.counts[applied.outcome] += 1
-        event(log, "feedback", kind=note.kind, outcome=applied.outcome,
-              ses_message_id=note.ses_message_id, recipients=applied.suppressed,
-              suppressed=len(applied.suppressed))
-        if self.on_applied is not None and applied.outcome == "applied":
-            await self.on_applied(applied)
-        return True
+            self._refuse("unparseable", sqs_id, exc)
+            return None
+        except Rejected as exc:
+            self._refuse("rejected", sqs_id, exc)
+            return None
+        except (OSError, aiohttp.ClientError) as exc:
+            event(log, "sns_cert_unavailable", level=logging.WARNING, error=str(exc))
+            return None
+        if now - event_time(note, todo) > self.max_event_age:
+            self.counts["too_old"] += 1
+            event(log, "feedback_too_old", level=logging.WARNING, sqs_message_id=sqs_id,
+                  kind=note.kind, ses_message_id=note.ses_message_id,
+                  age=round(now - event_time(note, todo)))
+            return "too_old"
+        return note, todo
+
+    def _refuse(self, outcome: str, sqs_id: str, exc: Exception) -> None:
+        self.counts[outcome] += 1
+        event(log, f"feedback_{outcome}", level=logging.WARNING, sqs_message_id=sqs_id,
+              error=str(exc), total=self.counts[outcome])
+
+    async def commit(self, sqs: Any, received: list[_Received]) -> AppliedBatch:
+        """Apply what the receives returned in one transaction; then delete it from SQS."""
+        todo = [t for got in received for t in got.todo]
+        batch = await self.applier.apply_batch(todo)
+        for outcome in batch.outcomes:
+            self.counts[outcome] += 1
+        self.kinds.update(batch.kinds)
+        self.lags.extend(batch.lags())
+        await self.delete([r for got in received for r in (*got.receipts, *got.drop)], sqs)
+        if batch.suppressed:
+            event(log, "feedback_suppressed", addresses=batch.suppressed)
+        event(log, "feedback_batch", level=logging.DEBUG, notifications=len(todo),
+              events=len(batch.events), outcomes=dict(Counter(batch.outcomes)))
+        if self.on_batch is not None and batch.events:
+            await self.on_batch(batch)
+        return batch
+
+    async def delete(self, receipts: list[str], sqs: Any) -> None:
+        """DeleteMessageBatch, ten at a time, concurrently; a failure is a duplicate later."""
+
+        async def ten(chunk: list[str]) -> None:
+            try:
+                resp = await sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=[
+                    {"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(chunk)])
+                failed = resp.get("Failed") or []
+            except botocore.exceptions.ClientError as exc:
+                failed = [{"Message": str(exc)}]
+            if failed:
+                # committed already; a redelivery is a duplicate and changes nothing
+                event(log, "feedback_delete_failed", level=logging.WARNING,
+                      failed=len(failed), error=str(failed[0].get("Message", "")))
+
+        await asyncio.gather(*(ten(receipts[i:i + 10]) for i in range(0, len(receipts), 10)))
+
+    async def poll_once(self, sqs: Any) -> int:
+        """One ReceiveMessage applied and deleted (tests); returns how many were deleted."""
+        got = await self.receive(sqs)
+        if got.done is None:
+            return 0
+        await self.commit(sqs, [got])
+        return len(got.receipts) + len(got.drop)
+
+    def stats(self) -> dict[str, float]:
+        """Numbers for /metrics: messages by outcome, events by kind, lag, backlog."""
+        out = {f"feedback_{k}": float(v) for k, v in self.counts.items()}
+        out.update({f"feedback_kind_{k}": float(v) for k, v in self.kinds.items()})
+        lags = list(self.lags)
+        out.update(feedback_lag_p50=percentile(lags, 0.5), feedback_lag_p99=percentile(lags, 0.99),
+                   feedback_backlog=self.backlog)
+        return out

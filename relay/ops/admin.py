@@ -3,7 +3,8 @@
 /readyz answers 503 with a reason per dependency that is not there (relay.ops.readiness:
 spool not writable or full, database not taking writes, SES not answering) and while
 delivery is paused (SES sending disabled, account paused, reputation).
-/metrics is Prometheus text from relay.ops.metrics. Reads the spool root and the delivery
+/metrics is Prometheus text from relay.ops.metrics. The console's pages (relay.ops.console)
+are added to the same application by relay.service. Reads the spool root and the delivery
 pool's state; built by relay.service on admin.host:admin.port.
 """
 
@@ -16,6 +17,8 @@ from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+#: the largest request body the admin listener takes (bytes)
+MAX_BODY = 32 * 1024 * 1024
 
 
 class Admin:
@@ -28,7 +31,8 @@ class Admin:
         self.metrics = metrics
         self.refresh = refresh
         self.async_checks = async_checks
-        self.app = web.Application()
+        # a suppression-list CSV posted to the console may be larger than aiohttp's 1 MB
+        self.app = web.Application(client_max_size=MAX_BODY)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         if metrics is not None:

@@ -181,7 +181,8 @@ def cmd_log(args: argparse.Namespace) -> int:
             print(f"nothing logged for {args.address}", file=sys.stderr)
             return 1
         for line in lines:
-            what = f"queue {line.queue_id}" if line.kind == "message" else "SES event"
+            what = {"message": f"queue {line.queue_id}", "event": "SES event"}.get(
+                line.kind, "suppressed")
             print(f"{_fmt(line.at)}  {line.status:<18} {what}  ses {line.ses_message_id or '-'}"
                   f"  {line.detail}".rstrip())
         return 0

@@ -23,7 +23,11 @@ from relay.spool.queue import STATES, arrival
 from relay.spool.spool import Spool
 
 #: outcomes of an SQS feedback message (relay.feedback.sqs counts), each always exposed
-FEEDBACK_OUTCOMES = ("applied", "duplicate", "ignored", "unparseable", "errors")
+FEEDBACK_OUTCOMES = ("applied", "duplicate", "ignored", "unparseable", "rejected", "too_old",
+                     "errors")
+#: feedback event kinds applied (relay.feedback.parse), each always exposed
+FEEDBACK_KINDS = ("bounce", "soft-bounce", "complaint", "delivery", "delay", "reject",
+                  "rendering-failure", "send")
 _PID_FILE = re.compile(r"_(\d+)\.db$")
 
 
@@ -38,10 +42,26 @@ def feedback_families(stats: Mapping[str, float]) -> list[Metric]:
                                    labels=["outcome"])
     for outcome in FEEDBACK_OUTCOMES:
         messages.add_metric([outcome], stats.get(f"feedback_{outcome}", 0.0))
-    families: list[Metric] = [messages, CounterMetricFamily(
+    kinds = CounterMetricFamily("relay_feedback_events_applied",
+                                "SES feedback events applied (new, one per recipient), by kind",
+                                labels=["kind"])
+    for kind in FEEDBACK_KINDS:
+        kinds.add_metric([kind], stats.get(f"feedback_kind_{kind}", 0.0))
+    lag = GaugeMetricFamily("relay_feedback_lag_seconds",
+                            "Seconds from SES's event timestamp to applied, over the latest "
+                            "events applied from SQS", labels=["quantile"])
+    for q, key in (("0.5", "feedback_lag_p50"), ("0.99", "feedback_lag_p99")):
+        lag.add_metric([q], stats.get(key, 0.0))
+    families: list[Metric] = [messages, kinds, lag, GaugeMetricFamily(
+        "relay_feedback_backlog_messages",
+        "Messages waiting in the SQS feedback queue (ApproximateNumberOfMessages; -1 unknown)",
+        value=stats.get("feedback_backlog", 0.0)), CounterMetricFamily(
         "relay_sns_notifications_rejected",
         "SNS messages refused (signature, topic or subscription URL not accepted)",
-        value=stats.get("sns_rejected", 0.0))]
+        value=stats.get("sns_rejected", 0.0)), CounterMetricFamily(
+        "relay_sns_notifications_unparseable",
+        "SNS POST bodies refused with 400 (not JSON, nested too deep, not SES)",
+        value=stats.get("sns_unparseable", 0.0))]
     for name, key, text in (
             ("relay_reputation_bounce_ratio", "bounce_rate",
              "Bounces per judged send over the reputation window (0-1)"),

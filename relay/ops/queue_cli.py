@@ -34,7 +34,7 @@ def _queue(args: argparse.Namespace) -> Queue:
     return Queue(spool)
 
 
-def _ago(seconds: float | None) -> str:
+def ago(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = int(seconds)
@@ -89,9 +89,9 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(dumps(row))
             continue
         nxt = row.get("next_attempt")
-        print(f"{row['id']:18} {row['state']:8} {_ago(row['age']):>5} {row.get('size', 0):>8} "
+        print(f"{row['id']:18} {row['state']:8} {ago(row['age']):>5} {row.get('size', 0):>8} "
               f"{rcpt_cell(row):>9} {row.get('attempts', 0):>5} "
-              f"{_ago(nxt - now) if nxt else '-':>5}  {row.get('lane', '-'):13} "
+              f"{ago(nxt - now) if nxt else '-':>5}  {row.get('lane', '-'):13} "
               f"{row.get('sender') or '<>'}"
               + (f"\n{'':56}{row['last_error']}" if row.get("last_error") else "")
               + (f"  [{row['error']}]" if row.get("error") else ""))
@@ -109,9 +109,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key in ("id", "state", "path", "read", "size", "attempts", "last_error"):
         if key != "read" or doc.get(key):
             print(f"{key:11} {doc.get(key, '')}")
-    print(f"{'age':11} {_ago(doc['age'])}")
+    print(f"{'age':11} {ago(doc['age'])}")
     if doc.get("next_attempt"):
-        print(f"{'next':11} in {_ago(max(0.0, doc['next_attempt'] - time.time()))}")
+        print(f"{'next':11} in {ago(max(0.0, doc['next_attempt'] - time.time()))}")
     env = doc.get("envelope", {})
     print(f"{'sender':11} {env.get('sender') or '<>'}")
     print(f"{'lane':11} {env.get('lane', '')}")
@@ -143,7 +143,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for state, counts in doc["states"].items():
         print(f"{state:10}" + "".join(f"{counts[b]:>7}" for b in BUCKET_NAMES))
     print(f"total {doc['total']}; oldest: " + ", ".join(
-        f"{s} {_ago(a)}" for s, a in doc["oldest_age"].items() if a))
+        f"{s} {ago(a)}" for s, a in doc["oldest_age"].items() if a))
     if doc.get("lanes"):
         print(f"\n{'lane':16}" + "".join(f"{s.value:>10}" for s in LANE_STATES))
         for lane, counts in sorted(doc["lanes"].items()):

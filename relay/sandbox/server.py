@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import functools
 import json
 import re
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.sandbox.signing import CERT_PATH, signing_key
 from relay.sandbox.simulator import SqsQueue, notifications, sns_envelope, suppressed_page
 
 #: SES: message tag names and values
@@ -100,6 +102,9 @@ class SandboxState:
     quota_exceeded: int = 0
     #: SNS-wrapped SES notifications for mailbox-simulator recipients, served as SQS
     feedback: SqsQueue = field(default_factory=SqsQueue)
+    #: put the SES JSON itself on the queue, as SNS raw message delivery does (the relay
+    #: then needs feedback.raw_delivery = true); else a signed SNS envelope
+    raw_delivery: bool = False
     #: SES's account-level suppression list: address -> BOUNCE or COMPLAINT
     account_suppressed: dict[str, str] = field(default_factory=dict)
     _window: list[tuple[float, int]] = field(default_factory=list)
@@ -209,17 +214,21 @@ class Sandbox:
         self.app.router.add_get("/v2/email/account", self.get_account)
         self.app.router.add_post("/", self.state.feedback.handle)
         self.app.router.add_get("/v2/email/suppression/addresses", self.list_suppressed)
+        self.app.router.add_get(CERT_PATH, self.certificate)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.url = ""
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        await asyncio.to_thread(signing_key)  # made once per process, before mail arrives
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.port = sock.getsockname()[1]
-        return f"http://{host}:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        return self.url
 
     async def stop(self) -> None:
         self.state.feedback.closing = True
@@ -307,9 +316,15 @@ class Sandbox:
             await asyncio.to_thread(self._write, call.message_id, data)
         with st.lock:
             st.calls.append(call)
+        key, cert_url = signing_key(), self.url + CERT_PATH
         for doc in notifications(message_id=call.message_id, sender=call.sender,
                                  recipients=call.recipients, raw=data):
-            st.feedback.send(sns_envelope(doc))
+            st.feedback.send(json.dumps(doc) if st.raw_delivery else sns_envelope(
+                doc, sign=functools.partial(key.sign, cert_url=cert_url)))
+
+    async def certificate(self, _: web.Request) -> web.Response:
+        """The SNS signing certificate the envelopes name (self-signed: the sandbox's)."""
+        return web.Response(body=signing_key().pem, content_type="application/x-pem-file")
 
     def _write(self, message_id: str, data: bytes) -> None:
         assert self.state.outbox is not None

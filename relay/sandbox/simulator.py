@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -90,14 +91,20 @@ def notifications(*, message_id: str, sender: str, recipients: Sequence[str], ra
     return docs
 
 
-def sns_envelope(doc: dict[str, Any], *, region: str = "us-east-1") -> str:
-    """The SQS body SNS delivers (raw delivery off): the SES JSON as a string in Message."""
-    return json.dumps({
-        "Type": "Notification", "MessageId": str(uuid.uuid4()),
-        "TopicArn": f"arn:aws:sns:{region}:{ACCOUNT}:relay-sandbox-feedback",
+def sandbox_topic(region: str = "us-east-1") -> str:
+    return f"arn:aws:sns:{region}:{ACCOUNT}:relay-sandbox-feedback"
+
+
+def sns_envelope(doc: dict[str, Any], *, region: str = "us-east-1",
+                 sign: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str:
+    """The SQS body SNS delivers (raw delivery off): the SES JSON as a string in Message,
+    signed by `sign` (relay.sandbox.signing) when given."""
+    msg: dict[str, Any] = {
+        "Type": "Notification", "MessageId": str(uuid.uuid4()), "TopicArn": sandbox_topic(region),
         "Message": json.dumps(doc), "Timestamp": _iso(time.time()),
         "SignatureVersion": "1", "Signature": "SANDBOX",
-    })
+    }
+    return json.dumps(sign(msg) if sign is not None else msg)
 
 
 @dataclass
@@ -114,6 +121,8 @@ class SqsQueue:
 
     def __init__(self) -> None:
         self._msgs: dict[str, _Msg] = {}
+        #: receipt handle -> message id
+        self._receipts: dict[str, str] = {}
         self._lock = threading.Lock()
         #: set when the sandbox stops: long polls answer at once
         self.closing = False
@@ -130,19 +139,22 @@ class SqsQueue:
 
     def take(self, n: int, now: float) -> list[_Msg]:
         with self._lock:
-            out = [m for m in self._msgs.values() if m.visible_at <= now][:n]
+            out = list(itertools.islice((m for m in self._msgs.values() if m.visible_at <= now), n))
             for m in out:
+                self._receipts.pop(m.receipt, None)
                 m.receipt, m.visible_at = uuid.uuid4().hex, now + VISIBILITY
                 m.receives += 1
+                self._receipts[m.receipt] = m.id
             return out
 
     def delete(self, receipt: str) -> bool:
         with self._lock:
-            for key, m in list(self._msgs.items()):
-                if m.receipt == receipt:
-                    del self._msgs[key]
-                    return True
-            return False
+            key = self._receipts.pop(receipt, None)
+            return key is not None and self._msgs.pop(key, None) is not None
+
+    def visible(self, now: float) -> int:
+        with self._lock:
+            return sum(1 for m in self._msgs.values() if m.visible_at <= now)
 
     async def handle(self, request: web.Request) -> web.Response:
         """POST / with X-Amz-Target AmazonSQS.<Action> (the JSON protocol botocore speaks)."""
@@ -168,6 +180,20 @@ class SqsQueue:
                 return _json({"__type": "com.amazonaws.sqs#ReceiptHandleIsInvalid",
                               "message": "The receipt handle is not valid."}, status=400)
             return _json({})
+        if action == "DeleteMessageBatch":
+            ok: list[Any] = []
+            failed: list[Any] = []
+            for entry in body.get("Entries") or []:
+                gone = self.delete(str(entry.get("ReceiptHandle", "")))
+                (ok if gone else failed).append(entry.get("Id"))
+            return _json({"Successful": [{"Id": i} for i in ok], "Failed": [
+                {"Id": i, "SenderFault": True, "Code": "ReceiptHandleIsInvalid",
+                 "Message": "The receipt handle is not valid."} for i in failed]})
+        if action == "GetQueueAttributes":
+            return _json({"Attributes": {
+                "ApproximateNumberOfMessages": str(self.visible(time.time())),
+                "ApproximateNumberOfMessagesNotVisible": str(len(self) - self.visible(
+                    time.time()))}})
         if action == "GetQueueUrl":
             return _json({"QueueUrl": f"{request.url.origin()}/queue/feedback"})
         return _json({"__type": "com.amazonaws.sqs#InvalidAction",

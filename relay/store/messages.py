@@ -2,7 +2,7 @@
 
 The one writer of `messages`: "queued" rows once ingress committed a message, delivery
 outcomes (the pool's Listener port) batched by relay.store.log_writer (retried until the
-database takes them), and SES feedback through record_feedback() in the applier's
+database takes them), and SES feedback through record_feedback_many() in the applier's
 transaction. Reads feedback_events for `relay log`; prunes both after database.retention.
 Built by relay.service.
 """
@@ -26,7 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from relay.spool.record import Envelope, Record
 from relay.spool.spool import Spool
 from relay.store import feedback_events
-from relay.store.db import LOCK_SES_MESSAGE, Database, FeedbackEvent, MessageRow, xact_lock
+from relay.store.db import (
+    LOCK_SES_MESSAGE,
+    Database,
+    FeedbackEvent,
+    MessageRow,
+    Suppression,
+    xact_lock,
+)
 from relay.store.log_writer import BatchWriter
 from relay.store.suppression import normalize
 from relay.store.transitions import after_feedback, after_outcome, attempts_of
@@ -121,20 +128,35 @@ def message_id_header(data: bytes) -> str:
     return str(value).strip()[:998]
 
 
-async def record_feedback(session: AsyncSession, *, ses_message_id: str, recipient: str,
-                          kind: str, detail: str, now: float) -> None:
-    """Apply a feedback event to its row inside the feedback applier's transaction.
+async def record_feedback_many(session: AsyncSession,
+                               events: Sequence[tuple[str, str, str, str]], *,
+                               now: float) -> None:
+    """Apply a batch of (SES MessageId, recipient, kind, detail) events, in order, to their
+    rows inside the feedback applier's transaction (relay.store.transitions.after_feedback
+    says what each changes).
 
-    A row not yet known by its SES MessageId is caught up by the log writer when it
-    records the send (_early_feedback); the lock orders the two on PostgreSQL.
+    A row's changes are folded first (a later event's columns win, as they would applied
+    one after the other); then one executemany per set of columns changed. A row not yet
+    known by its SES MessageId is caught up by the log writer when it records the send
+    (_early_feedback); the locks order the two on PostgreSQL.
     """
-    change = after_feedback(kind, detail)
-    if change is None or not ses_message_id:
-        return
-    await xact_lock(session, LOCK_SES_MESSAGE, ses_message_id)
-    await session.execute(update(MessageRow).where(
-        MessageRow.ses_message_id == ses_message_id, MessageRow.recipient == recipient,
-    ).values(**change, updated_at=now))
+    changes: dict[tuple[str, str], dict[str, str]] = {}
+    for ses_id, rcpt, kind, detail in events:
+        change = after_feedback(kind, detail)
+        if change is not None and ses_id:
+            changes.setdefault((ses_id, rcpt), {}).update(change)
+    for ses_id in sorted({s for s, _ in changes}):
+        await xact_lock(session, LOCK_SES_MESSAGE, ses_id)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for (ses_id, rcpt), change in changes.items():
+        groups.setdefault(tuple(sorted(change)), []).append(
+            {"k_sid": ses_id, "k_rcpt": rcpt, **change})
+    table: Any = MessageRow.__table__
+    for columns, params in groups.items():
+        await session.execute(update(table).where(
+            table.c.ses_message_id == bindparam("k_sid"),
+            table.c.recipient == bindparam("k_rcpt"),
+        ).values({**{c: bindparam(c) for c in columns}, "updated_at": now}), params)
 
 
 @dataclass(frozen=True)
@@ -142,7 +164,7 @@ class LogLine:
     """One line of `relay log ADDRESS`: a message row or a feedback event."""
 
     at: float
-    kind: str  # "message" or "event"
+    kind: str  # "message", "event" or "suppression" (when and by which event it was listed)
     status: str
     queue_id: str
     ses_message_id: str
@@ -317,7 +339,11 @@ class MessageLog:
         async with self.db.session() as s:
             msgs = await s.scalars(select(MessageRow).where(MessageRow.recipient == addr))
             evts = await s.scalars(select(FeedbackEvent).where(FeedbackEvent.recipient == addr))
-            lines = [
+            listed = await s.get(Suppression, addr)
+            lines = [LogLine(listed.created_at, "suppression", listed.reason, "", "",
+                             f"since {listed.source}: {listed.detail}".rstrip(": "))
+                     ] if listed is not None else []
+            lines += [
                 LogLine(m.updated_at, "message", m.status, m.queue_id, m.ses_message_id,
                         "; ".join(x for x in (f"Message-ID {m.message_id_header}"
                                               if m.message_id_header else "",

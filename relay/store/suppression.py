@@ -2,8 +2,9 @@
 
 The one writer of `suppressions` and `bounce_counts` (consecutive transient bounces).
 The delivery pool's Suppressions port, the RCPT-time check, the verbs behind `relay
-suppression ...`, and suppress() and the bounce count for the feedback applier's
-transaction. Addresses are normalized (trimmed, no <>, lower-case, IDN as punycode).
+suppression ...`, and suppress_many() and the bounce counts (read and written a batch at
+a time) for the feedback applier's transaction. Addresses are normalized (trimmed, no
+<>, lower-case, IDN as punycode).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.store.db import BounceCount, Database, Suppression
@@ -85,12 +86,65 @@ async def suppress(session: AsyncSession, address: str, *, reason: str, source: 
     return False
 
 
-async def bounce_count(session: AsyncSession, address: str) -> int:
-    """The address's consecutive transient bounces so far (normalized address)."""
-    # a column, not the row: set_bounce_count() writes by statement, never a stale object
-    count = await session.scalar(select(BounceCount.count).where(
-        BounceCount.address == address))
-    return int(count or 0)
+async def suppress_many(session: AsyncSession, rows: Sequence[tuple[str, str, str]], *,
+                        source: str, now: float) -> set[str]:
+    """Add or refresh (normalized address, reason, detail) rows, in order, inside the
+    caller's transaction with one read and bulk writes; returns the addresses that are new.
+
+    Equivalent to suppress() once per row: a complaint outranks what is there (also an
+    earlier row of the same batch); otherwise the first reason stays.
+    """
+    if not rows:
+        return set()
+    names = sorted({a for a, _, _ in rows})
+    old: dict[str, tuple[str, str, str]] = {}
+    for i in range(0, len(names), CHUNK):
+        found = await session.execute(select(Suppression.address, Suppression.reason,
+                                             Suppression.source, Suppression.detail)
+                                      .where(Suppression.address.in_(names[i:i + CHUNK])))
+        old.update({a: (r, src, d) for a, r, src, d in found})
+    final: dict[str, tuple[str, str, str]] = {}
+    for addr, reason, detail in rows:
+        have = final.get(addr) or old.get(addr)
+        if have is None or outranks(reason, have[0]):
+            final[addr] = (reason, source, detail)
+        else:
+            final[addr] = have
+    new = {a for a in final if a not in old}
+    if new:
+        await session.execute(insert(Suppression), [
+            {"address": a, "reason": final[a][0], "source": final[a][1],
+             "detail": final[a][2], "created_at": now, "updated_at": now} for a in sorted(new)])
+    known = [a for a in final if a in old]
+    if known:
+        table: Any = Suppression.__table__
+        await session.execute(update(table).where(table.c.address == bindparam("a")).values(
+            reason=bindparam("r"), source=bindparam("s"), detail=bindparam("d"),
+            updated_at=now), [
+            {"a": a, "r": final[a][0], "s": final[a][1], "d": final[a][2]} for a in known])
+    return new
+
+
+async def bounce_counts(session: AsyncSession, addresses: Iterable[str]) -> dict[str, int]:
+    """The consecutive transient bounces of each address that has any (normalized)."""
+    names, out = sorted(set(addresses)), {}
+    for i in range(0, len(names), CHUNK):
+        rows = await session.execute(select(BounceCount.address, BounceCount.count).where(
+            BounceCount.address.in_(names[i:i + CHUNK])))
+        out.update({a: int(c) for a, c in rows})
+    return out
+
+
+async def set_bounce_counts(session: AsyncSession, counts: dict[str, int], *,
+                            now: float) -> None:
+    """Store counts in bulk inside the caller's transaction; 0 forgets the address."""
+    gone = sorted(a for a, c in counts.items() if c == 0)
+    for i in range(0, len(gone), CHUNK):
+        await session.execute(delete(BounceCount).where(BounceCount.address.in_(
+            gone[i:i + CHUNK])))
+    kept = [{"address": a, "count": c, "updated_at": now} for a, c in counts.items() if c]
+    if kept:
+        await session.execute(_upsert_count(session.get_bind().dialect.name), kept)
 
 
 @functools.cache
@@ -103,16 +157,6 @@ def _upsert_count(dialect: str) -> Any:
     return stmt.on_conflict_do_update(
         index_elements=[BounceCount.address],
         set_={"count": stmt.excluded.count, "updated_at": stmt.excluded.updated_at})
-
-
-async def set_bounce_count(session: AsyncSession, address: str, count: int, *,
-                           now: float) -> None:
-    """Store the count inside the caller's transaction; 0 forgets the address."""
-    if count == 0:
-        await session.execute(delete(BounceCount).where(BounceCount.address == address))
-        return
-    await session.execute(_upsert_count(session.get_bind().dialect.name),
-                          {"address": address, "count": count, "updated_at": now})
 
 
 #: The delivery-time check: one SELECT for any number of addresses.

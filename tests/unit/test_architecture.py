@@ -33,7 +33,8 @@ TRANSPORTS = ("aiosmtpd", "aioboto3", "aiobotocore", "botocore", "boto3", "aioht
 #: The adapters; every other module is core and must reach no transport, not even
 #: through the relay modules it imports.
 ADAPTERS = ("relay.ingress", "relay.ses", "relay.feedback.sqs", "relay.feedback.sns",
-            "relay.sandbox", "relay.ops", "relay.service", "relay.__main__")
+            "relay.feedback.thread", "relay.sandbox", "relay.ops", "relay.service",
+            "relay.__main__")
 MAX_LINES = 450
 
 

@@ -91,3 +91,26 @@ def test_a_wrong_value_names_the_key_and_what_was_expected(tmp_path, key, toml, 
         load(tmp_path, key, toml, env)
     assert info.value.key == key
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("feedback, error", [
+    ('sqs_queue_url = "https://sqs.eu-west-1.amazonaws.com/123456789012/q"',
+     "feedback.topic_arns: must list the SNS topics"),
+    ("receivers = 0", "feedback.receivers: must be between 1 and 32"),
+    ('max_event_age = "0s"', "feedback.max_event_age: must be above 0"),
+])
+def test_feedback_queue_errors_name_the_key(tmp_path, feedback, error):
+    path = tmp_path / "relay.toml"
+    path.write_text(f"[feedback]\n{feedback}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert str(err.value).startswith(error)
+
+
+@pytest.mark.parametrize("extra", ["raw_delivery = true",
+                                   'topic_arns = ["arn:aws:sns:eu-west-1:123456789012:t"]'])
+def test_a_queue_is_read_with_its_topics_or_as_raw_delivery(tmp_path, extra):
+    path = tmp_path / "relay.toml"
+    path.write_text('[feedback]\nsqs_queue_url = "https://sqs.eu-west-1.amazonaws.com/1/q"\n'
+                    f"{extra}\n")
+    assert config.load(path, env={}).feedback.max_event_age == 14 * 86400

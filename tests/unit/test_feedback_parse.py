@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from relay.feedback.parse import Event, Unparseable, bounce_kind, events, parse
+from relay.feedback.parse import Event, Unparseable, bounce_kind, events, identity, parse
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "ses"
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
@@ -47,7 +47,7 @@ SAMPLES: dict[str, tuple[str, str, list[tuple[str, str, str, str]]]] = {
     "ses-event-deliverydelay.json": ("DeliveryDelay", EVENT_ID, [
         ("recipient@example.com", "delay",
          "TransientCommunicationFailure smtp; 421 4.4.1 Unable to connect to remote host",
-         "2020-06-16T00:15:40.641Z")]),
+         "2020-06-16T00:25:40.095Z")]),
     "ses-event-reject.json": ("Reject", EVENT_ID, [
         ("sender@example.com", "reject", "rejected by SES: Bad content",
          "2016-10-14T17:38:15.211Z")]),
@@ -97,14 +97,60 @@ def test_sample_to_events(name, wrapped):
     note = parse(envelope(doc) if wrapped else json.dumps(doc))
     assert (note.kind, note.ses_message_id) == (kind, ses_id)
     assert note.topic_arn == (TOPIC if wrapped else "")
-    assert events(note) == [Event(r, k, d, at(t)) for r, k, d, t in expected]
+    assert [Event(e.recipient, e.kind, e.detail, e.at) for e in events(note)] == [
+        Event(r, k, d, at(t)) for r, k, d, t in expected]
 
 
-def test_the_key_is_the_ses_json_so_both_deliveries_are_one_notification():
-    doc = sample("ses-event-bounce.json")
+def keys(body: str | bytes) -> list[str]:
+    note = parse(body)
+    return [identity(e.kind, recipient=e.recipient.lower(), ses_message_id=note.ses_message_id,
+                     feedback_id=e.feedback_id, at=e.at) for e in events(note)]
+
+
+def as_notification(doc: dict[str, Any]) -> dict[str, Any]:
+    """An event-publishing document in the notification format (the same SES event)."""
+    out = dict(doc, notificationType=doc["eventType"])
+    del out["eventType"]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_one_event_has_one_key_in_either_format_wrapped_raw_or_re_encoded(name):
+    doc = sample(name)
     raw = json.dumps(doc)
-    assert parse(raw).key == parse(envelope(doc)).key == parse(raw.encode()).key
-    assert parse(raw).key != parse(json.dumps(dict(doc, extra=1))).key
+    same = [raw, raw.encode(), envelope(doc), json.dumps(doc, indent=2, sort_keys=True),
+            json.dumps(dict(doc, extra={"unrelated": 1}))]
+    if "eventType" in doc:
+        same.append(envelope(as_notification(doc)))
+    assert all(keys(body) == keys(raw) for body in same)
+
+
+def test_the_identity_is_ses_s_not_the_json_text():
+    bounce = sample("ses-event-bounce.json")
+    other = copy.deepcopy(bounce)
+    other["bounce"]["feedbackId"] = "another"
+    assert keys(json.dumps(bounce)) != keys(json.dumps(other))
+    # a delivery is its message and recipient: a second copy with another processing time
+    # is the same event; another recipient or message is not
+    delivery = sample("ses-event-delivery.json")
+    later = copy.deepcopy(delivery)
+    later["delivery"]["processingTimeMillis"] = 999
+    assert keys(json.dumps(delivery)) == keys(json.dumps(later))
+    later["mail"]["messageId"] = "another"
+    assert keys(json.dumps(delivery)) != keys(json.dumps(later))
+    # SES sends several delays for one recipient: each time is another event
+    delay = sample("ses-event-deliverydelay.json")
+    again = copy.deepcopy(delay)
+    again["deliveryDelay"]["timestamp"] = "2020-06-16T01:25:40.095Z"
+    assert keys(json.dumps(delay)) != keys(json.dumps(again))
+
+
+@pytest.mark.parametrize("body", ["[" * 100_000 + "]" * 100_000,
+                                  envelope({"a": 1}).replace('{\\"a\\": 1}',
+                                                             "[" * 5000 + "]" * 5000)])
+def test_json_nested_too_deep_is_unparseable_never_a_recursion_error(body):
+    with pytest.raises(Unparseable):
+        parse(body)
 
 
 @pytest.mark.parametrize("body,error", [
@@ -171,3 +217,16 @@ def test_only_a_permanent_bounce_is_a_bounce(bounce_type, kind):
 def test_a_section_without_a_timestamp_takes_the_mails():
     body = _edit("ses-event-bounce.json", ("bounce", "timestamp"), None)
     assert [e.at for e in events(parse(body))] == [at("2017-08-05T00:40:02.012Z")]
+
+
+@pytest.mark.parametrize("values, q, expected", [
+    ([], 0.5, 0.0),
+    ([3.0], 0.99, 3.0),
+    ([5.0, 1.0, 3.0, 2.0, 4.0], 0.5, 3.0),
+    ([float(i) for i in range(1, 101)], 0.99, 99.0),
+    ([float(i) for i in range(1, 101)], 0.5, 50.0),
+])
+def test_lag_percentiles_by_nearest_rank(values, q, expected):
+    from relay.feedback.sqs import percentile
+
+    assert percentile(values, q) == expected
