@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 from relay.config import SmtpConfig
 from relay.ingress.server import Ingress, IngressHandler
 from relay.spool.spool import Spool
+from tests import spoolfile
 
 
 class IngressThread:
@@ -71,13 +73,13 @@ class IngressThread:
 
     def messages(self) -> list[bytes]:
         d = self.spool.root / "active"
-        return [(p / "message.eml").read_bytes() for p in sorted(d.iterdir())] if d.is_dir() else []
+        return [spoolfile.mime(p) for p in sorted(d.iterdir())] if d.is_dir() else []
 
     def envelopes(self) -> list[str]:
         d = self.spool.root / "active"
         if not d.is_dir():
             return []
-        return [(p / "envelope.json").read_text() for p in sorted(d.iterdir())]
+        return [json.dumps(spoolfile.record(p)) for p in sorted(d.iterdir())]
 
 
 def make_ingress(tmp_path: Path, **overrides: Any) -> Callable[..., IngressThread]:

@@ -1,7 +1,7 @@
 """Invariant 1 under group commit: 250 only after the shared flushes; flushes are shared.
 
-The spool's flush (syncfs) is gated here so the test decides when it returns: the reply
-must wait for a flush that ran after the message's files were written *and* one that ran
+The spool's flush is gated here so the test decides when it returns: the reply
+must wait for a flush that ran after the message's file was written *and* one that ran
 after its rename into active/. A relay that answered before either, or skipped the second,
 fails these tests. The ingress is the real one (relay.ingress over aiosmtpd) with a real
 smtplib client, and delivery calls go to the real sandbox through the real SES client.
@@ -80,7 +80,7 @@ def test_250_waits_for_a_flush_after_the_files_and_one_after_the_rename(tmp_path
         incoming, active = spool.seen[0]
         assert len(incoming) == 1 and active == []
         qid = incoming[0]
-        assert (spool.path(State.INCOMING, qid) / "message.eml").read_bytes().endswith(b"body\r\n")
+        assert spool.path(State.INCOMING, qid).read_bytes().endswith(b"body\r\n")
         client.join(timeout=1.0)
         assert not replies, "250 before the message's files were flushed"
         spool.gate.release()

@@ -107,7 +107,7 @@ def test_hold_from_the_message_page_with_csrf_and_refusal_without(start_relay, t
 
     code, headers, _ = b.open(f"/queue/{qid}/hold", {"csrf": token})
     assert code == 303 and headers["Location"] == f"/queue/{qid}"
-    assert relay.queued("hold") == [qid] and (relay.spool / "hold" / qid).is_dir()
+    assert relay.queued("hold") == [qid] and (relay.spool / "hold" / qid).is_file()
     code, _, page = b.open(f"/queue/{qid}")
     assert '<p id="flash" role="status">hold: deferred -&gt; hold</p>' in page
     code, headers, raw = b.open(f"/queue/{qid}/raw")

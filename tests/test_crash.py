@@ -97,7 +97,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path):
     got = delivered()
     missing = wanted - set(got)
     assert not missing, f"seed {seed}: acknowledged but never delivered: {sorted(missing)[:10]}"
-    # calls whose SES answer the relay recorded (logged only after envelope.json is saved)
+    # calls whose SES answer the relay recorded (logged only after the record is saved)
     recorded = {line["ses_message_id"] for line in lines if line.get("event") == "sent"}
     calls = state.accepted()
     unrecorded = [c for c in calls if c.message_id not in recorded]

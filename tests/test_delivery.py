@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import email
-import json
 import smtplib
 import socket
 import urllib.error
 import urllib.request
 
 from relay.sandbox.server import SandboxState, SandboxThread
+from tests import spoolfile
 from tests.conftest import relayed, wait_for
 
 SENDER = "app@example.com"
@@ -160,7 +160,7 @@ def test_expired_message_goes_to_failed_with_expired(start_relay):
                         ses={"connect_timeout": "1s"})
     (qid,) = send_many(relay.smtp_port, [(["e@example.net"], msg("exp", ["e@example.net"]))])
     wait_for(lambda: qid in relay.queued("failed"), 30)
-    record = json.loads((relay.spool / "failed" / qid / "envelope.json").read_text())
+    record = spoolfile.record(relay.spool / "failed" / qid)
     assert record["results"]["e@example.net"]["status"] == "failed"
     assert record["results"]["e@example.net"]["reason"].startswith("expired")
     assert record["attempts"] >= 1
@@ -180,7 +180,7 @@ def test_24_hour_quota_of_100_lets_exactly_100_recipients_through(start_relay):
         assert relay.queued("failed") == []
         deferred = relay.queued("deferred")
         assert deferred
-        errors = {json.loads((relay.spool / "deferred" / q / "envelope.json").read_text())
+        errors = {spoolfile.record(relay.spool / "deferred" / q)
                   ["last_error"] for q in deferred}
         assert errors == {"24-hour sending quota used up"}
 
@@ -207,7 +207,7 @@ def test_configuration_error_holds_the_mail_and_says_so(start_relay):
         wait_for(lambda: qid in relay.queued("hold"), 20)
     held = relay.find("held")
     assert held and held["level"] == "error" and "MailFromDomainNotVerified" in held["error"]
-    record = json.loads((relay.spool / "hold" / qid / "envelope.json").read_text())
+    record = spoolfile.record(relay.spool / "hold" / qid)
     assert "MailFromDomainNotVerified" in record["last_error"]
     assert record["results"] == {}
 
@@ -260,6 +260,6 @@ def test_sigterm_finishes_the_call_in_flight_and_keeps_the_rest(start_relay):
     assert len(left) == 2
     for qid in left:
         for st in ("active", "deferred"):
-            p = relay.spool / st / qid / "envelope.json"
+            p = relay.spool / st / qid
             if p.exists():
-                assert sent not in json.loads(p.read_text())["recipients"]
+                assert sent not in spoolfile.record(p)["recipients"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from relay.sandbox.server import SandboxState, SandboxThread
-from relay.spool.record import Envelope, State
+from relay.spool.record import Envelope, Record, State
 from relay.spool.spool import Spool
 from tests.conftest import PG_SERVER, ROOT, RelayProcess, relay_sections, wait_for
 from tests.test_delivery import msg, readyz, send_many, spool_empty
@@ -152,23 +152,32 @@ def test_entries_that_are_not_messages_go_to_corrupt_once_and_never_to_ses(
     env = Envelope("app@example.com", ("x@example.net",), time.time())
     data = msg("bad", ["x@example.net"])
     no_message = spool.prepare(env, data)
-    (spool.path(State.INCOMING, no_message) / "message.eml").unlink()
+    with open(spool.path(State.INCOMING, no_message), "r+b") as f:
+        f.truncate(f.read().index(b"\n") + 1)  # its record line alone
     truncated = spool.prepare(env, data)
-    with open(spool.path(State.INCOMING, truncated) / "message.eml", "r+b") as f:
-        f.truncate(len(data) // 2)
+    with open(spool.path(State.INCOMING, truncated), "r+b") as f:
+        f.truncate(f.seek(0, 2) - len(data) // 2)
     (relay.spool / "incoming" / "stray").write_text("left here by someone\n")
     for qid in (no_message, truncated):
         spool.publish(qid)
     os.rename(relay.spool / "incoming" / "stray", relay.spool / "active" / "stray.txt")
+    # a message directory of the older layout that lost its message.eml after start-up
+    old = relay.spool / "incoming" / "0000000000001ABCDE"
+    old.mkdir()
+    (old / "envelope.json").write_bytes(
+        Record(id=old.name, envelope=env, size=len(data)).to_json())
+    os.rename(old, relay.spool / "active" / old.name)
 
-    bad = sorted([no_message, truncated, "stray.txt"])
+    bad = sorted([no_message, truncated, "stray.txt", old.name])
     wait_for(lambda: relay.queued("corrupt") == bad, 20)
     reasons = {q: (relay.spool / "corrupt" / q / "reason.txt").read_text() for q in bad}
-    assert "message.eml missing" in reasons[no_message]
-    assert f"message.eml is {len(data) // 2} bytes, its envelope records {len(data)}" in (
+    assert f"message is 0 bytes, its record says {len(data)}" in reasons[no_message]
+    assert f"message is {len(data) - len(data) // 2} bytes, its record says {len(data)}" in (
         reasons[truncated])
-    assert "not a message directory" in reasons["stray.txt"]
+    assert "record line unreadable" in reasons["stray.txt"]
+    assert "message.eml missing" in reasons[old.name]
     assert (relay.spool / "corrupt" / "stray.txt" / "stray.txt").read_text().startswith("left")
+    assert (relay.spool / "corrupt" / old.name / "envelope.json").exists()
 
     # a good message after them goes through; the bad ones were looked at once each
     send_many(relay.smtp_port, [(["good@example.net"], msg("good", ["good@example.net"]))])

@@ -15,6 +15,7 @@ from relay.sandbox.server import SandboxState, SandboxThread
 from relay.spool.queue import Queue, arrival, bucket
 from relay.spool.record import Envelope, State
 from relay.spool.spool import Spool
+from tests import spoolfile
 from tests.conftest import ROOT, RelayProcess, relayed, wait_for
 from tests.test_spine import message, send
 
@@ -70,6 +71,10 @@ def test_deferred_message_replayed_with_retry(start_relay, tmp_path):
         assert doc["pending_recipients"] == ["a@example.net", "b@example.org"]
         text = relay_cli(relay, "queue", "show", qid).stdout
         assert "InternalFailure" in text and "Message-ID:" in text
+        # the file it names reads as `show` says: the record, then the message
+        assert f"head -1 {doc['path']} (record); tail -n +2 {doc['path']} (message)" in text
+        assert spoolfile.record(Path(doc["path"]))["id"] == qid
+        assert b"Subject: replay" in spoolfile.mime(Path(doc["path"]))
 
         stats = json.loads(relay_cli(relay, "queue", "stats", "--json").stdout)
         assert stats["states"]["deferred"]["T"] == 1 and stats["total"] == 1
@@ -145,9 +150,9 @@ def test_hold_during_ses_call_records_result_and_never_resends(start_relay):
         assert state.accepted() == []
         state.answers.set()
         # the SES answer is recorded in the message's new place, not in a second copy
-        env = relay.spool / "hold" / qid / "envelope.json"
-        wait_for(lambda: json.loads(env.read_text())["results"], 10)
-        result = json.loads(env.read_text())["results"]["a@example.net"]
+        env = relay.spool / "hold" / qid
+        wait_for(lambda: spoolfile.record(env)["results"], 10)
+        result = spoolfile.record(env)["results"]["a@example.net"]
         assert result["status"] == "sent"
         assert result["ses_message_id"] == state.accepted()[0].message_id
         assert not (relay.spool / "active" / qid).exists()

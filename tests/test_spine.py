@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import smtplib
@@ -14,6 +13,7 @@ import boto3
 import pytest
 
 from relay.sandbox.server import SandboxState, SandboxThread
+from tests import spoolfile
 from tests.conftest import relayed, wait_for
 
 SENDER = "app@example.com"
@@ -82,11 +82,11 @@ def test_message_rejected_lands_in_failed_with_reason(start_relay, moto_server, 
     code, _ = send(relay.smtp_port, ["x@example.net"], message(), sender="nobody@unverified.test")
     assert code == 250
     failed = wait_for(lambda: relay.queued("failed"), 20)
-    record = json.loads((relay.spool / "failed" / failed[0] / "envelope.json").read_text())
+    record = spoolfile.record(relay.spool / "failed" / failed[0])
     assert "MessageRejected" in record["last_error"]
     assert record["results"]["x@example.net"]["status"] == "failed"
     assert "MessageRejected" in record["results"]["x@example.net"]["reason"]
-    assert relayed((relay.spool / "failed" / failed[0] / "message.eml").read_bytes()) == message()
+    assert relayed(spoolfile.mime(relay.spool / "failed" / failed[0])) == message()
     assert not relay.queued("active") and not relay.queued("deferred")
 
 
@@ -125,7 +125,7 @@ def test_ses_down_mail_waits_in_deferred_then_delivered(start_relay, tmp_path):
     assert code == 250
     qid = reply.decode().rsplit(" ", 1)[1]
     wait_for(lambda: qid in relay.queued("deferred"), 20)
-    record = json.loads((relay.spool / "deferred" / qid / "envelope.json").read_text())
+    record = spoolfile.record(relay.spool / "deferred" / qid)
     assert record["attempts"] >= 1 and record["last_error"]
     assert record["results"] == {}
 

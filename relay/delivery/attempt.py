@@ -40,6 +40,8 @@ log = logging.getLogger("relay.delivery")
 
 #: SES accepts at most 50 destinations per SendEmail call.
 MAX_DESTINATIONS = 50
+#: messages up to this size are read for delivery on the loop, bigger ones in a thread
+INLINE_READ = 256 * 1024
 QUOTA_USED_UP = "24-hour sending quota used up"
 #: the gate's hold while the suppression list cannot answer
 DATABASE = "database"
@@ -100,7 +102,7 @@ class Attempt:
         except CorruptMessage as exc:
             # moved to corrupt/; if even that failed, never looked at again by this process
             event(log, "corrupt", level=logging.ERROR, queue_id=qid, error=str(exc))
-            if self.spool.path(State.ACTIVE, qid).exists():
+            if self.spool.exists(State.ACTIVE, qid):
                 self.corrupt.add(qid)
         except FileNotFoundError:
             pass  # moved away by an operator (hold, delete) while waiting
@@ -113,7 +115,10 @@ class Attempt:
                 pass
 
     async def process(self, qid: str) -> None:
-        record, raw = await asyncio.to_thread(self._read, qid)
+        # a small message is read on the loop (one read of a cached file costs less than
+        # the hop to a thread); a big one in a thread, so the loop is not held up
+        got = self.spool.read_small(State.ACTIVE, qid, INLINE_READ)
+        record, raw = got if got is not None else await asyncio.to_thread(self._read, qid)
         if self.policy.expired(record.envelope.received_at, self.clock()):
             reason = "expired: " + (record.last_error or "no attempt succeeded")
             await self.outcomes.fail_pending(record, reason)
@@ -129,8 +134,7 @@ class Attempt:
         await self.outcomes.finish(record)
 
     def _read(self, qid: str) -> tuple[Record, bytes]:
-        record = self.spool.load(State.ACTIVE, qid)
-        return record, self.spool.read_message(State.ACTIVE, qid, record)
+        return self.spool.read(State.ACTIVE, qid)
 
     async def _drop_suppressed(self, record: Record, pending: list[str]
                                ) -> list[str] | None:
@@ -179,7 +183,7 @@ class Attempt:
         """The recipients of the next call, once the rate lets them go; None: stop here
         (paused or stopping meanwhile, moved by an operator, or the quota used up)."""
         await self.gate.wait_unpaused()
-        if not self.spool.path(State.ACTIVE, record.id).is_dir():
+        if not self.spool.exists(State.ACTIVE, record.id):
             return None  # held or deleted by an operator meanwhile: send nothing more
         cap = min(MAX_DESTINATIONS, self.limiter.capacity(time.monotonic()))
         granted = self.quota.take(len(pending[:cap]))
@@ -223,7 +227,7 @@ class Attempt:
         done = len(chunk) == len(pending) and not failed(record)
         # durable before anything else: a retry or restart skips these recipients. When
         # this call finished the message, removing it from active/ is that record (its
-        # envelope.json would be deleted right after being written).
+        # record would be deleted right after being written).
         if done:
             try:
                 await self.outcomes.discard(record)

@@ -1,6 +1,6 @@
 """What an attempt leaves behind: the record in the spool, then the listeners told.
 
-Every outcome is durable before anyone hears of it: envelope.json replaced (save), the
+Every outcome is durable before anyone hears of it: the record replaced (save), the
 message removed from active/ (discard), or moved to deferred/ with its next attempt as
 the mtime (postpone), to hold/ (hold) or to failed/ (finish, then the on_failed hook,
 e.g. a DSN). The flushes are shared through the group commit. A change the spool
@@ -60,12 +60,14 @@ class Outcomes:
             except Exception:  # noqa: BLE001 - a listener must never stop delivery
                 log.exception("listener %r failed on %s", listener, kind)
 
-    async def _durably(self, record: Record, change: Callable[[], Path | None]) -> None:
-        """Run a spool change in a thread, then wait for the shared flush. FileNotFoundError
-        (moved or deleted by an operator) passes; any other failure keeps the record in
-        memory and raises ResultNotSaved."""
+    async def _durably(self, record: Record, change: Callable[[], Path | None], *,
+                       inline: bool = False) -> None:
+        """Run a spool change in a thread (inline: on the loop, for one unlink, cheaper
+        than the hop), then wait for the shared flush. FileNotFoundError (moved or deleted
+        by an operator) passes; any other failure keeps the record in memory and raises
+        ResultNotSaved."""
         try:
-            grave = await asyncio.to_thread(change)
+            grave = change() if inline else await asyncio.to_thread(change)
             await self.commit.barrier(grave)
         except FileNotFoundError:
             raise
@@ -74,14 +76,15 @@ class Outcomes:
             raise ResultNotSaved(f"{record.id}: result not saved: {exc}") from exc
 
     async def save(self, record: Record) -> None:
-        """Replace envelope.json; durable on return (the flush is shared)."""
+        """Replace the record; durable on return (the flush is shared)."""
         def change() -> None:
             self.spool.save(State.ACTIVE, record, durable=False)
         await self._durably(record, change)
 
     async def discard(self, record: Record) -> None:
         """Remove a finished message from active/; durable on return (shared flush)."""
-        await self._durably(record, lambda: self.spool.bury(State.ACTIVE, record.id))
+        await self._durably(record, lambda: self.spool.bury(State.ACTIVE, record.id),
+                            inline=True)
 
     async def finish(self, record: Record) -> None:
         """No recipient left: to failed/ if any failed (and on_failed told), else gone."""

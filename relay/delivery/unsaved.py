@@ -1,11 +1,11 @@
 """Delivery results the spool could not record, kept in memory until it can.
 
 When saving what SES accepted fails (disk full, read-only spool, I/O error), the message
-must not be tried again from its older envelope.json: that would send the accepted
+must not be tried again from its older record: that would send the accepted
 recipients twice. Unsaved keeps the newer record, holds the whole pool (the spool could not
 record the next result either), and tries to save every kept record each `retry` seconds;
 once all are written and flushed it lifts the hold and wakes the scheduler. Writes
-envelope.json wherever the message is. Built by the delivery pool; the attempt asks it
+the record wherever the message is. Built by the delivery pool; the attempt asks it
 before taking a message, /readyz shows its reason.
 """
 

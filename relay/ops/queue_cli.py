@@ -1,7 +1,7 @@
 """`relay queue ...`: the operator's view of the spool and the verbs that change it.
 
 list, show, stats read the state directories; retry, hold, release, delete, requeue
-rename message directories through relay.spool.queue, safely beside a running relay. Long
+rename message files through relay.spool.queue, safely beside a running relay. Long
 runs over many messages show progress on stderr when it is a terminal. Registered by
 relay.ops.cli.
 """
@@ -106,8 +106,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(doc))
         return 0
-    for key in ("id", "state", "path", "size", "attempts", "last_error"):
-        print(f"{key:11} {doc.get(key, '')}")
+    for key in ("id", "state", "path", "read", "size", "attempts", "last_error"):
+        if key != "read" or doc.get(key):
+            print(f"{key:11} {doc.get(key, '')}")
     print(f"{'age':11} {ago(doc['age'])}")
     if doc.get("next_attempt"):
         print(f"{'next':11} in {ago(max(0.0, doc['next_attempt'] - time.time()))}")
@@ -336,7 +337,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     qp = sub.add_parser("queue", parents=[common],
                         help="inspect and change the spool (safe while serving)")
     qp.description = ("Inspect and change the spool's messages, safely while `relay serve` "
-                      "runs: every change is one rename of a message's directory.")
+                      "runs: every change is one rename of a message's file.")
     qs = qp.add_subparsers(dest="queue_command", required=True)
     states = [s.value for s in STATES]
 

@@ -1,14 +1,16 @@
 """Group commit: one spool flush shared by every change waiting at the same moment.
 
 An fsync costs a journal commit whatever it carries. Accepting a message durably takes
-two barriers (its files before the rename into active/, the rename before the 250), and a
+two barriers (its file before the rename into active/, the rename before the 250), and a
 delivery result one; with one fsync per file and directory that was seven journal commits
 per message, and the disk's commit rate, not the CPU, capped the relay. Here every change
 waiting when a flush starts rides on it: callers do their own writes and renames without
 syncing (relay.spool.spool's prepare/publish/bury and durable=False), then wait here for a
 flush that *started after* their change. Nobody skips a flush; under load each one serves
 as many changes as arrived during the previous one, and an idle relay pays no added
-latency (the first waiter starts a flush at once).
+latency (the first waiter starts a flush at once). A flush syncs what its batch changed:
+each new file and each changed directory once, or one syncfs when the spool is a
+filesystem of its own (relay.spool.files.Durable.flush).
 
 A message is in active/ from its rename on, but its client hears 250 only after the second
 flush. Until then its id is in `unacknowledged`, and delivery does not take it: if that
@@ -27,7 +29,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.spool.spool import Spool, as_spool_error
+from relay.spool.files import as_spool_error
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.commit")
 
@@ -74,8 +77,8 @@ class GroupCommit:
     async def barrier(self, grave: Path | None = None) -> None:
         """Wait until everything the caller changed before this call is durable.
 
-        `grave` (from Spool.bury) is deleted once the flush that makes its rename durable
-        is done, off the caller's path.
+        `grave` (from Spool.bury of a message directory of the older layout) is deleted
+        once the flush that makes its rename durable is done, off the caller's path.
         """
         if not self.spool.fsync:
             if grave is not None:

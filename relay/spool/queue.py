@@ -1,19 +1,18 @@
 """Queue operations for the operator: list, show, stats, retry, hold, release, delete, requeue.
 
-Filesystem-only, safe beside a running `relay serve`: every change is one rename of a
-message directory (active/, deferred/, hold/, failed/), so the delivery pool either sees
-a message or does not; an in-flight SendEmail result still lands in the message's own
-directory (Spool.save writes through a directory descriptor). Envelope rewrites (requeue)
-take the same flock as Spool.save. Called by relay.ops.queue_cli.
+Filesystem-only, safe beside a running `relay serve`: every change is one rename (or
+unlink) of a message's file between active/, deferred/, hold/ and failed/, so the delivery
+pool either sees a message or does not. Each takes the message's flock (Spool.locked),
+like the pool's record rewrites (Spool.save), so an in-flight SendEmail result lands in the
+message wherever it was moved, and never recreates one that was moved or deleted. Called
+by relay.ops.queue_cli.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -21,8 +20,9 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
+from relay.spool import legacy
 from relay.spool.record import FAILED, Record, State
-from relay.spool.spool import ENVELOPE, MESSAGE, Spool
+from relay.spool.spool import Spool
 
 #: States an operator sees; incoming/ holds only half-written or deleted mail.
 STATES = (State.ACTIVE, State.DEFERRED, State.HOLD, State.FAILED, State.CORRUPT)
@@ -90,14 +90,6 @@ def wrong_state(qid: str, verb: str, state: State, allowed: Iterable[State]) -> 
     return f"{qid}: is {state.value}; {verb} applies to {names}"
 
 
-def _fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Queue:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -114,10 +106,7 @@ class Queue:
 
     def read(self, state: State, qid: str) -> Record | None:
         """The record, or None when unreadable; never moves anything (unlike Spool.load)."""
-        try:
-            return Record.from_json((self.spool.path(state, qid) / ENVELOPE).read_bytes())
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return self.spool.peek(state, qid)
 
     def summary(self, state: State, qid: str, now: float) -> dict[str, Any] | None:
         path = self.spool.path(state, qid)
@@ -130,9 +119,9 @@ class Queue:
         doc: dict[str, Any] = {"id": qid, "state": state.value, "arrival": born,
                                "age": round(max(0.0, now - born), 3)}
         if rec is None:
-            if not path.is_dir():
+            if not os.path.lexists(path):
                 return None  # moved on between the stat and the read
-            doc["error"] = f"{ENVELOPE} unreadable"
+            doc["error"] = "record unreadable"
             return doc
         doc.update(
             size=rec.size, sender=rec.envelope.sender,
@@ -176,6 +165,8 @@ class Queue:
         rec = self.read(state, qid)
         path = self.spool.path(state, qid)
         doc["path"] = str(path)
+        if path.is_file():
+            doc["read"] = f"head -1 {path} (record); tail -n +2 {path} (message)"
         if rec is not None:
             doc["envelope"] = {"sender": rec.envelope.sender,
                                "recipients": list(rec.envelope.recipients),
@@ -185,12 +176,12 @@ class Queue:
             doc["results"] = rec.results
             doc["pending_recipients"] = rec.pending()
         try:
-            with open(path / MESSAGE, "rb") as fh:
-                head = BytesHeaderParser(policy=compat32).parse(fh, headersonly=True)
+            raw = self.spool.read_head(state, qid)
+            head = BytesHeaderParser(policy=compat32).parsebytes(raw, headersonly=True)
             doc["headers"] = {h: str(head[h]) for h in HEADERS if head[h] is not None}
         except OSError as exc:
             doc["headers"] = {}
-            doc["error"] = f"{MESSAGE} unreadable: {exc}"
+            doc["error"] = f"message unreadable: {exc}"
         return doc
 
     def stats(self, *, now: float | None = None, top: int = 10, domains: bool = True,
@@ -300,14 +291,10 @@ class Queue:
     def _delete_one(self, qid: str) -> str:
         for _ in range(5):
             state = self.locate(qid)
-            grave = self.spool.path(State.INCOMING, f".deleted-{qid}")
             try:
-                os.rename(self.spool.path(state, qid), grave)
+                self.spool.remove(state, qid)
             except FileNotFoundError:
                 continue
-            if self.spool.fsync:
-                _fsync_dir(self.spool.dir(state))
-            shutil.rmtree(grave, ignore_errors=True)
             return f"deleted from {state.value}"
         raise QueueError(f"{qid}: kept moving; try again")
 
@@ -326,21 +313,22 @@ class Queue:
                                          (State.DEFERRED, State.HOLD, State.FAILED)))
         if state is not State.HOLD:
             self._moving(qid, (state,), State.HOLD, "requeue")  # out of the pool's reach
-        path = self.spool.path(State.HOLD, qid)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        if legacy.is_legacy(self.spool.path(State.HOLD, qid)):
+            legacy.convert(self.spool.dir(State.HOLD), qid, sync=self.spool.fsync)
         try:
             # the same lock as Spool.save: a late in-flight result is never overwritten
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            rec = self.read(State.HOLD, qid)
-            if rec is None:
-                raise QueueError(f"{qid}: {ENVELOPE} unreadable; left in hold/")
-            rec.results = {r: v for r, v in rec.results.items() if v.get("status") != FAILED}
-            rec.attempts, rec.last_error, rec.next_attempt = 0, "", 0.0
-            rec.envelope = dataclasses.replace(
-                rec.envelope, received_at=time.time() if now is None else now)
-            self.spool._save_at(fd, rec)
-        finally:
-            os.close(fd)
+            with self.spool.locked(State.HOLD, qid) as fd:
+                rec = self.read(State.HOLD, qid)
+                if rec is None:
+                    raise QueueError(f"{qid}: record unreadable; left in hold/")
+                rec.results = {r: v for r, v in rec.results.items()
+                               if v.get("status") != FAILED}
+                rec.attempts, rec.last_error, rec.next_attempt = 0, "", 0.0
+                rec.envelope = dataclasses.replace(
+                    rec.envelope, received_at=time.time() if now is None else now)
+                self.spool.replace(State.HOLD, fd, rec)
+        except FileNotFoundError:
+            raise QueueError(f"{qid}: moved while requeueing; try again") from None
         self._rename(qid, State.HOLD, State.ACTIVE)
         return f"{state.value} -> active (requeued)"
 

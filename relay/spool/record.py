@@ -1,10 +1,11 @@
 """What a spooled message is: its state, envelope, delivery record and queue id.
 
-A Record is the content of a message's envelope.json (envelope, attempts, next attempt,
-per-recipient results, last error); State names the spool directories a message moves
-between; queue ids are sortable by arrival and unique across processes, each in one
-worker's partition. Pure values: no file is read or written here. Used by relay.spool.spool,
-the queue commands, delivery, the message log and the wiring.
+A Record is the first line of a message's spool file (envelope, attempts, next attempt,
+per-recipient results, last error: one line of JSON, the raw MIME after it); State names
+the spool directories a message moves between; queue ids are sortable by arrival and
+unique across processes, each in one worker's partition. Pure values: no file is read or
+written here. Used by relay.spool.spool, the queue commands, delivery, the message log and
+the wiring.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 class State(enum.StrEnum):
     INCOMING = "incoming"  #: being written; anything here at start-up is garbage
     ACTIVE = "active"  #: ready for delivery or in flight
-    DEFERRED = "deferred"  #: waiting for the next attempt (directory mtime)
+    DEFERRED = "deferred"  #: waiting for the next attempt (the file's mtime)
     HOLD = "hold"  #: held by an operator or a configuration error
     FAILED = "failed"  #: permanent failure or expired; kept for inspection
     CORRUPT = "corrupt"  #: unreadable; kept, never deleted
@@ -81,7 +82,7 @@ class Envelope:
 
 @dataclass
 class Record:
-    """A message's envelope and delivery state, as kept in envelope.json."""
+    """A message's envelope and delivery state, as kept in its spool file's first line."""
 
     id: str
     envelope: Envelope
@@ -103,8 +104,26 @@ class Record:
         return out
 
     def to_json(self) -> bytes:
+        """The record as indented JSON (the layout before one-file messages, and `show`)."""
+        return json.dumps(self.to_doc(), indent=1).encode()
+
+    def to_head(self) -> bytes:
+        """The record as the first line of its spool file: one line of JSON and a newline
+        (json.dumps escapes every newline inside a string, so the line cannot break)."""
+        return json.dumps(self.to_doc()).encode() + b"\n"
+
+    @classmethod
+    def from_head(cls, raw: bytes) -> tuple[Record, int]:
+        """The record on the first line of a spool file's bytes, and where the MIME starts.
+        ValueError when there is no complete first line or it is no record."""
+        end = raw.find(b"\n")
+        if end < 0:
+            raise ValueError("no record line")
+        return cls.from_json(raw[:end]), end + 1
+
+    def to_doc(self) -> dict[str, Any]:
         env = self.envelope
-        doc = {
+        doc: dict[str, Any] = {
             "id": self.id,
             "sender": env.sender,
             "recipients": list(env.recipients),
@@ -119,11 +138,13 @@ class Record:
             "last_error": self.last_error,
             "results": self.results,
         }
-        return json.dumps(doc, indent=1).encode()
+        return doc
 
     @classmethod
     def from_json(cls, raw: bytes) -> Record:
         doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         env = Envelope(
             sender=doc["sender"],
             recipients=tuple(doc["recipients"]),
@@ -183,7 +204,7 @@ def new_queue_id() -> str:
     process the microsecond part is made strictly increasing, so two ids never collide.
     A worker of several (set_worker) rounds the process id part to its own partition:
     still distinct between the workers; a clash with another process would need the same
-    microsecond and is refused by the exclusive mkdir, never merged.
+    microsecond and is refused by the exclusive create, never merged.
     """
     global _id_last
     with _id_lock:

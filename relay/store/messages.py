@@ -298,9 +298,7 @@ class MessageLog:
             return None
         try:
             record = self.spool.load(state, qid)
-            path = self.spool.path(state, qid) / "message.eml"
-            with open(path, "rb") as fh:
-                head = fh.read(64 * 1024)
+            head = self.spool.read_head(state, qid, 64 * 1024)
         except (OSError, ValueError):
             return None
         return record, message_id_header(head)

@@ -1,0 +1,219 @@
+"""The spool's file work: whole writes and reads, the kernel copy, and the syncs a group
+commit shares (relay.spool.spool.Spool builds on Durable). Filesystem only; used by
+relay.spool.spool and relay.spool.commit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from relay.errors import SpoolError, SpoolFullError
+from relay.spool.record import State
+
+#: bytes read for a record alone (the scheduler's lane lookup); longer records read on
+HEAD_BLOCK = 4096
+#: files written but not yet synced beyond which a writer syncs its own (bounds the fds)
+MAX_PENDING_FILES = 256
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take only part of them)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def writev_all(fd: int, head: bytes, data: bytes) -> None:
+    n = os.writev(fd, (head, data))
+    if n < len(head) + len(data):
+        write_all(fd, (head + data)[n:])
+
+
+def read_all(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def read_file(path: Path, *, whole: bool, limit: int = -1) -> bytes | None:
+    """A spool file's bytes: all of them (one read; None when more than `limit`), or
+    enough for its record line."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if whole:
+            size = os.fstat(fd).st_size
+            return None if 0 <= limit < size else read_all(fd, size)
+        data = os.read(fd, HEAD_BLOCK)
+        while b"\n" not in data:
+            more = os.read(fd, HEAD_BLOCK * 16)
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)
+
+
+def mime_head(path: Path, size: int) -> bytes:
+    """Up to `size` bytes of the MIME after a spool file's record line."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = os.read(fd, HEAD_BLOCK + size)
+        while b"\n" not in raw:
+            more = os.read(fd, HEAD_BLOCK * 16)
+            if not more:
+                return b""
+            raw += more
+        start = raw.index(b"\n") + 1
+        if len(raw) < start + size:
+            raw += read_all(fd, start + size - len(raw))
+        return raw[start:start + size]
+    finally:
+        os.close(fd)
+
+
+def copy(src: int, dst: int, offset: int, count: int) -> None:
+    """count bytes of src from offset to dst's position: in the kernel where it can."""
+    try:
+        while count > 0:
+            n = os.copy_file_range(src, dst, count, offset)
+            if n == 0:
+                return
+            offset, count = offset + n, count - n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        write_all(dst, os.pread(src, count, offset))
+
+
+def as_spool_error(exc: BaseException) -> BaseException:
+    """OSError -> SpoolError (SpoolFullError when out of space); anything else unchanged."""
+    if isinstance(exc, SpoolError) or not isinstance(exc, OSError):
+        return exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(f"spool full: {exc}")
+    return SpoolError(f"spool write failed: {exc}")
+
+
+def _load_syncfs() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "syncfs", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+#: Linux syncfs(2): every dirty page and inode of one filesystem, one journal commit
+_syncfs = _load_syncfs()
+
+
+def syncfs(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {root}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def whole_filesystem(root: Path) -> bool:
+    """Whether the spool is a filesystem of its own (a mount point), so that one syncfs
+    flushes the spool's changes and nobody else's."""
+    return _syncfs is not None and os.path.ismount(root)
+
+
+class Durable:
+    """What a spool changed and has not yet synced, and the flush that syncs it."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True,
+                 min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self._dirty_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._files: list[int] = []  #: written, not yet fdatasynced (closed by flush)
+        self._dirs: set[State] = set()  #: changed, not yet fsynced
+        self.converted = 0  #: messages of the older layout converted by recover()
+        #: flush by one syncfs (the spool is a filesystem of its own), decided at the first
+        self.syncfs: bool | None = None
+
+    def _written(self, fd: int) -> None:
+        """Leave a new file's sync to the next flush (it closes the descriptor)."""
+        if self.fsync:
+            with self._dirty_lock:
+                if len(self._files) < MAX_PENDING_FILES:
+                    self._files.append(fd)
+                    return
+            try:
+                os.fdatasync(fd)  # too many waiting: this one syncs itself
+            finally:
+                os.close(fd)
+        else:
+            os.close(fd)
+
+    def _changed(self, state: State) -> None:
+        if self.fsync:
+            with self._dirty_lock:
+                self._dirs.add(state)
+
+    def flush(self) -> None:
+        """Make every change noted so far durable. Raises OSError on a write-back error.
+
+        On a filesystem of its own, one syncfs: a single journal commit and device flush
+        for everything. Elsewhere an fdatasync per file written, then an fsync per
+        directory changed, so that other programs' writes stay out of it (measured by
+        bench/spool.py: each fdatasync costs a device flush of its own, so a batch of 20
+        waited 2-6 times longer than one syncfs; CPU alike).
+
+        One flush at a time: a second caller waits for the one running, so a change
+        noted before a call is always synced before that call returns.
+        """
+        with self._flush_lock:
+            with self._dirty_lock:
+                files, self._files = self._files, []
+                dirs, self._dirs = self._dirs, set()
+            if self.syncfs is None:
+                self.syncfs = whole_filesystem(self.root)
+            failure: OSError | None = None
+            for fd in files:
+                try:
+                    if not self.syncfs:
+                        os.fdatasync(fd)
+                except OSError as exc:
+                    failure = failure or exc
+                finally:
+                    os.close(fd)
+            if failure is not None:
+                raise failure
+            if self.syncfs and (files or dirs):
+                syncfs(self.root)
+                return
+            for state in sorted(dirs):
+                fsync_dir(self.root / state.value)
