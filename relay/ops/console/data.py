@@ -225,12 +225,12 @@ def message(queue: Queue, qid: str, *, now: float) -> dict[str, Any]:
 
 
 def raw(queue: Queue, qid: str) -> bytes:
-    """message.eml exactly as received."""
+    """The raw message exactly as received (the spool file after its record line)."""
     state = queue.locate(qid)
     try:
         return queue.spool.read_message(state, qid)
     except OSError as exc:
-        raise QueueError(f"{qid}: message.eml unreadable: {exc.strerror or exc}") from None
+        raise QueueError(f"{qid}: message unreadable: {exc.strerror or exc}") from None
 
 
 def act(queue: Queue, verb: str, ids: list[str]) -> list[tuple[str, str, bool]]:
