@@ -17,6 +17,9 @@ flush. Until then its id is in `unacknowledged`, and delivery does not take it: 
 flush fails, the message is taken back out of active/ and the client told 451, and its
 retry is then the only copy that is ever sent (invariants 1 to 3: nothing acknowledged is
 lost, nothing half-written is queued, nothing is sent that the client will send again).
+A flush also carries what callers of later batches changed already; when it fails, each
+caller whose changes predate the failure fails too (Spool.since/check: the kernel reports
+a write-back error once, so a later flush of the same file succeeds with its data lost).
 
 Core module: asyncio and the spool only.
 """
