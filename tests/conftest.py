@@ -191,7 +191,7 @@ PG_SERVER = os.environ.get("RELAY_TEST_DATABASE_URL", "")
 DATABASE_MODULES = frozenset({
     "test_suppression", "test_tracking", "test_ingester", "test_sns", "test_feedback_moto",
     "test_sandbox_feedback", "test_shared", "test_metrics", "test_delivery", "test_readiness",
-    "test_guard", "test_console",
+    "test_guard", "test_console", "test_migrations",
 })
 
 

@@ -363,3 +363,103 @@ async def test_an_event_older_than_max_event_age_is_deleted_unapplied(tmp_path, 
     assert ing.counts["too_old"] == 1 and ing.counts["applied"] == 1
     assert in_queue(sqs, url) == 0
     assert [r[0] for r in (await snapshot(tmp_path))["suppressions"]] == ["n@example.net"]
+
+
+async def poison(db: Database) -> None:
+    """A trigger in the database itself that refuses every feedback event for a
+    poison@ recipient: a real error of the database, for that notification alone."""
+    async with db.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.exec_driver_sql(
+                "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.recipient LIKE 'poison@%' THEN RAISE EXCEPTION 'poisoned row'; "
+                "END IF; RETURN NEW; END $$")
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER poison BEFORE INSERT ON feedback_events FOR EACH ROW "
+                "EXECUTE FUNCTION poison()")
+        else:
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER poison BEFORE INSERT ON feedback_events "
+                "WHEN NEW.recipient LIKE 'poison@%' BEGIN SELECT RAISE(ABORT, 'poisoned row'); "
+                "END")
+
+
+async def test_a_notification_the_database_refuses_is_left_alone_and_its_batch_applied(
+        tmp_path, moto_server, queue):
+    """One notification of a batch always fails: the batch is applied again in halves,
+    the others are applied and deleted, only that one stays for the redrive policy."""
+    sqs, url = queue
+    good = [f"{c}@example.net" for c in "pqrstu"]
+    for addr in (*good[:4], "poison@example.net", *good[4:]):
+        sqs.send_message(QueueUrl=url, MessageBody=envelope(bounce(addr)))
+    ing, db = await ingester(tmp_path, moto_server, url, max_messages=10)
+    try:
+        await poison(db)
+        async with ing.client() as client:
+            assert await ing.poll_once(client) == len(good)
+    finally:
+        await db.close()
+    assert ing.counts["applied"] == len(good) and ing.counts["errors"] == 1
+    assert in_queue(sqs, url) == 1
+    rows = await snapshot(tmp_path)
+    assert [r[0] for r in rows["suppressions"]] == good
+    assert sorted(r[2] for r in rows["feedback_events"]) == good
+
+
+async def test_a_nul_character_in_a_bounce_is_left_out_of_what_is_stored(tmp_path):
+    """PostgreSQL's text columns refuse NUL: it is dropped from the detail, the message
+    log's last error and the suppression's evidence, on every database alike."""
+    doc = bounce("nul@example.net", message_id="0100-nul")
+    doc["bounce"]["bouncedRecipients"][0]["diagnosticCode"] = "smtp; 550 5.1.1 no\u0000 such"
+    db = await Database.open(database_for(tmp_path), tmp_path)
+    try:
+        outcome = await FeedbackApplier(db).apply(parse(envelope(doc)))
+    finally:
+        await db.close()
+    assert outcome.outcome == "applied" and outcome.suppressed == ["nul@example.net"]
+    rows = await snapshot(tmp_path)
+    stored = [v for t in rows.values() for r in t for v in r if isinstance(v, str)]
+    assert any("550 5.1.1 no such" in v for v in stored)
+    assert not any("\x00" in v for v in stored)
+
+
+async def test_stats_read_while_the_ingester_thread_counts_new_kinds(tmp_path):
+    """stats() runs on the main thread (/metrics) while the ingester's thread adds kinds:
+    it reads a copy, never the dictionary the other thread is growing."""
+    import sys
+    import threading
+
+    from relay.feedback.applier import AppliedBatch, AppliedEvent
+
+    ing, db = await ingester(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9/q")
+    await db.close()
+    ing.count(AppliedBatch(applied_at=0.0, events=[
+        AppliedEvent(f"k{i}", "a", "m", 0.0) for i in range(2000)]))
+    started, stop, errors = threading.Event(), threading.Event(), []
+
+    def counting() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ing.count(AppliedBatch(applied_at=0.0, events=[AppliedEvent(f"new{i}", "a", "m",
+                                                                        0.0)]))
+            started.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the threads take turns often: the race shows at once
+    thread = threading.Thread(target=counting)
+    thread.start()
+    try:
+        started.wait(timeout=30)
+        for _ in range(100):
+            try:
+                ing.stats()
+            except RuntimeError as exc:  # dictionary changed size during iteration
+                errors.append(exc)
+                break
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert started.is_set() and errors == []
+    assert ing.stats()["feedback_kind_new1"] == 1.0

@@ -4,7 +4,8 @@ Accepts an SNS envelope (the SES JSON is a string in `Message`) or the SES JSON 
 (raw delivery), in either SES format: notifications (`notificationType`) or
 configuration-set event publishing (`eventType`); events() lists what it says per
 recipient, each with its identity as SES gives it (identity()), so the same event in
-either format, wrapped or raw, or re-encoded, has one key. Pure: touches no table. Called
+either format, wrapped or raw, or re-encoded, has one key. NUL characters are left out of
+every text an event carries (PostgreSQL's text columns refuse them). Pure: touches no table. Called
 by relay.feedback.applier, relay.feedback.sqs, relay.feedback.sns and tests.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -104,13 +105,18 @@ def parse(body: str | bytes) -> Notification:
         mail = mail if isinstance(mail, dict) else {}
     elif not isinstance(mail, dict) or not mail.get("messageId"):
         raise Unparseable("SES JSON has no mail.messageId")
-    return Notification(kind=kind, ses_message_id=str(mail.get("messageId", "")),
+    return Notification(kind=kind, ses_message_id=text(mail.get("messageId", "")),
                         timestamp=_timestamp(mail.get("timestamp", "")), doc=doc,
                         topic_arn=topic, envelope=envelope)
 
 
 #: SES spells one type two ways across its formats
 _TYPE_NAMES = {"Rendering Failure": "RenderingFailure"}
+
+
+def text(value: Any) -> str:
+    """A value as text to store: without NUL characters, which PostgreSQL refuses."""
+    return str(value).replace("\x00", "")
 
 
 def identity(kind: str, *, recipient: str, ses_message_id: str, feedback_id: str = "",
@@ -223,6 +229,8 @@ def events(n: Notification) -> list[Event]:
         return []
     try:
         dest = _recipients(n.doc["mail"].get("destination") or [], "x")
-        return _EVENTS[n.kind](n.doc, n.timestamp, dest)
+        found = _EVENTS[n.kind](n.doc, n.timestamp, dest)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise Unparseable(f"malformed {n.kind}: {exc!r}") from None
+    return [replace(e, recipient=text(e.recipient), detail=text(e.detail),
+                    feedback_id=text(e.feedback_id)) for e in found]

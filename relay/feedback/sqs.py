@@ -6,10 +6,13 @@ same relay.feedback.sns.Verifier as the HTTPS endpoint; raw SES JSON only with
 feedback.raw_delivery), and hand them to one apply loop, which applies everything
 received meanwhile in ONE transaction through relay.feedback.applier, then deletes the
 batch with DeleteMessageBatch only after that commit, then calls on_batch (the guard's
-kick). A message that cannot be parsed or fails its check is logged, counted and left
-alone, so the queue's redrive policy moves it to a dead-letter queue; one whose SES event
-is older than feedback.max_event_age is deleted unapplied and counted. Writes no table
-itself. Built by relay.feedback.thread, on its own thread (also against the sandbox's SQS
+kick). A batch the database refuses for its data (not for a lock or a lost connection)
+is applied again in halves, down to one notification per transaction, so only the
+notification that fails on its own stays in SQS for the redrive. A message that cannot be
+parsed or fails its check is logged, counted and left alone, so the queue's redrive
+policy moves it to a dead-letter queue; one whose SES event is older than
+feedback.max_event_age is deleted unapplied and counted. Writes no table itself. Built by
+relay.feedback.thread, on its own thread (also against the sandbox's SQS
 endpoint), and by tests.
 """
 
@@ -19,6 +22,7 @@ import asyncio
 import logging
 import math
 import re
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -28,6 +32,7 @@ from typing import Any
 import aioboto3
 import aiohttp
 import botocore.exceptions
+import sqlalchemy.exc
 from aiobotocore.config import AioConfig
 
 from relay.feedback.applier import AppliedBatch, FeedbackApplier
@@ -45,6 +50,23 @@ LAG_SAMPLE = 2048
 INFLIGHT = 8
 #: seconds between GetQueueAttributes calls for the backlog gauge
 BACKLOG_INTERVAL = 5.0
+#: PostgreSQL SQLSTATEs of a failure that a smaller batch would meet again (lock not
+#: available, deadlock, serialization failure, statement timeout): not worth splitting for
+TRANSIENT_SQLSTATES = frozenset({"55P03", "40P01", "40001", "57014"})
+#: a notification with the receipt handle of the SQS message it came in
+_Item = tuple[tuple[Notification, list[Event]], str]
+#: a notification left in SQS, with what its transaction raised
+_Failed = tuple[tuple[Notification, list[Event]], Exception]
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed transaction failed for the database's state (locked, unreachable),
+    not for what it held: then the whole batch waits for the next try."""
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                        OSError, TimeoutError)):
+        return True
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) in TRANSIENT_SQLSTATES
 
 
 def queue_region(queue_url: str, default: str) -> str:
@@ -108,6 +130,9 @@ class SqsIngester:
         self.lags: deque[float] = deque(maxlen=LAG_SAMPLE)
         #: SQS's ApproximateNumberOfMessages at the last look (-1: not known yet)
         self.backlog = -1.0
+        #: held while counts, kinds and lags change or are copied: stats() is called from
+        #: the relay's main thread while the ingester's thread applies batches
+        self._lock = threading.Lock()
         self._inbox: asyncio.Queue[_Received] = asyncio.Queue()
         #: receives whose messages are not committed yet, at most (INFLIGHT per receiver)
         self._slots = asyncio.Semaphore(receivers * INFLIGHT)
@@ -250,22 +275,53 @@ class SqsIngester:
         event(log, f"feedback_{outcome}", level=logging.WARNING, sqs_message_id=sqs_id,
               error=str(exc), total=self.counts[outcome])
 
-    async def commit(self, sqs: Any, received: list[_Received]) -> AppliedBatch:
-        """Apply what the receives returned in one transaction; then delete it from SQS."""
-        todo = [t for got in received for t in got.todo]
-        batch = await self.applier.apply_batch(todo)
-        for outcome in batch.outcomes:
-            self.counts[outcome] += 1
-        self.kinds.update(batch.kinds)
-        self.lags.extend(batch.lags())
-        await self.delete([r for got in received for r in (*got.receipts, *got.drop)], sqs)
+    async def commit(self, sqs: Any, received: list[_Received]) -> list[AppliedBatch]:
+        """Apply what the receives returned in one transaction (split when the database
+        refuses it); then delete from SQS what was applied. Raises when nothing was."""
+        items = [(t, r) for got in received for t, r in zip(got.todo, got.receipts, strict=True)]
+        batches, done, failed = await self._apply(items) if items else ([], [], [])
+        if failed and not batches:
+            raise failed[0][1]
+        for (note, _), exc in failed:
+            self.counts["errors"] += 1
+            event(log, "feedback_not_applied", level=logging.WARNING, kind=note.kind,
+                  ses_message_id=note.ses_message_id, error=str(exc))
+        await self.delete([*done, *(r for got in received for r in got.drop)], sqs)
+        for batch in batches:
+            await self._applied(batch)
+        return batches
+
+    async def _apply(self, items: list[_Item]
+                     ) -> tuple[list[AppliedBatch], list[str], list[_Failed]]:
+        """The committed batches, the receipts they applied, and each notification that
+        failed alone with its error; a batch refused for its data is tried in halves."""
+        try:
+            batch = await self.applier.apply_batch([t for t, _ in items])
+            return [batch], [r for _, r in items], []
+        except Exception as exc:  # noqa: BLE001 - split, or left in SQS for the redrive
+            if len(items) == 1 or transient(exc):
+                return [], [], [(t, exc) for t, _ in items]
+        half = len(items) // 2
+        first, second = await self._apply(items[:half]), await self._apply(items[half:])
+        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+
+    async def _applied(self, batch: AppliedBatch) -> None:
+        """Count, log and hand over one committed batch."""
+        self.count(batch)
         if batch.suppressed:
             event(log, "feedback_suppressed", addresses=batch.suppressed)
-        event(log, "feedback_batch", level=logging.DEBUG, notifications=len(todo),
+        event(log, "feedback_batch", level=logging.DEBUG, notifications=len(batch.outcomes),
               events=len(batch.events), outcomes=dict(Counter(batch.outcomes)))
         if self.on_batch is not None and batch.events:
             await self.on_batch(batch)
-        return batch
+
+    def count(self, batch: AppliedBatch) -> None:
+        """Add a committed batch to the numbers stats() reports."""
+        with self._lock:
+            for outcome in batch.outcomes:
+                self.counts[outcome] += 1
+            self.kinds.update(batch.kinds)
+            self.lags.extend(batch.lags())
 
     async def delete(self, receipts: list[str], sqs: Any) -> None:
         """DeleteMessageBatch, ten at a time, concurrently; a failure is a duplicate later."""
@@ -289,14 +345,15 @@ class SqsIngester:
         got = await self.receive(sqs)
         if got.done is None:
             return 0
-        await self.commit(sqs, [got])
-        return len(got.receipts) + len(got.drop)
+        batches = await self.commit(sqs, [got])
+        return sum(len(b.outcomes) for b in batches) + len(got.drop)
 
     def stats(self) -> dict[str, float]:
         """Numbers for /metrics: messages by outcome, events by kind, lag, backlog."""
-        out = {f"feedback_{k}": float(v) for k, v in self.counts.items()}
-        out.update({f"feedback_kind_{k}": float(v) for k, v in self.kinds.items()})
-        lags = list(self.lags)
+        with self._lock:  # a copy: the ingester's thread adds kinds and lags meanwhile
+            counts, kinds, lags = dict(self.counts), dict(self.kinds), list(self.lags)
+        out = {f"feedback_{k}": float(v) for k, v in counts.items()}
+        out.update({f"feedback_kind_{k}": float(v) for k, v in kinds.items()})
         out.update(feedback_lag_p50=percentile(lags, 0.5), feedback_lag_p99=percentile(lags, 0.99),
                    feedback_backlog=self.backlog)
         return out

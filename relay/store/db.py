@@ -83,6 +83,8 @@ class FeedbackEvent(Base):
         UniqueConstraint("event_key", "recipient", name="uq_feedback_key_recipient"),
         Index("ix_feedback_recipient", "recipient"),
         Index("ix_feedback_received_at", "received_at"),
+        # a message's events: the message log's early feedback, the console's timeline
+        Index("ix_feedback_ses_message_id", "ses_message_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
