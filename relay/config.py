@@ -188,9 +188,13 @@ class AdminConfig:
     console_login: str = ""
     #: a token that logs in to the console (Authorization: Bearer, or the login form)
     console_token: str = ""
+    #: more names the console answers to (Host header), beside localhost, IPs, admin.host
+    allowed_hosts: tuple[str, ...] = ()
 
     def check(self) -> None:
         _port("admin.port", self.port)
+        if any(not n or "/" in n for n in self.allowed_hosts):
+            raise ConfigError("admin.allowed_hosts", "host names only, no scheme or path")
         if self.console_login not in ("", "credentials"):
             raise ConfigError("admin.console_login",
                               f'must be "credentials" or empty, got {self.console_login!r}')

@@ -71,6 +71,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     spool, lock = await _open_spool(config, part)
     async with AsyncExitStack() as stack:
         stack.callback(lock.release)
+        stack.callback(spool.close)
         sandbox = await _start_sandbox(config)
         if sandbox is not None:
             stack.push_async_callback(sandbox.stop)
@@ -119,6 +120,7 @@ async def _open_spool(config: Config, part: Partition) -> tuple[Spool, SpoolLock
         lock = SpoolLock.take(spool.root)
         garbage = await asyncio.to_thread(spool.recover)
         event(log, "recovered", spool=str(spool.root), incoming_removed=garbage)
+    spool.open()  # the root, held for syncfs's write-back errors from now on
     return spool, lock
 
 

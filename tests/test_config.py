@@ -56,6 +56,8 @@ def test_relay_config_env_names_the_file(tmp_path):
         ('[admin]\nconsole_login = "ldap"\n', {}, "admin.console_login"),
         ('[admin]\nconsole_login = "credentials"\n', {}, "admin.console_login"),
         ('[admin]\nconsole_token = "short"\n', {}, "admin.console_token"),
+        ('[admin]\nallowed_hosts = ["https://relay.internal/"]\n', {}, "admin.allowed_hosts"),
+        ("[admin]\nallowed_hosts = \"relay.internal\"\n", {}, "admin.allowed_hosts"),
         ("[smtp\n", {}, "config"),
     ],
 )

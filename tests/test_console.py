@@ -1,8 +1,11 @@
 """The console against a real relay on its embedded sandbox, through urllib: the overview
 counts a waiting message, holding it from its page moves it to hold/ on disk, a POST
 without the CSRF token changes nothing, a log search finds a bounced address, and a
-sandbox message's HTML is served only under the strict CSP. Then a console whose
-admin.host is not loopback: read-only without a login, actions with a token login."""
+sandbox message's HTML is served only under the strict CSP. A request naming another host
+(DNS rebinding) gets 421 from every console route, while /healthz and /metrics answer it;
+a CSV the csv module cannot read or with a too-long source is refused with a sentence.
+Then a console whose admin.host is not loopback: read-only without a login, actions with
+a token login."""
 
 from __future__ import annotations
 
@@ -151,6 +154,47 @@ def test_sandbox_page_is_404_with_a_reason_when_sending_through_ses(start_relay,
     relay = start_relay(sandbox.url)
     code, _, page = Browser(f"http://127.0.0.1:{relay.admin_port}").open("/sandbox")
     assert code == 404 and "ses.endpoint_url" in page
+
+
+def test_a_rebound_host_name_gets_421_from_the_console_but_not_from_the_probes(
+        start_relay, tmp_path):
+    relay = start_relay("sandbox", sandbox={"dir": str(tmp_path / "mail")},
+                        admin={"allowed_hosts": ["relay.internal"]})
+    port = relay.admin_port
+    b = Browser(f"http://127.0.0.1:{port}")
+    page = b.open("/suppressions")[2]
+    token = b.csrf(page)  # what a rebinding page would take, were it let in
+    evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    for path in ("/", "/suppressions", "/suppressions.csv", "/static/console.css", "/login",
+                 "/logout", "/queue", "/log", "/sandbox", "/no-such-page"):
+        code, headers, said = b.open(path, headers=evil)
+        assert code == 421, path
+        assert "admin.allowed_hosts" in said and "<" not in said
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    code, _, said = b.open("/suppressions/add", {"csrf": token, "address": "x@example.org",
+                                                 "reason": "manual"}, evil)
+    assert code == 421 and "x@example.org" not in b.open("/suppressions")[2]
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert b.open(path, headers=evil)[0] == 200, path
+    for host in (f"localhost:{port}", "relay.internal", "[::1]", "10.1.2.3:9000"):
+        assert b.open("/suppressions", headers={"Host": host})[0] == 200, host
+
+    def imported(csv: bytes) -> tuple[int, str]:
+        body, boundary = _multipart({"csrf": token}, "csv", "list.csv", csv)
+        code, _, _ = b.post("/suppressions/import", body,
+                            f"multipart/form-data; boundary={boundary}")
+        return code, b.open("/suppressions")[2]
+
+    code, page = imported(b'address\nok@example.org\n"bad@example.org\n' + b"x" * 140_000)
+    assert code == 303
+    assert "Import refused, nothing added: line 3: cannot read the CSV" in page
+    code, page = imported(b"address,source\nok@example.org," + b"s" * 33 + b"\n")
+    assert code == 303 and "line 2: source" in page and "longer than 32" in page
+    assert 'data-address="ok@example.org"' not in page
+    code, page = imported(b"address,source\nok@example.org," + b"s" * 32 + b"\n")
+    assert "Imported 1 address(es), 1 new." in page
+    assert 'data-address="ok@example.org"' in page
+    assert not any("Traceback" in line for line in relay.raw_lines)
 
 
 async def _serve(guard: Guard, root: Path) -> tuple[web.AppRunner, str, Spool]:

@@ -79,6 +79,18 @@ def test_cli_errors_name_what_is_wrong(config, tmp_path):
     out = cli(config, "suppression", "import", str(csv_file), check=False)
     assert out.returncode == 1 and "line 3" in out.stderr
     assert suppressed(config) == {}  # nothing half-imported
+    quoted = tmp_path / "quoted.csv"  # an unterminated quote past the 128 KB field limit
+    quoted.write_text('address\nok@example.org\n"bad@example.org\n' + "x" * 140_000)
+    out = cli(config, "suppression", "import", str(quoted), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (f"relay: {quoted}: line 3: cannot read the CSV: field "
+                                  "larger than field limit (131072) (an unterminated quote?)")
+    long_source = tmp_path / "source.csv"  # the column holds 32: refused, not cut
+    long_source.write_text("address,source\nok@example.org," + "s" * 33 + "\n")
+    out = cli(config, "suppression", "import", str(long_source), check=False)
+    assert out.returncode == 1 and "line 2: source" in out.stderr
+    assert "longer than 32 characters" in out.stderr
+    assert suppressed(config) == {}
     wrong = cli(config, "suppression", "add", "a@example.org", "--reason", "nope", check=False)
     assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
     nothing = cli(config, "log", "nobody@example.org", check=False)

@@ -66,9 +66,10 @@ class Outcomes:
         than the hop), then wait for the shared flush. FileNotFoundError (moved or deleted
         by an operator) passes; any other failure keeps the record in memory and raises
         ResultNotSaved."""
+        since = self.spool.since()
         try:
             grave = change() if inline else await asyncio.to_thread(change)
-            await self.commit.barrier(grave)
+            await self.commit.barrier(grave, since=since)
         except FileNotFoundError:
             raise
         except (OSError, SpoolError) as exc:

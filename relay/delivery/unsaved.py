@@ -87,9 +87,10 @@ class Unsaved:
             return True
         self.tries += 1
         batch = dict(self.records)
+        since = self.spool.since()
         try:
             await asyncio.to_thread(self._write, list(batch.values()))
-            await self.commit.barrier()
+            await self.commit.barrier(since=since)
         except (OSError, SpoolError) as exc:
             self.error = str(exc)
             self.gate.hold(HOLD, self.reason)

@@ -306,19 +306,22 @@ class IngressHandler(AuthHooks):
     async def _spool(self, env: Envelope, data: bytes,
                      prepare: Callable[[bytes], bytes]) -> str:
         """Write the message, then wait for the shared flushes that make it durable."""
-        def write() -> tuple[str, bytes]:
+        def write(inline: bool = False) -> tuple[str, bytes]:
             body = prepare(data)
-            return self.spool.prepare(env, body), body[:HEAD]
+            return self.spool.prepare(env, body, inline=inline), body[:HEAD]
 
         # A small message is written on the loop: the write lands in the page cache (the
         # group commit's flush is what waits for the disk), and the hand-off to a thread
         # and back costs more than the write. A big one goes to a thread, so that other
-        # sessions are not held up while it is copied.
-        if len(data) < INLINE:
-            qid, head = write()
+        # sessions are not held up while it is copied; so does every one while too many
+        # files wait for a flush (the spool is crowded: each then syncs itself, in the
+        # thread, never on the loop).
+        since = self.spool.since()
+        if len(data) < INLINE and not self.spool.crowded():
+            qid, head = write(inline=True)
         else:
             qid, head = await asyncio.get_running_loop().run_in_executor(None, write)
-        await self.commit.publish(qid)
+        await self.commit.publish(qid, since=since)
         if self.listener is not None:
             # the envelope and the header block, so nobody reads them back from the spool
             self.listener.queued(qid, env, head)

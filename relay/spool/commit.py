@@ -17,6 +17,9 @@ flush. Until then its id is in `unacknowledged`, and delivery does not take it: 
 flush fails, the message is taken back out of active/ and the client told 451, and its
 retry is then the only copy that is ever sent (invariants 1 to 3: nothing acknowledged is
 lost, nothing half-written is queued, nothing is sent that the client will send again).
+A flush also carries what callers of later batches changed already; when it fails, each
+caller whose changes predate the failure fails too (Spool.since/check: the kernel reports
+a write-back error once, so a later flush of the same file succeeds with its data lost).
 
 Core module: asyncio and the spool only.
 """
@@ -29,6 +32,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.errors import SpoolError
 from relay.spool.files import as_spool_error
 from relay.spool.spool import Spool
 
@@ -37,8 +41,9 @@ log = logging.getLogger("relay.commit")
 
 @dataclass
 class _Batch:
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    publish: list[tuple[str, asyncio.Future[None]]] = field(default_factory=list)
+    #: each with Spool.since() from before its caller's changes
+    waiters: list[tuple[asyncio.Future[None], int]] = field(default_factory=list)
+    publish: list[tuple[str, asyncio.Future[None], int]] = field(default_factory=list)
     graves: list[Path] = field(default_factory=list)
 
 
@@ -54,18 +59,21 @@ class GroupCommit:
         self.flushes = 0  #: flushes done (each one journal commit)
         self.changes = 0  #: changes they carried
 
-    async def publish(self, qid: str) -> None:
+    async def publish(self, qid: str, *, since: int | None = None) -> None:
         """Durably move a prepared message (Spool.prepare) into active/.
 
         Its files are flushed, then it is renamed into active/, then that rename is
         flushed; the rename and both flushes are shared with the whole batch. On failure
-        the message is removed again (the client was not told 250) and SpoolError raised.
+        the message is removed again (the client was not told 250) and SpoolError raised;
+        also when any flush failed since `since` (Spool.since() taken before prepare: that
+        flush may have carried its file, and a write-back error is reported only once).
         """
         if not self.spool.fsync:
             await asyncio.to_thread(self.spool.publish, qid)
             return
         fut = asyncio.get_running_loop().create_future()
-        self._next.publish.append((qid, fut))
+        mark = self.spool.since() if since is None else since
+        self._next.publish.append((qid, fut, mark))
         self.unacknowledged.add(qid)
         self._kick()
         try:
@@ -74,18 +82,21 @@ class GroupCommit:
             # after the outcome: on failure the message has already left active/ again
             self.unacknowledged.discard(qid)
 
-    async def barrier(self, grave: Path | None = None) -> None:
+    async def barrier(self, grave: Path | None = None, *, since: int | None = None) -> None:
         """Wait until everything the caller changed before this call is durable.
 
-        `grave` (from Spool.bury of a message directory of the older layout) is deleted
-        once the flush that makes its rename durable is done, off the caller's path.
+        `since` (Spool.since() taken before the caller's changes): SpoolError when any
+        flush failed after it, even one another caller ran (it may have carried these
+        changes). `grave` (from Spool.bury of a message directory of the older layout)
+        is deleted once the flush that makes its rename durable is done, off the
+        caller's path.
         """
         if not self.spool.fsync:
             if grave is not None:
                 await asyncio.to_thread(shutil.rmtree, grave, True)
             return
         fut = asyncio.get_running_loop().create_future()
-        self._next.waiters.append(fut)
+        self._next.waiters.append((fut, self.spool.since() if since is None else since))
         if grave is not None:
             self._next.graves.append(grave)
         self._kick()
@@ -108,26 +119,33 @@ class GroupCommit:
     def _commit(self, batch: _Batch, loop: asyncio.AbstractEventLoop) -> None:
         """In a worker thread: flush, publish, flush; answer everyone; then clean up."""
         spool = self.spool
-        futures = [fut for _, fut in batch.publish] + batch.waiters
+        marks = [(fut, since) for _, fut, since in batch.publish] + batch.waiters
+        futures = [fut for fut, _ in marks]
         outcome: dict[int, BaseException | None] = {}
         try:
             spool.flush()
             published = []
-            for qid, fut in batch.publish:
+            for qid, fut, since in batch.publish:
                 try:
+                    spool.check(since)  # its file went with a flush that failed
                     spool.publish(qid)
                     published.append(qid)
-                except OSError as exc:
+                except (OSError, SpoolError) as exc:
                     outcome[id(fut)] = as_spool_error(exc)
             if published:
                 spool.flush()
             self.flushes += 2 if published else 1
+            for fut, since in marks:
+                try:
+                    spool.check(since)  # a flush another caller ran failed meanwhile
+                except SpoolError as exc:
+                    outcome.setdefault(id(fut), exc)
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear something
             # OSError -> SpoolError (SpoolFullError when out of space); the rest as is
             err = as_spool_error(exc)
             outcome = {id(fut): err for fut in futures}
         self.changes += len(futures)
-        for qid, fut in batch.publish:
+        for qid, fut, _ in batch.publish:
             if outcome.get(id(fut)) is not None:
                 # never acknowledged: take it back out of active/ if it got there
                 spool.abandon(qid)

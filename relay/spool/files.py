@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -105,6 +106,25 @@ def copy(src: int, dst: int, offset: int, count: int) -> None:
         write_all(dst, os.pread(src, count, offset))
 
 
+def rename_unlocked(src: Path, dst: Path) -> bool:
+    """Rename src to dst under src's flock (relay.spool.spool.Spool.locked), taken
+    without waiting: False when src is gone, locked, or replaced meanwhile."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(src, follow_symlinks=False).st_ino:
+            return False
+        os.rename(src, dst)
+    except (BlockingIOError, FileNotFoundError):
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def as_spool_error(exc: BaseException) -> BaseException:
     """OSError -> SpoolError (SpoolFullError when out of space); anything else unchanged."""
     if isinstance(exc, SpoolError) or not isinstance(exc, OSError):
@@ -130,14 +150,12 @@ def _load_syncfs() -> Any:
 _syncfs = _load_syncfs()
 
 
-def syncfs(root: Path) -> None:
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {root}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+def syncfs(fd: int, root: Path) -> None:
+    """syncfs(2) through a descriptor on the spool's root, held open since the spool
+    started: it reports the write-back errors seen since that descriptor was opened."""
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs {root}: {os.strerror(err)}")
 
 
 def whole_filesystem(root: Path) -> bool:
@@ -147,7 +165,14 @@ def whole_filesystem(root: Path) -> bool:
 
 
 class Durable:
-    """What a spool changed and has not yet synced, and the flush that syncs it."""
+    """What a spool changed and has not yet synced, and the flush that syncs it.
+
+    A flush that fails may have carried changes of callers other than the one that ran
+    it (whatever was noted when it started), and Linux reports a write-back error once:
+    the next flush of the same file succeeds although its data is gone. So every failure
+    is counted: a caller takes `since()` before its changes and `check(since)` after its
+    flush, and fails too when any flush failed in between (relay.spool.commit).
+    """
 
     root: Path
 
@@ -163,18 +188,45 @@ class Durable:
         self.converted = 0  #: messages of the older layout converted by recover()
         #: flush by one syncfs (the spool is a filesystem of its own), decided at the first
         self.syncfs: bool | None = None
+        self._root_fd = -1  #: the root, open from the start on (syncfs reports through it)
+        self.failures = 0  #: flushes that failed
+        self.failure: OSError | None = None  #: the last one's error
 
-    def _written(self, fd: int) -> None:
-        """Leave a new file's sync to the next flush (it closes the descriptor)."""
-        if self.fsync:
+    def open(self) -> None:
+        """At start: hold the root open, so that a later syncfs reports every write-back
+        error from now on (one opened per flush would miss those before it)."""
+        with self._dirty_lock:
+            if self._root_fd < 0 and self.fsync:
+                self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        with self._dirty_lock:
+            if self._root_fd >= 0:
+                os.close(self._root_fd)
+                self._root_fd = -1
+
+    def since(self) -> int:
+        """Taken before a change whose flush is shared; see check."""
+        return self.failures
+
+    def check(self, since: int) -> None:
+        """After the caller's flush: SpoolError (SpoolFullError when out of space) when a
+        flush failed since `since`: it may have carried the caller's changes."""
+        if self.failures != since:
+            failure = self.failure or OSError(errno.EIO, "spool flush failed")
+            err = as_spool_error(failure)
+            raise err from failure
+
+    def crowded(self) -> bool:
+        """Whether so many written files wait for a flush that a new one syncs itself."""
+        return self.fsync and len(self._files) >= MAX_PENDING_FILES
+
+    def _written(self, fd: int, *, synced: bool = False) -> None:
+        """Leave a new file's sync to the next flush (it closes the descriptor); one
+        `synced` already (prepare, when crowded) is only closed."""
+        if self.fsync and not synced:
             with self._dirty_lock:
-                if len(self._files) < MAX_PENDING_FILES:
-                    self._files.append(fd)
-                    return
-            try:
-                os.fdatasync(fd)  # too many waiting: this one syncs itself
-            finally:
-                os.close(fd)
+                self._files.append(fd)
         else:
             os.close(fd)
 
@@ -184,16 +236,19 @@ class Durable:
                 self._dirs.add(state)
 
     def flush(self) -> None:
-        """Make every change noted so far durable. Raises OSError on a write-back error.
+        """Make every change noted so far durable. Raises OSError on a write-back error
+        (and counts it: see check).
 
         On a filesystem of its own, one syncfs: a single journal commit and device flush
         for everything. Elsewhere an fdatasync per file written, then an fsync per
         directory changed, so that other programs' writes stay out of it (measured by
         bench/spool.py: each fdatasync costs a device flush of its own, so a batch of 20
-        waited 2-6 times longer than one syncfs; CPU alike).
+        waited 2-6 times longer than one syncfs; CPU alike). A failure does not stop the
+        rest from being synced.
 
         One flush at a time: a second caller waits for the one running, so a change
-        noted before a call is always synced before that call returns.
+        noted before a call is always synced (or counted as failed) before that call
+        returns.
         """
         with self._flush_lock:
             with self._dirty_lock:
@@ -201,19 +256,32 @@ class Durable:
                 dirs, self._dirs = self._dirs, set()
             if self.syncfs is None:
                 self.syncfs = whole_filesystem(self.root)
-            failure: OSError | None = None
-            for fd in files:
+            try:
+                self._sync(files, dirs)
+            except OSError as exc:
+                self.failures += 1
+                self.failure = exc
+                raise
+
+    def _sync(self, files: list[int], dirs: set[State]) -> None:
+        failure: OSError | None = None
+        for fd in files:
+            try:
+                if not self.syncfs:
+                    os.fdatasync(fd)
+            except OSError as exc:
+                failure = failure or exc
+            finally:
+                os.close(fd)
+        if self.syncfs:
+            if files or dirs:
+                self.open()
+                syncfs(self._root_fd, self.root)
+        else:
+            for state in sorted(dirs):
                 try:
-                    if not self.syncfs:
-                        os.fdatasync(fd)
+                    fsync_dir(self.root / state.value)
                 except OSError as exc:
                     failure = failure or exc
-                finally:
-                    os.close(fd)
-            if failure is not None:
-                raise failure
-            if self.syncfs and (files or dirs):
-                syncfs(self.root)
-                return
-            for state in sorted(dirs):
-                fsync_dir(self.root / state.value)
+        if failure is not None:
+            raise failure

@@ -42,6 +42,7 @@ from relay.spool.files import (
     fsync_dir,
     mime_head,
     read_file,
+    rename_unlocked,
     write_all,
     writev_all,
 )
@@ -83,11 +84,13 @@ class Spool(Durable):
         Returns only after its file, and its entry in active/, are on disk. On any
         failure nothing is left behind and SpoolError is raised.
         """
+        since = self.since()
         qid = self.prepare(envelope, data, qid=qid)
         try:
             self.flush()
             self.publish(qid)
             self.flush()
+            self.check(since)  # a flush failed that may have carried this file
         except BaseException as exc:
             self.abandon(qid)
             err = as_spool_error(exc)
@@ -96,9 +99,11 @@ class Spool(Durable):
             raise err from exc
         return qid
 
-    def prepare(self, envelope: Envelope, data: bytes, *, qid: str | None = None) -> str:
+    def prepare(self, envelope: Envelope, data: bytes, *, qid: str | None = None,
+                inline: bool = False) -> str:
         """Write a message as incoming/<qid> (not yet synced, not yet visible): one
-        create, one write, its sync left to the next flush.
+        create, one write, its sync left to the next flush (its own when crowded(), but
+        never `inline`, on the event loop: the caller checked crowded() first).
 
         The first half of a group-committed accept: flush(), publish(qid), flush() follow.
         On failure nothing is left behind and SpoolError is raised.
@@ -111,6 +116,9 @@ class Spool(Durable):
             self._check_room(len(data))
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             writev_all(fd, record.to_head(), data)
+            synced = not inline and self.crowded()
+            if synced:
+                os.fdatasync(fd)  # bounds the descriptors waiting for a flush
         except BaseException as exc:
             if fd >= 0:
                 os.close(fd)
@@ -120,7 +128,7 @@ class Spool(Durable):
             if err is exc:
                 raise
             raise err from exc
-        self._written(fd)
+        self._written(fd, synced=synced)
         return qid
 
     def publish(self, qid: str) -> None:
@@ -414,16 +422,10 @@ class Spool(Durable):
 
         A rename that a crash undoes leaves the message in deferred/, still due, so none
         waits for an fsync of its own. Returns the ids moved; one gone meanwhile (held,
-        deleted, or taken by another scanner) is skipped. Nothing replaces a file in
-        deferred/, so these renames need no lock.
-        """
-        moved = []
-        for qid in qids:
-            try:
-                os.rename(self.path(State.DEFERRED, qid), self.path(State.ACTIVE, qid))
-            except FileNotFoundError:
-                continue
-            moved.append(qid)
+        deleted, taken by another scanner) or locked (a save would recreate it in
+        deferred/: two copies) is skipped this scan."""
+        moved = [qid for qid in qids if rename_unlocked(self.path(State.DEFERRED, qid),
+                                                        self.path(State.ACTIVE, qid))]
         if moved and self.fsync:
             fsync_dir(self.dir(State.ACTIVE))
         return moved

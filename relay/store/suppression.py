@@ -27,6 +27,8 @@ from relay.store.db import BounceCount, Database, Suppression
 BOUNCE, COMPLAINT, SOFT_LIMIT, MANUAL = "bounce", "complaint", "soft-bounce limit", "manual"
 REASONS = (BOUNCE, COMPLAINT, SOFT_LIMIT, MANUAL)
 CSV_FIELDS = ("address", "reason", "source", "detail", "created_at", "updated_at")
+#: the longest `source` the column holds (String(32) in relay.store.db)
+SOURCE_MAX = 32
 
 
 def normalize(address: str) -> str:
@@ -279,8 +281,30 @@ class SuppressionList:
 
 
 def parse_csv(text: str) -> list[dict[str, str]]:
-    """Rows from CSV text: a header naming `address` (and optionally reason, detail), or
-    bare addresses one a line. Raises ValueError naming the line that is wrong."""
+    """Rows from CSV text: a header naming `address` (and optionally reason, source,
+    detail), or bare addresses one a line. Raises ValueError naming the line that is wrong
+    (also for what the csv module cannot read: an unterminated quote, a huge field); a
+    source longer than the column's 32 characters is refused, not cut."""
+    try:
+        return _check_rows(text)
+    except csv.Error as exc:
+        raise _unreadable(text, exc) from None
+
+
+def _unreadable(text: str, exc: csv.Error) -> ValueError:
+    """The ValueError for a csv.Error, naming the line where the bad record starts."""
+    reader = csv.reader(io.StringIO(text))
+    start = 1
+    try:
+        for _ in reader:
+            start = reader.line_num + 1
+    except csv.Error:
+        pass
+    hint = " (an unterminated quote?)" if '"' in text else ""
+    return ValueError(f"line {start}: cannot read the CSV: {exc}{hint}")
+
+
+def _check_rows(text: str) -> list[dict[str, str]]:
     lines = text.splitlines()
     if not lines:
         return []
@@ -303,6 +327,9 @@ def parse_csv(text: str) -> list[dict[str, str]]:
         if row.get("reason") and row["reason"] not in REASONS:
             raise ValueError(f"line {n}: unknown reason {row['reason']!r} "
                              f"(one of: {', '.join(REASONS)})")
+        if len(row.get("source") or "") > SOURCE_MAX:
+            raise ValueError(f"line {n}: source {row['source'][:40]!r}... is longer than "
+                             f"{SOURCE_MAX} characters")
         out.append(row)
     return out
 

@@ -1,12 +1,20 @@
 """The console's safety decisions: a POST passes only with this process's CSRF token in
 both the cookie and the form and from this origin; a console on a non-loopback admin.host
-is read-only without a login; logins by token, by the SMTP AUTH file, and their sessions."""
+is read-only without a login; logins by token, by the SMTP AUTH file, and their sessions;
+a request naming a host that is not the listener's (DNS rebinding) is refused."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.ops.console.security import CSP, SANDBOX_CSP, Guard, is_loopback, same_origin
+from relay.ops.console.security import (
+    CSP,
+    SANDBOX_CSP,
+    Guard,
+    host_allowed,
+    is_loopback,
+    same_origin,
+)
 
 HOST = "127.0.0.1:8025"
 
@@ -117,3 +125,28 @@ def test_after_login_the_redirect_stays_on_the_console(target, ok):
     from relay.ops.console.pages import local_path
 
     assert local_path(target) is ok
+
+
+@pytest.mark.parametrize("header, ok", [
+    ("127.0.0.1:8025", True), ("127.0.0.1", True), ("localhost:8025", True),
+    ("LOCALHOST", True), ("[::1]:8025", True), ("[::1]", True), ("10.0.0.5:9000", True),
+    ("relay.internal:8025", True), ("relay.internal", True), ("admin.example:443", True),
+    ("evil.example:8025", False), ("evil.example", False), ("localhost.evil.example", False),
+    ("127.0.0.1.nip.io:8025", False), ("relay.internal.evil.example", False), ("", False),
+    (None, False),
+])
+def test_only_the_listeners_names_and_ip_literals_pass_the_host_check(header, ok):
+    names = ("relay.internal", "Admin.Example")
+    assert host_allowed(header, names) is ok
+    g = Guard(host="relay.internal", allowed_hosts=("Admin.Example",))
+    refusal = g.host_refusal(header)
+    assert (refusal == "") is ok
+    if not ok:
+        assert refusal.startswith("Refused:") and "admin.allowed_hosts" in refusal
+
+
+def test_a_rebound_name_is_refused_on_the_default_loopback_listener():
+    g = Guard(host="127.0.0.1")
+    assert g.host_refusal("127.0.0.1:8025") == "" and g.host_refusal("localhost") == ""
+    assert "'evil.example:8025'" in g.host_refusal("evil.example:8025")
+    assert Guard(host="::1").host_refusal("[::1]:8025") == ""

@@ -8,6 +8,7 @@ the sends a client would get, without a socket.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from relay.config import SmtpConfig
 from relay.ingress.limits import ConnectionLimiter, Networks
 from relay.ingress.server import IngressHandler
 from relay.ingress.session import RelaySession, SessionRules
+from relay.spool.files import MAX_PENDING_FILES
+from relay.spool.record import Envelope
 from relay.spool.spool import Spool
 
 
@@ -89,3 +92,28 @@ async def test_the_ehlo_reply_is_one_write_however_many_lines_it_has(tmp_path):
     writes = await replies_to(proto, transport, b"MAIL FROM:<a@example.com>\r\n", b"250 ")
     assert writes == [b"250 2.1.0 Ok\r\n"]
     proto.connection_lost(None)
+
+
+async def test_a_crowded_spool_takes_even_a_small_message_off_the_event_loop(tmp_path):
+    """A small message is written on the loop, but not while MAX_PENDING_FILES files wait
+    for a flush: then it goes to a thread, where it syncs itself, never on the loop."""
+    seen: list[tuple[bool, bool]] = []  # (inline, on the loop's thread)
+
+    class Watched(Spool):
+        def prepare(self, envelope: Envelope, data: bytes, *, qid: str | None = None,
+                    inline: bool = False) -> str:
+            seen.append((inline, threading.current_thread() is threading.main_thread()))
+            return super().prepare(envelope, data, qid=qid, inline=inline)
+
+    spool = Watched(tmp_path / "spool", fsync=True)
+    spool.ensure()
+    handler = IngressHandler(spool=spool, config=SmtpConfig(hostname="relay.test"))
+    env = Envelope(sender="a@example.com", recipients=("b@example.net",), received_at=1.0)
+    await handler._spool(env, b"Subject: s\r\n\r\nbody\r\n", lambda b: b)
+    assert seen == [(True, True)]
+    for _ in range(MAX_PENDING_FILES):
+        Spool.prepare(spool, env, b"Subject: s\r\n\r\nbody\r\n")
+    assert spool.crowded()
+    await handler._spool(env, b"Subject: s\r\n\r\nbody\r\n", lambda b: b)
+    assert seen[-1] == (False, False)
+    assert not spool.crowded()  # the flush took them all

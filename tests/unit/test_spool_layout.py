@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.spool import legacy
+from relay.spool.files import MAX_PENDING_FILES
 from relay.spool.queue import Queue
 from relay.spool.record import Envelope, Record, State
 from relay.spool.spool import Spool
@@ -152,6 +153,39 @@ def test_an_operators_delete_during_a_save_is_never_undone(spool):
     saver.join(30)
     assert len(errors) == 1 and spool.locate(qid) is None
     assert os.listdir(spool.dir(State.INCOMING)) == []
+
+
+def test_a_due_scan_never_moves_a_deferred_file_a_save_is_rewriting(spool):
+    """Unsaved's retry rewrites deferred/<qid> under the lock while the scheduler's scan
+    finds it due: a rename into active/ then would let the rewrite recreate
+    deferred/<qid>, two copies and the recipients sent twice. The scan skips it until
+    the rewrite is done, and takes the rewritten file on its next pass."""
+    qid = spool.accept(ENV, DATA)
+    spool.move(qid, State.ACTIVE, State.DEFERRED, when=1.0)
+    rec = spool.load(State.DEFERRED, qid)
+    rec.results["c@example.net"] = {"status": "sent", "ses_message_id": "S2"}
+    with spool.locked(State.DEFERRED, qid) as fd:  # what save holds while it rewrites
+        assert spool.activate([qid]) == []
+        spool.replace(State.DEFERRED, fd, rec)
+    assert spool.locate(qid) is State.DEFERRED and not spool.exists(State.ACTIVE, qid)
+    assert spool.activate([qid]) == [qid]
+    assert os.listdir(spool.dir(State.DEFERRED)) == []
+    assert spool.read(State.ACTIVE, qid) == (rec, DATA)
+
+
+def test_a_crowded_spool_never_syncs_a_file_on_the_event_loop(spool):
+    """Past MAX_PENDING_FILES files waiting for a flush, a file written in a thread syncs
+    itself (bounding the descriptors kept), but one written on the loop (inline, after
+    the ingress saw crowded() false) only joins the flush: no fdatasync on the loop."""
+    for _ in range(MAX_PENDING_FILES):
+        spool.prepare(ENV, DATA)
+    assert spool.crowded()
+    spool.prepare(ENV, DATA, inline=True)
+    assert len(spool._files) == MAX_PENDING_FILES + 1  # left for the flush
+    spool.prepare(ENV, DATA)
+    assert len(spool._files) == MAX_PENDING_FILES + 1  # synced itself, closed
+    spool.flush()
+    assert not spool.crowded() and spool._files == []
 
 
 def test_the_queue_lists_a_file_it_cannot_read_with_the_reason(spool):

@@ -3,7 +3,10 @@ through page() or action(), which apply the security headers, the login (admin.h
 loopback), the read-only refusal, the CSRF and Origin checks, and the flash message carried
 over a redirect. The pages themselves are in relay.ops.console.pages. Installed by
 relay.service on the admin listener (worker 0); /metrics, /healthz, /readyz and /sns are
-not console routes and need no login.
+not console routes and need no login. host_check refuses every other path whose Host
+header is not one of the listener's names (DNS rebinding, relay.ops.console.security);
+those four keep answering any Host: scrapers, probes and SNS name the listener as they
+like, they carry no cookie and change nothing without an SNS signature.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ CSRF = web.RequestKey("csrf", str)
 NEW_CSRF = web.RequestKey("new_csrf", bool)
 FLASH = web.RequestKey("flash", str)
 STATIC = Path(__file__).resolve().parent / "static"
+#: the admin listener's own routes, which answer whatever the Host header says
+ANY_HOST = frozenset({"/metrics", "/healthz", "/readyz", "/sns"})
 
 
 class Plumbing:
@@ -86,6 +91,19 @@ class Plumbing:
         return resp
 
     # -- wrappers -----------------------------------------------------------------------
+
+    def host_check(self) -> Any:
+        """The middleware that answers 421 to a console request for a name not ours."""
+        @web.middleware
+        async def check(request: web.Request, handler: PageHandler) -> web.StreamResponse:
+            if request.path not in ANY_HOST:
+                refusal = self.guard.host_refusal(request.headers.get("Host"))
+                if refusal:
+                    resp = self.refuse(refusal, status=421)
+                    resp.headers.update(HEADERS)
+                    return resp
+            return await handler(request)
+        return check
 
     def _finish(self, request: web.Request, resp: web.StreamResponse,
                 headers: dict[str, str] | None = None) -> web.StreamResponse:

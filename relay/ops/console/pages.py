@@ -51,6 +51,7 @@ class Console:
 
     def install(self, app: web.Application) -> None:
         p, r = self.p, app.router
+        app.middlewares.append(p.host_check())
         r.add_get("/", p.page(self.overview))
         r.add_get("/static/console.css", static_css)
         r.add_get("/login", p.page(self.login_page, public=True))

@@ -7,6 +7,11 @@ with a secret made at start-up), every form carries the same value in its hidden
 field; a POST passes only when both are there, equal, and the MAC is ours.
 Login (admin.host not on loopback): admin.console_token, or admin.console_login =
 "credentials" (the SMTP AUTH scrypt file); a login gives a signed relay_session cookie.
+Host (DNS rebinding: a hostile name re-resolved to this listener would make its page
+same-origin with the console): the Host header must be an IP address literal (no page can
+rebind one) or a name the listener is known by: localhost, admin.host, admin.allowed_hosts.
+The port is not compared: a rebinding page controls the name, and a port-forward changes
+the port.
 """
 
 from __future__ import annotations
@@ -53,6 +58,28 @@ def read_only_reason(host: str, *, token: str, login: str) -> str:
             'admin.console_login = "credentials" with smtp.auth_file, to allow actions.')
 
 
+def host_name(header: str) -> str:
+    """The name of a Host header value, without its port or IPv6 brackets, lower-case."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    name, colon, port = value.rpartition(":")
+    return name if colon and port.isdigit() and ":" not in name else value
+
+
+def host_allowed(header: str | None, names: tuple[str, ...]) -> bool:
+    """Whether a request's Host header is an IP literal or one of `names` (any port)."""
+    if not header:
+        return False
+    name = host_name(header)
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name in {"localhost", *(host_name(n) for n in names)}
+
+
 def same_origin(headers: Mapping[str, str], host: str) -> bool:
     """The Origin (else the Referer) header, when present, names this host:port."""
     for name in ("Origin", "Referer"):
@@ -75,6 +102,8 @@ class Guard:
 
     host: str
     token: str = ""
+    #: admin.allowed_hosts: more names this listener answers to (a proxy, a port-forward)
+    allowed_hosts: tuple[str, ...] = ()
     #: name, password -> whether the pair is right (the SMTP AUTH file), when configured
     verify: Callable[[str, str], bool] | None = None
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
@@ -88,6 +117,14 @@ class Guard:
     @property
     def login_required(self) -> bool:
         return not is_loopback(self.host) and bool(self.token or self.verify)
+
+    def host_refusal(self, header: str | None) -> str:
+        """Why a request naming this Host is refused ("" when it is one of ours)."""
+        if host_allowed(header, (self.host, *self.allowed_hosts)):
+            return ""
+        return (f"Refused: this console does not answer to the name {(header or '')[:100]!r} "
+                "(the Host header). Browse to it by localhost, an IP address or admin.host, "
+                "or add the name to admin.allowed_hosts.")
 
     def _mac(self, text: str) -> str:
         return hmac.new(self.secret, text.encode(), hashlib.sha256).hexdigest()

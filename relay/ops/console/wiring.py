@@ -34,7 +34,8 @@ def login_guard(config: Config) -> Guard:
         def verify(name: str, password: str) -> bool:
             return creds.verify(name, password) is not None
 
-    return Guard(host=admin.host, token=admin.console_token, verify=verify)
+    return Guard(host=admin.host, token=admin.console_token, verify=verify,
+                 allowed_hosts=admin.allowed_hosts)
 
 
 def install_console(app: web.Application, *, config: Config, spool: Spool, db: Database,
