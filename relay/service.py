@@ -340,8 +340,7 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         suppressions=suppressions, listeners=[message_log, metrics], commit=commit,
     )
     guard = ReputationGuard(
-        db=db, scheduler=scheduler, unlogged=message_log.unlogged,
-        # its own pause: SES pausing or enabling sending again neither hides nor lifts it
+        db=db, scheduler=scheduler, unlogged=message_log.unlogged,  # its own pause, not SES's
         pause=lambda reason: pool.pause(reason, by=BY_REPUTATION),
         resume=lambda: pool.resume(by=BY_REPUTATION),
         paused_reason=lambda: pool.pauses.get(BY_REPUTATION, ""),
@@ -419,8 +418,7 @@ def _missing_credentials(ses: SesClient) -> list[str]:
 
 
 def _feedback_stats(ingester: IngesterThread | None, sns: SnsEndpoint | None,
-                    guard: ReputationGuard,
-                    pool: DeliveryPool) -> Callable[[], dict[str, float]]:
+                    guard: ReputationGuard, pool: DeliveryPool) -> Callable[[], dict[str, float]]:
     """Numbers for /metrics: feedback messages by outcome, reputation rates, each pause."""
 
     def stats() -> dict[str, float]:
