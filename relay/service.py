@@ -22,7 +22,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from relay.config import SANDBOX, Config, FeedbackConfig
-from relay.delivery.account import Gate
+from relay.delivery.account import BY_REPUTATION, BY_SES, Gate
 from relay.delivery.dsn import DsnWriter
 from relay.delivery.pool import DeliveryPool
 from relay.delivery.ports import QueuedListener
@@ -340,8 +340,10 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         suppressions=suppressions, listeners=[message_log, metrics], commit=commit,
     )
     guard = ReputationGuard(
-        db=db, scheduler=scheduler, pause=pool.pause, resume=pool.resume,
-        paused_reason=lambda: pool.paused_reason,
+        db=db, scheduler=scheduler, unlogged=message_log.unlogged,  # its own pause, not SES's
+        pause=lambda reason: pool.pause(reason, by=BY_REPUTATION),
+        resume=lambda: pool.resume(by=BY_REPUTATION),
+        paused_reason=lambda: pool.pauses.get(BY_REPUTATION, ""),
         settings=guard_settings(fcfg, partition, blind=sqs is None and not fcfg.sns_endpoint))
 
     async def applied(_: AppliedBatch) -> None:
@@ -358,7 +360,7 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
     ingress = _ingress(config, spool=spool, commit=commit, metrics=metrics,
                        listener=CountedQueued(metrics, fanout), suppressions=suppressions,
                        reuse_port=partition.count > 1)
-    gauges = Gauges(metrics, db=db, stats=_feedback_stats(ingester, sns, guard),
+    gauges = Gauges(metrics, db=db, stats=_feedback_stats(ingester, sns, guard, pool),
                     rate=lambda: limiter.rate(time.monotonic()),
                     configured=lambda: limiter.configured, paused=lambda: pool.paused)
 
@@ -368,8 +370,7 @@ async def build(config: Config, *, spool: Spool, db: Database, ses: SesClient,
         problems = [*missing, *spool_problems(spool.root, config.spool.min_free_bytes)]
         problems += pool.holds  # results the spool could not record; database down
         problems += [p for p in (watch.problem(), message_log.problem()) if p]
-        if pool.paused:
-            problems.append(f"delivery paused: {pool.paused_reason}")
+        problems += [f"delivery paused: {why}" for why in pool.pauses.values()]  # SES, guard
         if ingress.handler.closing:
             problems.append("shutting down")
         return problems
@@ -417,8 +418,8 @@ def _missing_credentials(ses: SesClient) -> list[str]:
 
 
 def _feedback_stats(ingester: IngesterThread | None, sns: SnsEndpoint | None,
-                    guard: ReputationGuard) -> Callable[[], dict[str, float]]:
-    """Numbers for /metrics: feedback messages by outcome, reputation rates, pause."""
+                    guard: ReputationGuard, pool: DeliveryPool) -> Callable[[], dict[str, float]]:
+    """Numbers for /metrics: feedback messages by outcome, reputation rates, each pause."""
 
     def stats() -> dict[str, float]:
         out: dict[str, float] = {}
@@ -430,7 +431,8 @@ def _feedback_stats(ingester: IngesterThread | None, sns: SnsEndpoint | None,
         rates = guard.last
         out.update(bounce_rate=rates.bounce_rate, complaint_rate=rates.complaint_rate,
                    reputation_sample=float(rates.judged),
-                   reputation_paused=float(guard.paused_reason().startswith("reputation:")))
+                   reputation_paused=float(BY_REPUTATION in pool.pauses),
+                   ses_paused=float(BY_SES in pool.pauses))
         out.update(guard.stats())
         return out
 

@@ -253,7 +253,7 @@ def test_feedback_numbers_get_one_metric_each_and_zero_when_absent():
                    "reputation_paused": 1.0, "feedback_rejected": 3, "feedback_too_old": 4,
                    "feedback_kind_bounce": 6, "feedback_kind_delivery": 7,
                    "feedback_lag_p50": 0.5, "feedback_lag_p99": 1.5, "feedback_backlog": 8,
-                   "sns_unparseable": 9})
+                   "sns_unparseable": 9, "ses_paused": 1.0})
     kinds = ("bounce", "soft-bounce", "complaint", "delivery", "delay", "reject",
              "rendering-failure", "send")
     assert full == {
@@ -275,6 +275,7 @@ def test_feedback_numbers_get_one_metric_each_and_zero_when_absent():
         ("relay_reputation_complaint_ratio", ()): 0.001,
         ("relay_reputation_sample_sends", ()): 400,
         ("relay_reputation_paused", ()): 1.0,
+        ("relay_ses_paused", ()): 1.0,
     }
     assert set(values({})) == set(full) and set(values({}).values()) == {0}
 

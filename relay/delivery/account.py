@@ -1,6 +1,7 @@
 """The account watch and the pause: whether the pool may send, and at what rate.
 
-Gate holds the pause (with its reason) and the stop, which every part of delivery reads.
+Gate holds the pauses (each with its reason: SES's, the reputation guard's) and the stop,
+which every part of delivery reads.
 AccountWatch reads GetAccount through the AccountSource port at start, every
 account_refresh, and every pause_probe_interval while paused: it sets the limiter's rate
 and the 24-hour quota (this worker's share of them), pauses when SES says sending is
@@ -24,18 +25,24 @@ log = logging.getLogger("relay.delivery")
 
 #: the prefix of every pause the account watch decides (and so may lift by itself)
 SES_PAUSE = "SES"
+#: who paused: SES (GetAccount, SendingPausedException) or the reputation guard; each
+#: pause is lifted only by whoever set it, and mail flows once neither is in force
+BY_SES, BY_REPUTATION = "ses", "reputation"
 
 
 class Gate:
     """Whether delivery may send: not paused (and why it is), not held, not stopping.
 
-    The pause is the account's and the reputation guard's (one reason, lifted by resume).
-    A hold is the relay's own, by name (the spool cannot record results, the database
-    cannot answer): each is lifted only by whoever set it, never by an operator's resume.
+    A pause is SES's or the reputation guard's, by name (BY_SES, BY_REPUTATION), each
+    with its own reason and lifted only by its own resume: SES enabling sending again
+    does not lift the guard's pause, nor the reverse. A hold is the relay's own, by name
+    (the spool cannot record results, the database cannot answer): each is lifted only by
+    whoever set it, never by an operator's resume.
     """
 
     def __init__(self) -> None:
-        self.reason = ""
+        #: who -> reason, for each pause in force
+        self.pauses: dict[str, str] = {}
         self.stopping = False
         #: name -> reason, for each hold in force
         self.holds: dict[str, str] = {}
@@ -46,7 +53,12 @@ class Gate:
 
     @property
     def paused(self) -> bool:
-        return bool(self.reason)
+        return bool(self.pauses)
+
+    @property
+    def reason(self) -> str:
+        """Every pause's reason, "; "-joined ("" when none is in force)."""
+        return "; ".join(self.pauses.values())
 
     @property
     def held(self) -> bool:
@@ -57,13 +69,14 @@ class Gate:
         """Paused, held or stopping: take nothing more, keep what waits queued."""
         return self.paused or self.held or self.stopping
 
-    def pause(self, reason: str) -> None:
-        self.reason = reason
+    def pause(self, reason: str, *, by: str = BY_SES) -> None:
+        self.pauses[by] = reason
         self._unpaused.clear()
 
-    def resume(self) -> None:
-        self.reason = ""
-        self._unpaused.set()
+    def resume(self, *, by: str = BY_SES) -> None:
+        self.pauses.pop(by, None)
+        if not self.pauses:
+            self._unpaused.set()
 
     def hold(self, name: str, reason: str) -> None:
         self.holds[name] = reason
@@ -97,17 +110,22 @@ class AccountWatch:
         self.account: Account | None = None
         self._changed = asyncio.Event()
 
-    def pause(self, reason: str) -> None:
-        if not self.gate.paused:
-            event(log, "paused", level=logging.ERROR, reason=reason)
-        self.gate.pause(reason)
-        self._changed.set()
+    def pause(self, reason: str, *, by: str = BY_SES) -> None:
+        if by not in self.gate.pauses:
+            event(log, "paused", level=logging.ERROR, reason=reason, by=by)
+        self.gate.pause(reason, by=by)
+        if by == BY_SES:
+            self._changed.set()
 
-    def resume(self) -> None:
-        if self.gate.paused:
-            event(log, "resumed", previous_reason=self.gate.reason)
-        self.gate.resume()
-        self.on_resume()
+    def resume(self, *, by: str = BY_SES) -> None:
+        """Lift the pause `by` set; the other one, if in force, still holds delivery."""
+        previous = self.gate.pauses.get(by)
+        if previous is not None:
+            event(log, "resumed", previous_reason=previous, by=by,
+                  still_paused=self.gate.reason if len(self.gate.pauses) > 1 else "")
+        self.gate.resume(by=by)
+        if not self.gate.paused:
+            self.on_resume()
 
     async def refresh(self) -> None:
         """Read the account; set the rate and quota; pause or resume on SendingEnabled."""
@@ -137,23 +155,23 @@ class AccountWatch:
         if not account.sending_enabled:
             self.pause(f"{SES_PAUSE} sending is disabled for the account "
                        "(GetAccount SendingEnabled=false)")
-        elif self.gate.reason.startswith(SES_PAUSE):
-            self.resume()
+        elif BY_SES in self.gate.pauses:
+            self.resume(by=BY_SES)
 
     async def run(self) -> None:
-        """Re-read the account every account_refresh; while paused, probe more often."""
+        """Re-read the account every account_refresh; while SES paused, probe more often."""
         while True:
-            if self.gate.paused or self.account is None:
+            if BY_SES in self.gate.pauses or self.account is None:
                 await asyncio.sleep(self.settings.pause_probe_interval)
             elif await self._paused_meanwhile():
                 continue  # just paused: wait one probe interval before asking
             await self.refresh()
 
     async def _paused_meanwhile(self) -> bool:
-        """Wait account_refresh, or less if delivery is paused; True if it was."""
+        """Wait account_refresh, or less if SES paused delivery; True if it did."""
         try:
             await asyncio.wait_for(self._changed.wait(), self.settings.account_refresh)
         except TimeoutError:
             pass
         self._changed.clear()
-        return self.gate.paused
+        return BY_SES in self.gate.pauses

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from relay.delivery.account import AccountWatch, Gate
+from relay.delivery.account import BY_SES, AccountWatch, Gate
 from relay.delivery.attempt import Attempt
 from relay.delivery.outcomes import Outcomes
 from relay.delivery.ports import Account, AccountSource, Listener, Sender, Suppressions
@@ -98,6 +98,11 @@ class DeliveryPool:
         return self.gate.reason
 
     @property
+    def pauses(self) -> dict[str, str]:
+        """Who paused delivery (BY_SES, BY_REPUTATION) -> why, for /readyz and metrics."""
+        return dict(self.gate.pauses)
+
+    @property
     def holds(self) -> list[str]:
         """Why the relay itself holds delivery (spool cannot record results, database
         cannot answer), for /readyz; empty when it does not."""
@@ -111,11 +116,11 @@ class DeliveryPool:
     def latency(self) -> float:
         return self.attempt.latency
 
-    def pause(self, reason: str) -> None:
-        self.watch.pause(reason)
+    def pause(self, reason: str, *, by: str = BY_SES) -> None:
+        self.watch.pause(reason, by=by)
 
-    def resume(self) -> None:
-        self.watch.resume()
+    def resume(self, *, by: str = BY_SES) -> None:
+        self.watch.resume(by=by)
 
     async def refresh_account(self) -> None:
         await self.watch.refresh()

@@ -149,6 +149,13 @@ class Scheduler:
             self.allowance[lane] = n - (self.picked.get(lane, 0) - picked_before)
         self._signal()
 
+    def in_flight(self) -> dict[str, int]:
+        """lane -> recipients taken and not released yet (being sent, or just sent)."""
+        out: dict[str, int] = {}
+        for lane, n in self.held.values():
+            out[lane] = out.get(lane, 0) + n
+        return out
+
     def lane_open(self, lane: str) -> bool:
         """Not held by the guard, and not past its allowance."""
         return lane not in self.lane_holds and self.allowance.get(lane, 1) > 0

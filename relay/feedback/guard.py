@@ -173,9 +173,12 @@ class ReputationGuard:
     def __init__(self, *, db: Database, scheduler: Scheduler, pause: Callable[[str], None],
                  resume: Callable[[], None], paused_reason: Callable[[], str],
                  settings: GuardSettings | None = None,
+                 unlogged: Callable[[], dict[str, int]] = dict,
                  clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.scheduler = scheduler
+        #: lane -> sends SES accepted that the message log has not committed yet
+        self.unlogged = unlogged
         self.pause = pause
         self.resume = resume
         self.paused_reason = paused_reason
@@ -249,7 +252,7 @@ class ReputationGuard:
         started = time.monotonic()
         cfg = self.settings
         now = self.clock()
-        picked = dict(self.scheduler.picked)
+        picked = self._picked_and_logged()
         states = await read_states(self.db)
         start = now - cfg.window
         epochs = {s: float(states.get(RESUME + s) or 0.0) for s in self.scopes}
@@ -278,6 +281,22 @@ class ReputationGuard:
         self.took = time.monotonic() - started
         return {s: i.paused for s, i in self.scopes.items() if i.paused}
 
+    def _picked_and_logged(self) -> dict[str, int]:
+        """Per lane, the recipients taken whose sends the counts read next will see.
+
+        Taken from the scheduler's running count, less those not rows of the message log
+        yet: in flight (taken, not released) or accepted and waiting in the log's writer.
+        Those the counts do not see as unknown are so charged to the lane's allowance (a
+        send both in flight and waiting counts twice: the allowance errs low). Read in
+        one go, with no await between, so no send is missed between the two."""
+        out = dict(self.scheduler.picked)
+        for lane, n in self.scheduler.in_flight().items():
+            out[lane] = out.get(lane, 0) - n
+        for lane, n in self.unlogged().items():
+            lane = lane if lane in self.lanes else self.default  # as the counts tally it
+            out[lane] = out.get(lane, 0) - n
+        return out
+
     def _log_pause(self, scope: str, reason: str, c: Counts) -> None:
         event(log, "reputation_pause", level=logging.ERROR, lane=scope, reason=reason,
               rate=round(c.bounce_rate, 4), complaint_rate=round(c.complaint_rate, 5),
@@ -287,8 +306,9 @@ class ReputationGuard:
         """Make this process obey the scope's state: pause, resume, the lane's allowance."""
         info = self.scopes[scope]
         if scope == ACCOUNT:
-            mine = self.paused_reason().startswith(REASON_PREFIX)
-            if reason and not self.paused_reason():
+            # the guard's own pause, apart from SES's: set and lifted whatever SES does
+            mine = self.paused_reason()
+            if reason and mine != reason:
                 self.pause(reason)
             elif not reason and mine:
                 event(log, "resumed_by_operator", lane=scope)

@@ -35,8 +35,8 @@ def feedback_families(stats: Mapping[str, float]) -> list[Metric]:
     """The feedback ingester's and reputation guard's numbers, one meaning per metric.
 
     stats holds `feedback_<outcome>` (messages taken from SQS, by outcome), `sns_rejected`,
-    `bounce_rate`, `complaint_rate`, `reputation_sample` and `reputation_paused`; a number
-    that is missing (no SQS ingester, no SNS endpoint) is exposed as 0."""
+    `bounce_rate`, `complaint_rate`, `reputation_sample`, `reputation_paused` and
+    `ses_paused`; a number that is missing (no SQS ingester, no SNS endpoint) is exposed as 0."""
     messages = CounterMetricFamily("relay_feedback_messages",
                                    "SES feedback messages taken from SQS, by outcome",
                                    labels=["outcome"])
@@ -70,7 +70,9 @@ def feedback_families(stats: Mapping[str, float]) -> list[Metric]:
             ("relay_reputation_sample_sends", "reputation_sample",
              "Sends whose outcome had time to arrive, counted in the ratios"),
             ("relay_reputation_paused", "reputation_paused",
-             "1 while the reputation guard holds delivery paused")):
+             "1 while the reputation guard holds delivery paused"),
+            ("relay_ses_paused", "ses_paused",
+             "1 while SES holds delivery paused (sending disabled or paused for the account)")):
         families.append(GaugeMetricFamily(name, text, value=stats.get(key, 0.0)))
     return families + lane_families(stats)
 

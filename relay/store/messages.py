@@ -34,7 +34,7 @@ from relay.store.db import (
     Suppression,
     xact_lock,
 )
-from relay.store.log_writer import BatchWriter
+from relay.store.log_writer import BatchWriter, retryable
 from relay.store.suppression import normalize
 from relay.store.transitions import KEEPS, after_feedback, after_outcome, attempts_of
 
@@ -92,6 +92,8 @@ class Write:
     ses_message_id: str = ""
     #: (queue id, SES MessageId, recipients) of a sent call, for early feedback
     sent: tuple[str, str, list[str]] | None = None
+    #: the lane of a sent call's rows (counted in MessageLog.unlogged until committed)
+    lane: str = ""
 
     def compiled(self, dialect: str) -> Any:
         if self.statement[0] == "queued":
@@ -186,6 +188,8 @@ class MessageLog:
         self.spool = spool
         #: once start()ed, writes are queued and committed in batches (relay.store.log_writer)
         self.writer: BatchWriter | None = None
+        #: lane -> recipients sent (SES accepted) whose rows are not committed yet
+        self._unlogged: dict[str, int] = {}
 
     # -- the writer -------------------------------------------------------------------
 
@@ -214,7 +218,26 @@ class MessageLog:
         else:
             await self._commit([op])
 
+    def unlogged(self) -> dict[str, int]:
+        """lane -> sends SES accepted whose rows are not committed yet (the reputation
+        guard charges them to the lane's allowance: its counts cannot see them)."""
+        return {lane: n for lane, n in self._unlogged.items() if n}
+
+    def _logged(self, batch: Sequence[Write]) -> None:
+        for op in batch:
+            if op.sent is not None and op.lane:
+                self._unlogged[op.lane] -= len(op.sent[2])
+
     async def _commit(self, batch: list[Write]) -> None:
+        try:
+            await self._commit_batch(batch)
+        except Exception as exc:
+            if len(batch) == 1 and not retryable(exc):
+                self._logged(batch)  # refused for good: never tried again
+            raise
+        self._logged(batch)
+
+    async def _commit_batch(self, batch: list[Write]) -> None:
         try:
             async with self.db.engine.begin() as conn:
                 await self._apply(conn, batch)
@@ -319,9 +342,12 @@ class MessageLog:
         if attempts == "set":
             for row in rows:
                 row["set_attempts"] = record.attempts
+        lane = record.envelope.lane if ses_message_id else ""
+        if lane:
+            self._unlogged[lane] = self._unlogged.get(lane, 0) + len(rcpts)
         await self._submit(Write(
             ("outcome", attempts, *values), rows, ses_message_id,
-            (qid, ses_message_id, rcpts) if ses_message_id else None))
+            (qid, ses_message_id, rcpts) if ses_message_id else None, lane))
 
     @staticmethod
     async def _early_feedback(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
