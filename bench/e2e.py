@@ -15,7 +15,6 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, tree_cpu_seconds  # noqa: E402
+from common import free_port, tree_cpu_seconds, wait_port  # noqa: E402
 
 from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
 
@@ -90,13 +89,7 @@ def main() -> int:
             [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--log-level", "warning"],
             env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         threading.Thread(target=lambda: relay.stderr and relay.stderr.read(), daemon=True).start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_port(port, relay)
         time.sleep(1.0)  # every worker up
         cpu0 = tree_cpu_seconds(relay.pid)
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, tree_cpu_seconds  # noqa: E402
+from common import free_port, tree_cpu_seconds, wait_port  # noqa: E402
 
 from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
 from relay.sandbox.simulator import DOMAIN, notifications  # noqa: E402
@@ -67,18 +66,6 @@ def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))]
 
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"relay exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
 def start_relay(tmp: Path, sections: str) -> tuple[subprocess.Popen[bytes], int, Path]:

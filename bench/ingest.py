@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,22 +35,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from common import cpu_seconds, free_port, tree_cpu_seconds
+from common import cpu_seconds, free_port, tree_cpu_seconds, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Postfix's queue directories that hold mail not yet delivered
 POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
 def wait_until(done: Callable[[], bool], timeout: float = 300.0) -> None:

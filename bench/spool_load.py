@@ -16,7 +16,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ def main() -> int:
     if shutil.which("smtp-source") is None:
         raise SystemExit("needs smtp-source: apt-get install postfix (and stop its daemon)")
     sys.path[:0] = [str(args.tree), str(args.tree / "bench")]
-    from common import free_port, tree_cpu_seconds
+    from common import free_port, tree_cpu_seconds, wait_port
 
     from relay.sandbox.server import SandboxState, SandboxThread
     n = args.messages
@@ -55,12 +54,7 @@ def main() -> int:
             [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--log-level", "warning"],
             env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         threading.Thread(target=lambda: relay.stderr and relay.stderr.read(), daemon=True).start()
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_port(port, relay)
         time.sleep(1.0)  # every worker up
         report = Path(tmp) / "strace.txt"
         tracer = None
