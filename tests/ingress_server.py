@@ -14,12 +14,13 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from relay.config import SmtpConfig
+from relay.ingress.credentials import Credentials
 from relay.ingress.server import Ingress, IngressHandler
 from relay.spool.spool import Spool
 from tests import spoolfile
@@ -138,6 +139,20 @@ class Raw:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def tls_ingress(tmp_path: Path, tls: dict[str, Any],
+                **overrides: Any) -> Iterator[Callable[..., IngressThread]]:
+    """For a fixture: starts ingresses with a `tls` fixture's certificate and AUTH users
+    (yield from it), and stops every one started when the test ends."""
+    start = make_ingress(tmp_path, tls_cert=tls["cert"], tls_key=tls["key"], **overrides)
+
+    def started(**fields: Any) -> IngressThread:
+        return start(handler_kw={"credentials": Credentials(tls["users"])}, **fields)
+
+    yield started
+    for server in start.started:
+        server.stop()
 
 
 def make_ca(tmp_path: Path) -> tuple[Path, Path, Path]:

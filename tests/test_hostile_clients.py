@@ -15,7 +15,7 @@ import pytest
 
 from relay.ingress import credentials as auth
 from tests.conftest import wait_for
-from tests.ingress_server import Raw, make_ca, make_ingress
+from tests.ingress_server import Raw, make_ca, tls_ingress
 
 
 @pytest.fixture
@@ -28,15 +28,7 @@ def tls(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def ingress(tmp_path: Path, tls: dict) -> Iterator:
-    start = make_ingress(tmp_path, tls_cert=tls["cert"], tls_key=tls["key"])
-
-    def started(**fields):
-        creds = auth.Credentials(tls["users"])
-        return start(handler_kw={"credentials": creds}, **fields)
-
-    yield started
-    for server in start.started:
-        server.stop()
+    yield from tls_ingress(tmp_path, tls)
 
 
 def _open(port: int, source: str = "127.0.0.1") -> Raw:

@@ -17,7 +17,7 @@ import pytest
 from relay.errors import ConfigError
 from relay.ingress import credentials as auth
 from tests.conftest import ROOT
-from tests.ingress_server import Raw, client_context, make_ca, make_ingress
+from tests.ingress_server import Raw, client_context, make_ca, tls_ingress
 
 MSG = b"From: a@example.org\r\nSubject: t\r\n\r\nhi\r\n"
 
@@ -33,16 +33,7 @@ def tls(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def ingress(tmp_path: Path, tls: dict) -> Iterator:
-    start = make_ingress(tmp_path, tls_cert=tls["cert"], tls_key=tls["key"],
-                         allowed_networks=("192.0.2.0/24",))
-
-    def started(**fields):
-        creds = auth.Credentials(tls["users"])
-        return start(handler_kw={"credentials": creds}, **fields)
-
-    yield started
-    for server in start.started:
-        server.stop()
+    yield from tls_ingress(tmp_path, tls, allowed_networks=("192.0.2.0/24",))
 
 
 def test_starttls_then_auth_plain_and_login_then_mail(ingress, tls):
