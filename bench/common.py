@@ -1,11 +1,13 @@
 """Helpers shared by the benchmark scripts: a process's CPU time, a free loopback port,
-waiting for a listener."""
+waiting for a listener, starting `relay serve`."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,3 +51,17 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None,
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def serve_relay(cfg: Path, port: int, *, tree: Path, cwd: str | Path) -> subprocess.Popen[bytes]:
+    """`relay serve -c cfg` from the checkout `tree` (warnings only, stderr drained), once
+    it listens on port and its workers have had a second to start."""
+    env = dict(os.environ, PYTHONPATH=str(tree), AWS_ACCESS_KEY_ID="bench",
+               AWS_SECRET_ACCESS_KEY="bench")
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--log-level", "warning"],
+        env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    threading.Thread(target=lambda: relay.stderr and relay.stderr.read(), daemon=True).start()
+    wait_port(port, relay)
+    time.sleep(1.0)  # every worker up
+    return relay

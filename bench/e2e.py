@@ -18,14 +18,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, tree_cpu_seconds, wait_port  # noqa: E402
+from common import free_port, serve_relay, tree_cpu_seconds  # noqa: E402
 
 from relay.sandbox.server import SandboxState, SandboxThread  # noqa: E402
 
@@ -83,14 +82,7 @@ def main() -> int:
             f'[ses]\nendpoint_url = "{sb.url}"\n'
             f'[delivery]\nmax_rate = 1000000\nmax_concurrency = 500\n[admin]\nenabled = false\n'
         )
-        env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench")
-        relay = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--log-level", "warning"],
-            env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=lambda: relay.stderr and relay.stderr.read(), daemon=True).start()
-        wait_port(port, relay)
-        time.sleep(1.0)  # every worker up
+        relay = serve_relay(cfg, port, tree=ROOT, cwd=tmp)
         cpu0 = tree_cpu_seconds(relay.pid)
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         own0 = time.process_time()

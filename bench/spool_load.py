@@ -13,13 +13,11 @@ from such a run mean nothing) and the most frequent of them.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ def main() -> int:
     if shutil.which("smtp-source") is None:
         raise SystemExit("needs smtp-source: apt-get install postfix (and stop its daemon)")
     sys.path[:0] = [str(args.tree), str(args.tree / "bench")]
-    from common import free_port, tree_cpu_seconds, wait_port
+    from common import free_port, serve_relay, tree_cpu_seconds
 
     from relay.sandbox.server import SandboxState, SandboxThread
     n = args.messages
@@ -48,14 +46,7 @@ def main() -> int:
             f'workers = {args.workers}\n[spool]\ndir = "{Path(tmp) / "spool"}"\n'
             f'min_free_bytes = 0\n[ses]\nendpoint_url = "{sb.url}"\n[delivery]\n'
             f'max_rate = 1000000\nmax_concurrency = 500\n[admin]\nenabled = false\n')
-        env = dict(os.environ, PYTHONPATH=str(args.tree), AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench")
-        relay = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--log-level", "warning"],
-            env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=lambda: relay.stderr and relay.stderr.read(), daemon=True).start()
-        wait_port(port, relay)
-        time.sleep(1.0)  # every worker up
+        relay = serve_relay(cfg, port, tree=args.tree, cwd=tmp)
         report = Path(tmp) / "strace.txt"
         tracer = None
         if args.strace:
