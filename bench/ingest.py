@@ -17,7 +17,10 @@ and stops everything it starts; installs nothing: `apt-get install postfix` (smt
 smtp-sink, postfix) first, and run it as root (Postfix's private instance needs it).
 
     .venv/bin/python bench/ingest.py [--messages 5000] [--sessions 20] [--size 5000]
-        [--variant smtp.workers=1] [--skip-postfix]
+        [--variant smtp.workers=1] [--rounds 1] [--skip-postfix]
+
+With --rounds K, Postfix and each relay configuration run K times, alternating, and the
+medians follow (the machine's noise shows in the spread of the rounds).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -272,6 +276,12 @@ def parse_variant(text: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def row(name: str, keep: bool, r: dict[str, float]) -> str:
+    return (f"{name:<24} {'kept' if keep else 'new':<5} {r['acc']:>11.0f} {r['e2e']:>11.0f} "
+            f"{r['pf_acc']:>9.0f} {r['pf_e2e']:>9.0f} {r['acc_ratio']:>8.2f}x "
+            f"{r['e2e_ratio']:>8.2f}x {r['cpu']:>10.2f} {r['sb']:>10.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000)
@@ -282,8 +292,13 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=None,
                         help="a relay configuration besides the defaults, as "
                              "section.key=value[,...] (default: smtp.workers=1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run Postfix and every relay config this many times, "
+                             "alternating, then print the medians (default 1)")
     parser.add_argument("--skip-postfix", action="store_true")
     args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit("--rounds: must be 1 or more")
     # a SIGTERM (a timeout) unwinds like ^C: every process started here is stopped
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     for tool in ("smtp-source",) + (() if args.skip_postfix else ("smtp-sink", "postfix")):
@@ -299,16 +314,26 @@ def main() -> int:
     head = (f"{'relay config':<24} {'conn':<5} {'relay acc/s':>11} {'relay e2e/s':>11} "
             f"{'pf acc/s':>9} {'pf e2e/s':>9} {'acc ratio':>9} {'e2e ratio':>9} "
             f"{'CPU ms/msg':>10} {'SES ms/msg':>10}")
-    print(head)
+    print(head if args.rounds == 1 else f"round {head}")
+    results: dict[tuple[str, bool], list[dict[str, float]]] = {}
     for keep in (False, True):
-        pf_acc = pf_e2e = float("nan")
-        if not args.skip_postfix:
-            pf_acc, pf_e2e = run_postfix(args, keep)
-        for name, settings in variants:
-            acc, e2e, cpu, sb = run_relay(settings, args, keep)
-            print(f"{name:<24} {'kept' if keep else 'new':<5} {acc:>11.0f} {e2e:>11.0f} "
-                  f"{pf_acc:>9.0f} {pf_e2e:>9.0f} {acc / pf_acc:>8.2f}x {e2e / pf_e2e:>8.2f}x "
-                  f"{cpu:>10.2f} {sb:>10.2f}", flush=True)
+        for turn in range(args.rounds):
+            pf_acc = pf_e2e = float("nan")
+            if not args.skip_postfix:
+                pf_acc, pf_e2e = run_postfix(args, keep)
+            for name, settings in variants:
+                acc, e2e, cpu, sb = run_relay(settings, args, keep)
+                r = {"acc": acc, "e2e": e2e, "pf_acc": pf_acc, "pf_e2e": pf_e2e,
+                     "acc_ratio": acc / pf_acc, "e2e_ratio": e2e / pf_e2e, "cpu": cpu, "sb": sb}
+                results.setdefault((name, keep), []).append(r)
+                print(row(name, keep, r) if args.rounds == 1
+                      else f"{turn + 1:<5} {row(name, keep, r)}", flush=True)
+    if args.rounds > 1:
+        print(f"\nmedians of {args.rounds} rounds (each ratio: the median of the ratios of "
+              "runs made back to back)")
+        print(head)
+        for (name, keep), runs in results.items():
+            print(row(name, keep, {k: statistics.median(r[k] for r in runs) for k in runs[0]}))
     print("conn: new = a connection per message, kept = smtp-source -d. CPU ms/msg: user+sys "
           "of the relay's processes from the first message to the last delivery; SES: the "
           "endpoint's own process (not included).")
