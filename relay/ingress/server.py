@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -59,6 +60,7 @@ from relay.ingress.session import (
     hook_names,
     write_reply,
 )
+from relay.ingress.template import Template
 from relay.ingress.tls import server_context
 from relay.log import event
 from relay.spool.commit import GroupCommit
@@ -352,14 +354,21 @@ class Ingress:
         #: the protocol factories of the two listeners
         self._plain = functools.partial(self._session, rules)
         self._tls = functools.partial(self._session, replace(rules, implicit_tls=True))
+        #: aiosmtpd's session set-up of each listener (by implicit_tls), made at its first
+        #: connection, on the running loop
+        self._templates: dict[bool, Template] = {}
 
     def _session(self, rules: SessionRules) -> RelaySession:
         """One connection's protocol, under its listener's rules."""
-        implicit_tls = rules.implicit_tls
+        template = self._templates.get(rules.implicit_tls)
+        if template is None:
+            template = self._templates[rules.implicit_tls] = self._template(rules)
+        return RelaySession(self.handler, rules=rules, template=template)
+
+    def session_options(self, *, implicit_tls: bool) -> dict[str, Any]:
+        """aiosmtpd's SMTP options for the sessions of one listener."""
         exclude = None if self.handler.credentials is not None else ["PLAIN", "LOGIN"]
-        return RelaySession(
-            self.handler,
-            rules=rules,
+        return dict(
             # the running loop, handed over: aiosmtpd would look it up for every connection
             loop=asyncio.get_running_loop(),
             data_size_limit=self.config.max_message_size,
@@ -374,6 +383,15 @@ class Ingress:
             auth_require_tls=True,
             auth_exclude_mechanism=exclude,
         )
+
+    def _template(self, rules: SessionRules) -> Template:
+        """aiosmtpd's set-up of a listener's sessions, made once (relay.ingress.template)."""
+        template = Template(RelaySession, self.handler,
+                            self.session_options(implicit_tls=rules.implicit_tls))
+        if not template.fast:
+            event(log, "session_setup_per_connection", level=logging.WARNING,
+                  reason=f"aiosmtpd's session set-up cannot be shared: {template.unsafe}")
+        return template
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

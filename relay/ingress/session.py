@@ -43,6 +43,7 @@ from relay.ingress.replies import (
     TOO_MANY_JUNK,
     Reply,
 )
+from relay.ingress.template import Template
 from relay.log import event
 
 log = logging.getLogger("relay.smtp")
@@ -128,12 +129,17 @@ class RelaySession(SMTP):
     junk = 0
     client = ""
 
-    def __init__(self, handler: Any, *, rules: SessionRules, **options: Any) -> None:
+    def __init__(self, handler: Any, *, rules: SessionRules, template: Template | None = None,
+                 **options: Any) -> None:
         self.rules = rules
         self.observer = rules.observer
         #: the lines of a multi-line reply (EHLO's) so far: written with its last line
         self._held: list[str] = []
-        super().__init__(handler, **options)
+        if template is not None:
+            # aiosmtpd's set-up, made once for the listener (relay.ingress.template)
+            template.apply(self)
+        else:
+            super().__init__(handler, **options)
         if self.observer is not None:
             self.observer.session_opened()
 
