@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -128,6 +129,9 @@ class RelaySession(SMTP):
     #: commands that move no mail (NOOP, RSET, VRFY, HELP) from a client that may not send
     junk = 0
     client = ""
+    #: the idle deadline (loop time), and when the timer that watches it is due
+    _deadline = 0.0
+    _armed = math.inf
 
     def __init__(self, handler: Any, *, rules: SessionRules, template: Template | None = None,
                  **options: Any) -> None:
@@ -319,6 +323,32 @@ class RelaySession(SMTP):
         """STARTTLS was answered 220 but the TLS session is not up."""
         return self._tls_protocol is not None and (
             self.session is None or self.session.ssl is None)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, moved on lazily: one timer per session, not one per command.
+
+        Each command only records the new deadline; the timer, when it fires before it,
+        sets itself again for the rest. (aiosmtpd cancels the timer and makes a new one for
+        every command, and every cancelled one stays in the loop's heap until it is due.)
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and self._armed <= deadline and not handle.cancelled():
+            return
+        if handle is not None:
+            handle.cancel()
+        self._armed = deadline
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        if self._deadline > self._armed:
+            # a command came meanwhile: the session has until its deadline
+            self._armed = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_timer)
+            return
+        self._armed = math.inf  # fired: a later reset sets a new timer
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # mid-handshake the transport is the TLS layer's: a plaintext 421 has no place there
