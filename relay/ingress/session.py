@@ -12,6 +12,7 @@ One instance per connection, built by relay.ingress.server.Ingress with its list
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Any, AnyStr, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from relay.config import SmtpConfig
-from relay.ingress.data import NOMINAL, TOO_LONG, read_data
+from relay.ingress.data import NOMINAL, TOO_LONG, SessionReader, read_data
 from relay.ingress.limits import ConnectionLimiter, ConnectionRate, Networks
 from relay.ingress.replies import (
     CONNECTION_RATE,
@@ -129,6 +130,8 @@ class RelaySession(SMTP):
     #: commands that move no mail (NOOP, RSET, VRFY, HELP) from a client that may not send
     junk = 0
     client = ""
+    #: the stream reader aiosmtpd reads from (a larger limit while DATA is read)
+    reader_class = SessionReader
     #: the idle deadline (loop time), and when the timer that watches it is due
     _deadline = 0.0
     _armed = math.inf
@@ -233,9 +236,13 @@ class RelaySession(SMTP):
             await self.push(DATA_SYNTAX.line)
             return
         await self.push(START_DATA.line)
+        reader = self._reader
+        phase = reader.data_phase() if isinstance(reader, SessionReader) else (
+            contextlib.nullcontext())
         try:
             # lines are measured after the line endings are made CRLF (relay.ingress.content)
-            data, state = await read_data(self._reader, self.data_size_limit, sys.maxsize)
+            with phase:
+                data, state = await read_data(reader, self.data_size_limit, sys.maxsize)
         except asyncio.IncompleteReadError:
             return  # the client went away mid-message: nothing was accepted
         except asyncio.CancelledError:

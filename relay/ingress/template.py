@@ -121,8 +121,9 @@ class Template:
         if not self.fast:
             SMTP.__init__(session, self.handler, **self.options)
             return
+        reader = getattr(self.cls, "reader_class", asyncio.StreamReader)
         asyncio.StreamReaderProtocol.__init__(
-            session, asyncio.StreamReader(loop=self.loop, limit=self.cls.line_length_limit),
+            session, reader(loop=self.loop, limit=self.cls.line_length_limit),
             client_connected_cb=session._cb_client_connected, loop=self.loop)
         state = vars(session)
         state.update(self.shared)
