@@ -33,6 +33,7 @@ from relay.errors import SpoolError, SpoolFullError
 from relay.ingress import addresses, content, headers, lanes
 from relay.ingress.auth import AuthHooks
 from relay.ingress.credentials import Credentials, User
+from relay.ingress.headers import Split
 from relay.ingress.limits import AuthThrottle, ConnectionLimiter, ConnectionRate, Networks
 from relay.ingress.replies import (
     ACCESS_DENIED,
@@ -185,18 +186,18 @@ class IngressHandler(AuthHooks):
         data = envelope.original_content
         if data is None:
             data = envelope.content if isinstance(envelope.content, bytes) else b""
-        data, refusal = await self.inspect(session, data)
+        data, parts, refusal = await self.inspect(session, data)
         if refusal is not None:
             event(log, "refused", level=logging.WARNING, client=client_address(session),
                   reason=refusal.text)
             return str(refusal)
         try:
-            lane, ses = self.lane_of(server, session, envelope, data)
+            lane, ses = self.lane_of(server, session, envelope, data, parts)
         except lanes.BadSesHeader as exc:
             event(log, "refused", level=logging.WARNING, client=client_address(session),
                   reason=str(exc))
             return str(lanes.BAD_SES_HEADER.with_detail(str(exc)))
-        prepare = self.preparer(server, session)
+        prepare = self.preparer(server, session, (data, parts))
         env = Envelope(
             # the null reverse-path (bounces, DSNs) arrives as "<>" from aiosmtpd's parser
             sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
@@ -231,7 +232,7 @@ class IngressHandler(AuthHooks):
         return str(queued_as(qid))
 
     def lane_of(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
-                data: bytes) -> tuple[str, SesOptions]:
+                data: bytes, parts: Split | None = None) -> tuple[str, SesOptions]:
         """The message's lane and SendEmail options (BadSesHeader: refuse it)."""
         sock = server.transport.get_extra_info("sockname") if server.transport else None
         user: object = session.auth_data if session.authenticated else None
@@ -239,7 +240,7 @@ class IngressHandler(AuthHooks):
             port=int(sock[1]) if isinstance(sock, tuple) and len(sock) > 1 else 0,
             user=user.name if isinstance(user, User) else "",
             client=client_address(session), sender=envelope.mail_from or "",
-            headers=lanes.header_fields(data))
+            headers=lanes.header_fields(data, parts))
         lane = lanes.decide(self.lanes, facts)
         return lane, lanes.ses_options(self.lanes, lane, facts)
 
@@ -260,19 +261,22 @@ class IngressHandler(AuthHooks):
             return SENDER_NOT_ALLOWED
         return (BAD_SENDER if sender else BAD_ADDRESS).with_detail(exc.reason)
 
-    async def inspect(self, session: Session, data: bytes) -> tuple[bytes, Reply | None]:
-        """Line endings, long lines and the header From (relay.ingress.content)."""
+    async def inspect(self, session: Session,
+                      data: bytes) -> tuple[bytes, Split | None, Reply | None]:
+        """Line endings, long lines and the header From (relay.ingress.content.check)."""
         user: object = session.auth_data if session.authenticated else None
         check = functools.partial(
-            content.inspect, data, allowed_domains=self.config.allowed_sender_domains,
+            content.check, data, allowed_domains=self.config.allowed_sender_domains,
             user=user if isinstance(user, User) else None)
         # a big message is scanned off the loop, so other sessions are not held up
         return check() if len(data) < INLINE else await asyncio.to_thread(check)
 
-    def preparer(self, server: SMTP, session: Session) -> Callable[[bytes], bytes]:
+    def preparer(self, server: SMTP, session: Session,
+                 known: tuple[bytes, Split | None] = (b"", None)) -> Callable[[bytes], bytes]:
         """Bcc out, Date/Message-ID in, Received first, then the DKIM signature.
 
         Runs in the worker thread with the spool write, inside the shielded commit.
+        `known` is a message and its header split, not to be split again.
         """
         tls = server.transport is not None and server.transport.get_extra_info("ssl_object")
         # RFC 3848 protocol names: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
@@ -285,8 +289,10 @@ class IngressHandler(AuthHooks):
 
         def prepare(data: bytes) -> bytes:
             # the X-SES-* parameter headers travel as SendEmail parameters, not in the bytes
-            data = headers.prepare(lanes.strip(data), received=received,
-                                   hostname=self.hostname, now=now)
+            parts = known[1] if data is known[0] else None
+            stripped = lanes.strip(data, parts)
+            data = headers.prepare(stripped, received=received, hostname=self.hostname,
+                                   now=now, parts=parts if stripped is data else None)
             return self.signer(data) if self.signer is not None else data
 
         return prepare
