@@ -210,7 +210,10 @@ class RelaySession(SMTP):
                 self._held.append(line)
                 line = "\r\n".join(self._held)
                 self._held.clear()
-            await super().push(line)
+            # aiosmtpd's push, less its debug log call per reply (mail.log is quiet)
+            self._writer.write(
+                line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n")
+            await self._writer.drain()
         else:
             await super().push(status)
         if self.errors >= self.rules.config.max_errors and self.transport is not None:
