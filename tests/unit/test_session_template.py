@@ -111,3 +111,22 @@ async def test_a_listener_makes_its_sessions_from_one_template(tmp_path):
     assert first._smtp_methods["DATA"].__func__ is RelaySession.smtp_DATA
     assert first._handle_hooks["DATA"] == ingress.handler.handle_DATA
     assert sorted(first._auth_methods) == []
+
+
+async def test_what_the_template_cannot_copy_safely_makes_each_session_run_aiosmtpds_init(
+        tmp_path):
+    """An option whose value the template cannot tell is safe to share (here an
+    authenticator object) is not copied: each session runs aiosmtpd's own __init__."""
+
+    class Authenticator:
+        def __call__(self, *args: Any) -> Any:
+            return None
+
+    ingress = listener(tmp_path, tls=False, credentials=False)
+    options = {**ingress.session_options(implicit_tls=False), "authenticator": Authenticator()}
+    template = Template(RelaySession, ingress.handler, options)
+    assert not template.fast and "_authenticator" in template.unsafe
+    session = RelaySession.__new__(RelaySession)
+    template.apply(session)
+    assert session._authenticator is options["authenticator"]
+    assert session._smtp_methods["DATA"].__self__ is session
