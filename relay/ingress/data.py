@@ -2,9 +2,10 @@
 
 aiosmtpd reads DATA with one `readuntil(b"\\r\\n")` per line, plus a log call and list
 work per line: about 80 awaits for a 5 KB message and a third of the ingress's CPU. Here
-the stream is read up to each `.\\r\\n` (in blocks of the reader's limit, about 1 KB, when
-none is near), and a dot ends the message only where aiosmtpd's line reader would end it:
-a line that is exactly `.` after a CRLF (or first). Bare LF or bare CR before the dot do
+the stream is read up to each `.\\r\\n` (in blocks of the reader's limit when none is near:
+SessionReader raises it to DATA_LIMIT for the DATA phase), and a dot ends the message
+only where aiosmtpd's line reader would end it: a line that is exactly `.` after a CRLF
+(or first). Bare LF or bare CR before the dot do
 not end it (no smuggling). Bytes after the terminating line stay in the reader for the
 next command (pipelining). Byte for byte the result equals aiosmtpd's: the same content
 after dot-unstuffing, the same size rule (552 past the limit, the rest drained, nothing

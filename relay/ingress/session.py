@@ -5,7 +5,9 @@ rewrites, the error delay and the error cap on every reply, a multi-line reply i
 (EHLO's lines are one send, not one each), the junk-command cap for clients
 that may not send, smtp.data_timeout over the whole DATA phase, DATA read in blocks
 (relay.ingress.data), the idle timeout's 421, and a STARTTLS handshake cut short ending the
-session. A SessionObserver (metrics) hears of each session and reply.
+session. A SessionObserver (metrics) hears of each session and reply. aiosmtpd's own
+per-connection set-up is made once per listener (relay.ingress.template) and the idle
+timeout is one timer per session, moved on lazily by each command.
 One instance per connection, built by relay.ingress.server.Ingress with its listener's rules.
 """
 
