@@ -7,6 +7,7 @@ to correlate lines about one recipient without writing it out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,7 +19,9 @@ from typing import Any
 RECIPIENT_KEYS = ("recipient", "recipients", "sender")
 
 
+@functools.lru_cache(maxsize=4096)
 def hash_address(addr: str) -> str:
+    # remembered: the same senders and recipients come in line after line
     return hashlib.sha256(addr.strip().lower().encode()).hexdigest()[:16]
 
 

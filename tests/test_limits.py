@@ -156,6 +156,22 @@ def test_networks_table(networks, peer, inside):
     assert (peer in Networks(networks)) is inside
 
 
+def test_networks_answer_the_same_when_asked_again_and_past_their_memory():
+    """Answers are remembered per address: asking again (each command does) changes
+    nothing, an address is judged alone (not by its port), and past Networks.MEMORY
+    addresses the table starts again without a wrong answer."""
+    nets = Networks(("10.0.0.0/8",))
+    for _ in range(3):
+        assert ("10.1.2.3", 25) in nets
+        assert ("10.1.2.3", 26) in nets
+        assert ("192.0.2.1", 25) not in nets
+        assert ("not-an-address", 25) not in nets
+    for i in range(Networks.MEMORY + 10):
+        host = f"10.0.{i // 256 % 256}.{i % 256}" if i % 2 else f"192.0.{i // 256 % 256}.{i % 256}"
+        assert ((host, 25) in nets) is bool(i % 2)
+    assert ("192.0.2.1", 25) not in nets and ("10.1.2.3", 25) in nets
+
+
 @pytest.mark.parametrize("limit, attempts, allowed", [
     # (seconds after the first connection of each attempt) -> admitted?
     (3, [0, 1, 2, 3], [True, True, True, False]),

@@ -2,9 +2,10 @@
 
 aiosmtpd reads DATA with one `readuntil(b"\\r\\n")` per line, plus a log call and list
 work per line: about 80 awaits for a 5 KB message and a third of the ingress's CPU. Here
-the stream is read up to each `.\\r\\n` (in blocks of the reader's limit, about 1 KB, when
-none is near), and a dot ends the message only where aiosmtpd's line reader would end it:
-a line that is exactly `.` after a CRLF (or first). Bare LF or bare CR before the dot do
+the stream is read up to each `.\\r\\n` (in blocks of the reader's limit when none is near:
+SessionReader raises it to DATA_LIMIT for the DATA phase), and a dot ends the message
+only where aiosmtpd's line reader would end it: a line that is exactly `.` after a CRLF
+(or first). Bare LF or bare CR before the dot do
 not end it (no smuggling). Bytes after the terminating line stay in the reader for the
 next command (pipelining). Byte for byte the result equals aiosmtpd's: the same content
 after dot-unstuffing, the same size rule (552 past the limit, the rest drained, nothing
@@ -14,12 +15,36 @@ buffered) and the same line length rule (500 for a line over `line_limit` with i
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 NOMINAL = "nominal"
 TOO_LONG = "too long"  #: a line longer than the line limit (aiosmtpd: 500)
 TOO_MUCH = "too much"  #: more than the size limit (aiosmtpd: 552)
 
 END = b".\r\n"
+#: the session reader's limit while DATA is read (SessionReader.data_phase)
+DATA_LIMIT = 64 * 1024
+
+
+class SessionReader(asyncio.StreamReader):
+    """aiosmtpd's stream reader, with a larger limit while DATA is read.
+
+    aiosmtpd gives its reader the limit of a command line (1001 bytes), and a
+    StreamReader stops reading from the socket while it holds more than twice its limit:
+    every message over 2 KB then costs a pause and a resume of the socket (two epoll_ctl
+    calls and the selector's bookkeeping) and read_data a block per KB. During DATA the
+    limit is DATA_LIMIT; command lines keep aiosmtpd's (its "500 Command line too long").
+    """
+
+    @contextlib.contextmanager
+    def data_phase(self) -> Iterator[None]:
+        limit = self._limit  # type: ignore[has-type] # StreamReader's own, set in __init__
+        self._limit = max(limit, DATA_LIMIT)
+        try:
+            yield
+        finally:
+            self._limit = limit
 
 
 async def read_data(reader: asyncio.StreamReader, size_limit: int | None,
@@ -86,4 +111,4 @@ def _lines(block: bytes, line: int, cr: bool, line_limit: int) -> tuple[str, int
     return NOMINAL, line, cr
 
 
-__all__ = ["NOMINAL", "TOO_LONG", "TOO_MUCH", "read_data"]
+__all__ = ["DATA_LIMIT", "NOMINAL", "TOO_LONG", "TOO_MUCH", "SessionReader", "read_data"]

@@ -9,6 +9,7 @@ holds exactly what is sent.
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ class Split:
     newline: bytes
 
     def names(self) -> list[bytes]:
+        """Each field's name, lowercased (b"" for none)."""
+        return self.lowered
+
+    @functools.cached_property
+    def lowered(self) -> list[bytes]:
+        # worked out once: the From check, the X-SES-* strip and prepare() all ask
         out = []
         for f in self.fields:
             m = _FIELD.match(f)
@@ -78,9 +85,11 @@ def received_line(*, helo: str, client: str, hostname: str, protocol: str, now: 
             f"\n\t{rfc5322_date(now)}")
 
 
-def prepare(data: bytes, *, received: str, hostname: str, now: float) -> bytes:
-    """The message as it will be stored and sent (see the module docstring)."""
-    parts = split(data)
+def prepare(data: bytes, *, received: str, hostname: str, now: float,
+            parts: Split | None = None) -> bytes:
+    """The message as it will be stored and sent (see the module docstring); `parts` is
+    split(data) when the caller has it already."""
+    parts = split(data) if parts is None else parts
     nl = parts.newline
     names = parts.names()
     fields = [f for f, n in zip(parts.fields, names, strict=True) if n != b"bcc"]

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from relay.config_lanes import SES_NAME, SES_SET_NAME, LanesConfig, RuleConfig, parse_tags
-from relay.ingress.headers import split
+from relay.ingress.headers import Split, split
 from relay.ingress.replies import Reply
 from relay.spool.record import SesOptions
 
@@ -52,10 +52,11 @@ class BadSesHeader(ValueError):
         self.reason = reason
 
 
-def header_fields(data: bytes) -> tuple[tuple[str, str], ...]:
-    """The message's header fields as (lowercased name, unfolded value)."""
+def header_fields(data: bytes, parts: Split | None = None) -> tuple[tuple[str, str], ...]:
+    """The message's header fields as (lowercased name, unfolded value); `parts` is
+    split(data) when the caller has it already."""
     out = []
-    for raw in split(data).fields:
+    for raw in (split(data) if parts is None else parts).fields:
         name, _, value = raw.partition(b":")
         text = re.sub(r"\r?\n[ \t]", " ", value.decode("latin-1")).strip()
         out.append((name.strip().decode("latin-1").lower(), text))
@@ -165,9 +166,10 @@ def _list_management(value: str) -> tuple[str, str]:
     return contact, topic
 
 
-def strip(data: bytes) -> bytes:
-    """The message without its X-SES-* parameter headers (SES takes them as parameters)."""
-    parts = split(data)
+def strip(data: bytes, parts: Split | None = None) -> bytes:
+    """The message without its X-SES-* parameter headers (SES takes them as parameters):
+    `data` itself when it has none; `parts` is split(data) when the caller has it."""
+    parts = split(data) if parts is None else parts
     names = parts.names()
     if not any(n in SES_HEADERS for n in names):
         return data

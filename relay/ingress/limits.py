@@ -24,14 +24,31 @@ class Networks:
     A Unix socket's path, None or anything unparsable is in no network.
     """
 
+    #: addresses remembered at most (then forgotten all at once)
+    MEMORY = 4096
+
     def __init__(self, networks: Iterable[str]) -> None:
         self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        #: the answer for each address asked about: a session asks at connect, MAIL and
+        #: each RCPT, and parsing the address costs more than the rest of the check
+        self._known: dict[str, bool] = {}
 
     def __contains__(self, peer: object) -> bool:
         if not self.networks or not isinstance(peer, tuple) or not peer:
             return False
+        host = peer[0]
+        if not isinstance(host, str):
+            return self._inside(host)
+        known = self._known.get(host)
+        if known is None:
+            if len(self._known) >= self.MEMORY:
+                self._known.clear()
+            known = self._known[host] = self._inside(host)
+        return known
+
+    def _inside(self, host: object) -> bool:
         try:
-            addr = ipaddress.ip_address(peer[0])
+            addr = ipaddress.ip_address(host)  # type: ignore[arg-type] # checked below
         except (TypeError, ValueError):
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:

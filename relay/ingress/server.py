@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -32,6 +33,7 @@ from relay.errors import SpoolError, SpoolFullError
 from relay.ingress import addresses, content, headers, lanes
 from relay.ingress.auth import AuthHooks
 from relay.ingress.credentials import Credentials, User
+from relay.ingress.headers import Split
 from relay.ingress.limits import AuthThrottle, ConnectionLimiter, ConnectionRate, Networks
 from relay.ingress.replies import (
     ACCESS_DENIED,
@@ -59,6 +61,7 @@ from relay.ingress.session import (
     hook_names,
     write_reply,
 )
+from relay.ingress.template import Template
 from relay.ingress.tls import server_context
 from relay.log import event
 from relay.spool.commit import GroupCommit
@@ -183,18 +186,18 @@ class IngressHandler(AuthHooks):
         data = envelope.original_content
         if data is None:
             data = envelope.content if isinstance(envelope.content, bytes) else b""
-        data, refusal = await self.inspect(session, data)
+        data, parts, refusal = await self.inspect(session, data)
         if refusal is not None:
             event(log, "refused", level=logging.WARNING, client=client_address(session),
                   reason=refusal.text)
             return str(refusal)
         try:
-            lane, ses = self.lane_of(server, session, envelope, data)
+            lane, ses = self.lane_of(server, session, envelope, data, parts)
         except lanes.BadSesHeader as exc:
             event(log, "refused", level=logging.WARNING, client=client_address(session),
                   reason=str(exc))
             return str(lanes.BAD_SES_HEADER.with_detail(str(exc)))
-        prepare = self.preparer(server, session)
+        prepare = self.preparer(server, session, (data, parts))
         env = Envelope(
             # the null reverse-path (bounces, DSNs) arrives as "<>" from aiosmtpd's parser
             sender="" if envelope.mail_from in (None, "", "<>") else envelope.mail_from,
@@ -229,7 +232,7 @@ class IngressHandler(AuthHooks):
         return str(queued_as(qid))
 
     def lane_of(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
-                data: bytes) -> tuple[str, SesOptions]:
+                data: bytes, parts: Split | None = None) -> tuple[str, SesOptions]:
         """The message's lane and SendEmail options (BadSesHeader: refuse it)."""
         sock = server.transport.get_extra_info("sockname") if server.transport else None
         user: object = session.auth_data if session.authenticated else None
@@ -237,7 +240,7 @@ class IngressHandler(AuthHooks):
             port=int(sock[1]) if isinstance(sock, tuple) and len(sock) > 1 else 0,
             user=user.name if isinstance(user, User) else "",
             client=client_address(session), sender=envelope.mail_from or "",
-            headers=lanes.header_fields(data))
+            headers=lanes.header_fields(data, parts))
         lane = lanes.decide(self.lanes, facts)
         return lane, lanes.ses_options(self.lanes, lane, facts)
 
@@ -258,19 +261,22 @@ class IngressHandler(AuthHooks):
             return SENDER_NOT_ALLOWED
         return (BAD_SENDER if sender else BAD_ADDRESS).with_detail(exc.reason)
 
-    async def inspect(self, session: Session, data: bytes) -> tuple[bytes, Reply | None]:
-        """Line endings, long lines and the header From (relay.ingress.content)."""
+    async def inspect(self, session: Session,
+                      data: bytes) -> tuple[bytes, Split | None, Reply | None]:
+        """Line endings, long lines and the header From (relay.ingress.content.check)."""
         user: object = session.auth_data if session.authenticated else None
         check = functools.partial(
-            content.inspect, data, allowed_domains=self.config.allowed_sender_domains,
+            content.check, data, allowed_domains=self.config.allowed_sender_domains,
             user=user if isinstance(user, User) else None)
         # a big message is scanned off the loop, so other sessions are not held up
         return check() if len(data) < INLINE else await asyncio.to_thread(check)
 
-    def preparer(self, server: SMTP, session: Session) -> Callable[[bytes], bytes]:
+    def preparer(self, server: SMTP, session: Session,
+                 known: tuple[bytes, Split | None] = (b"", None)) -> Callable[[bytes], bytes]:
         """Bcc out, Date/Message-ID in, Received first, then the DKIM signature.
 
         Runs in the worker thread with the spool write, inside the shielded commit.
+        `known` is a message and its header split, not to be split again.
         """
         tls = server.transport is not None and server.transport.get_extra_info("ssl_object")
         # RFC 3848 protocol names: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
@@ -283,8 +289,10 @@ class IngressHandler(AuthHooks):
 
         def prepare(data: bytes) -> bytes:
             # the X-SES-* parameter headers travel as SendEmail parameters, not in the bytes
-            data = headers.prepare(lanes.strip(data), received=received,
-                                   hostname=self.hostname, now=now)
+            parts = known[1] if data is known[0] else None
+            stripped = lanes.strip(data, parts)
+            data = headers.prepare(stripped, received=received, hostname=self.hostname,
+                                   now=now, parts=parts if stripped is data else None)
             return self.signer(data) if self.signer is not None else data
 
         return prepare
@@ -352,14 +360,21 @@ class Ingress:
         #: the protocol factories of the two listeners
         self._plain = functools.partial(self._session, rules)
         self._tls = functools.partial(self._session, replace(rules, implicit_tls=True))
+        #: aiosmtpd's session set-up of each listener (by implicit_tls), made at its first
+        #: connection, on the running loop
+        self._templates: dict[bool, Template] = {}
 
     def _session(self, rules: SessionRules) -> RelaySession:
         """One connection's protocol, under its listener's rules."""
-        implicit_tls = rules.implicit_tls
+        template = self._templates.get(rules.implicit_tls)
+        if template is None:
+            template = self._templates[rules.implicit_tls] = self._template(rules)
+        return RelaySession(self.handler, rules=rules, template=template)
+
+    def session_options(self, *, implicit_tls: bool) -> dict[str, Any]:
+        """aiosmtpd's SMTP options for the sessions of one listener."""
         exclude = None if self.handler.credentials is not None else ["PLAIN", "LOGIN"]
-        return RelaySession(
-            self.handler,
-            rules=rules,
+        return dict(
             # the running loop, handed over: aiosmtpd would look it up for every connection
             loop=asyncio.get_running_loop(),
             data_size_limit=self.config.max_message_size,
@@ -374,6 +389,15 @@ class Ingress:
             auth_require_tls=True,
             auth_exclude_mechanism=exclude,
         )
+
+    def _template(self, rules: SessionRules) -> Template:
+        """aiosmtpd's set-up of a listener's sessions, made once (relay.ingress.template)."""
+        template = Template(RelaySession, self.handler,
+                            self.session_options(implicit_tls=rules.implicit_tls))
+        if not template.fast:
+            event(log, "session_setup_per_connection", level=logging.WARNING,
+                  reason=f"aiosmtpd's session set-up cannot be shared: {template.unsafe}")
+        return template
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

@@ -5,15 +5,19 @@ rewrites, the error delay and the error cap on every reply, a multi-line reply i
 (EHLO's lines are one send, not one each), the junk-command cap for clients
 that may not send, smtp.data_timeout over the whole DATA phase, DATA read in blocks
 (relay.ingress.data), the idle timeout's 421, and a STARTTLS handshake cut short ending the
-session. A SessionObserver (metrics) hears of each session and reply.
+session. A SessionObserver (metrics) hears of each session and reply. aiosmtpd's own
+per-connection set-up is made once per listener (relay.ingress.template) and the idle
+timeout is one timer per session, moved on lazily by each command.
 One instance per connection, built by relay.ingress.server.Ingress with its listener's rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ from typing import Any, AnyStr, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from relay.config import SmtpConfig
-from relay.ingress.data import NOMINAL, TOO_LONG, read_data
+from relay.ingress.data import NOMINAL, TOO_LONG, SessionReader, read_data
 from relay.ingress.limits import ConnectionLimiter, ConnectionRate, Networks
 from relay.ingress.replies import (
     CONNECTION_RATE,
@@ -43,6 +47,7 @@ from relay.ingress.replies import (
     TOO_MANY_JUNK,
     Reply,
 )
+from relay.ingress.template import Template
 from relay.log import event
 
 log = logging.getLogger("relay.smtp")
@@ -127,13 +132,23 @@ class RelaySession(SMTP):
     #: commands that move no mail (NOOP, RSET, VRFY, HELP) from a client that may not send
     junk = 0
     client = ""
+    #: the stream reader aiosmtpd reads from (a larger limit while DATA is read)
+    reader_class = SessionReader
+    #: the idle deadline (loop time), and when the timer that watches it is due
+    _deadline = 0.0
+    _armed = math.inf
 
-    def __init__(self, handler: Any, *, rules: SessionRules, **options: Any) -> None:
+    def __init__(self, handler: Any, *, rules: SessionRules, template: Template | None = None,
+                 **options: Any) -> None:
         self.rules = rules
         self.observer = rules.observer
         #: the lines of a multi-line reply (EHLO's) so far: written with its last line
         self._held: list[str] = []
-        super().__init__(handler, **options)
+        if template is not None:
+            # aiosmtpd's set-up, made once for the listener (relay.ingress.template)
+            template.apply(self)
+        else:
+            super().__init__(handler, **options)
         if self.observer is not None:
             self.observer.session_opened()
 
@@ -197,7 +212,10 @@ class RelaySession(SMTP):
                 self._held.append(line)
                 line = "\r\n".join(self._held)
                 self._held.clear()
-            await super().push(line)
+            # aiosmtpd's push, less its debug log call per reply (mail.log is quiet)
+            self._writer.write(
+                line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n")
+            await self._writer.drain()
         else:
             await super().push(status)
         if self.errors >= self.rules.config.max_errors and self.transport is not None:
@@ -223,9 +241,13 @@ class RelaySession(SMTP):
             await self.push(DATA_SYNTAX.line)
             return
         await self.push(START_DATA.line)
+        reader = self._reader
+        phase = reader.data_phase() if isinstance(reader, SessionReader) else (
+            contextlib.nullcontext())
         try:
             # lines are measured after the line endings are made CRLF (relay.ingress.content)
-            data, state = await read_data(self._reader, self.data_size_limit, sys.maxsize)
+            with phase:
+                data, state = await read_data(reader, self.data_size_limit, sys.maxsize)
         except asyncio.IncompleteReadError:
             return  # the client went away mid-message: nothing was accepted
         except asyncio.CancelledError:
@@ -313,6 +335,32 @@ class RelaySession(SMTP):
         """STARTTLS was answered 220 but the TLS session is not up."""
         return self._tls_protocol is not None and (
             self.session is None or self.session.ssl is None)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, moved on lazily: one timer per session, not one per command.
+
+        Each command only records the new deadline; the timer, when it fires before it,
+        sets itself again for the rest. (aiosmtpd cancels the timer and makes a new one for
+        every command, and every cancelled one stays in the loop's heap until it is due.)
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and self._armed <= deadline and not handle.cancelled():
+            return
+        if handle is not None:
+            handle.cancel()
+        self._armed = deadline
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        if self._deadline > self._armed:
+            # a command came meanwhile: the session has until its deadline
+            self._armed = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_timer)
+            return
+        self._armed = math.inf  # fired: a later reset sets a new timer
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # mid-handshake the transport is the TLS layer's: a plaintext 421 has no place there

@@ -4,6 +4,7 @@ of continuation lines of a folded field."""
 
 from __future__ import annotations
 
+import re
 import sys
 from types import FrameType
 from typing import Any
@@ -102,3 +103,57 @@ def test_header_work_does_not_grow_with_continuation_lines():
 
     small, large = _line_events(work, _folded(10)), _line_events(work, _folded(800_000))
     assert small == large < 400
+
+
+@pytest.mark.parametrize("data", [
+    b"From: a@example.org\r\nTo: b@example.net\r\nSubject: s\r\n\r\nbody\r\n",
+    b"From: a@example.org\nBcc: c@example.net\nX-SES-CONFIGURATION-SET: cs\n\nbody\n",
+    b"X-SES-MESSAGE-TAGS: a=b\r\nFrom: a@example.org\r\nDate: x\r\nMessage-ID: <m@x>\r\n"
+    b"X-Ses-Tenant-Name: t\r\n\r\nbody\r\n",
+    b"From: a@example.org\r\nSubject: folded\r\n more\r\n\tstill\r\n",
+    b"From: a@example.org",
+])
+def test_one_header_split_gives_what_splitting_at_each_step_gives(data):
+    """The ingress splits the header once (content.check) and hands the split to the lane
+    facts, the X-SES-* strip and prepare(): the same facts and bytes as splitting anew."""
+    from relay.ingress import lanes
+
+    checked, parts, refusal = content.check(data, allowed_domains=(), user=None)
+    assert refusal is None and parts is not None
+    assert lanes.header_fields(checked, parts) == lanes.header_fields(checked)
+    stripped = lanes.strip(checked, parts)
+    assert stripped == lanes.strip(checked)
+    again = parts if stripped is checked else None
+    kw: dict[str, Any] = {"received": "Received: x", "hostname": "relay.test", "now": 0.0}
+
+    def made(out: bytes) -> bytes:  # the Message-ID the relay adds is random
+        return re.sub(rb"Message-ID: <0\.[0-9a-f]+@relay\.test>", b"Message-ID: <?>", out)
+
+    assert made(headers.prepare(stripped, parts=again, **kw)) == made(
+        headers.prepare(lanes.strip(checked), **kw))
+
+
+def test_the_preparer_uses_a_known_split_only_for_the_message_it_belongs_to(tmp_path):
+    """IngressHandler.preparer is given the checked message and its split; bytes that are
+    not that message (a caller's other bytes) are split anew, never cut by another's."""
+    from types import SimpleNamespace
+
+    from aiosmtpd.smtp import Session
+
+    from relay.config import SmtpConfig
+    from relay.ingress.server import IngressHandler
+    from relay.spool.spool import Spool
+
+    handler = IngressHandler(spool=Spool(tmp_path / "spool", fsync=False),
+                             config=SmtpConfig(hostname="relay.test"))
+    one, parts, _ = content.check(
+        b"From: a@example.org\r\nBcc: x@example.net\r\nX-SES-CONFIGURATION-SET: cs\r\n\r\n"
+        b"body\r\n", allowed_domains=(), user=None)
+    other = b"From: b@example.org\r\nDate: d\r\nMessage-ID: <m@x>\r\n\r\nother\r\n"
+    session = Session(None)  # type: ignore[arg-type] # no loop needed to name the client
+    prepare = handler.preparer(SimpleNamespace(transport=None), session,  # type: ignore[arg-type]
+                               (one, parts))
+    out = prepare(other)
+    assert out.endswith(b"From: b@example.org\r\nDate: d\r\nMessage-ID: <m@x>\r\n\r\nother\r\n")
+    mine = prepare(one)
+    assert b"Bcc" not in mine and b"X-SES" not in mine and mine.endswith(b"\r\n\r\nbody\r\n")

@@ -14,7 +14,7 @@ from typing import Any
 
 from relay.config import SmtpConfig
 from relay.ingress.limits import ConnectionLimiter, Networks
-from relay.ingress.server import IngressHandler
+from relay.ingress.server import Ingress, IngressHandler
 from relay.ingress.session import RelaySession, SessionRules
 from relay.spool.files import MAX_PENDING_FILES
 from relay.spool.record import Envelope
@@ -117,3 +117,48 @@ async def test_a_crowded_spool_takes_even_a_small_message_off_the_event_loop(tmp
     await handler._spool(env, b"Subject: s\r\n\r\nbody\r\n", lambda b: b)
     assert seen[-1] == (False, False)
     assert not spool.crowded()  # the flush took them all
+
+
+class FlowTransport(RecordingTransport):
+    """Counts how often the session's reader stops and starts reading from the socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pauses = 0
+
+    def pause_reading(self) -> None:
+        self.pauses += 1
+
+
+async def test_a_message_is_read_without_pausing_the_socket_and_commands_keep_their_limit(
+        tmp_path):
+    """While DATA is read the reader holds up to DATA_LIMIT (a 20 KB message arrives in one
+    piece without the socket being paused and resumed); afterwards a command line is held
+    to aiosmtpd's limit again (its 500 for a line too long)."""
+    config = SmtpConfig(hostname="relay.test")
+    spool = Spool(tmp_path / "spool", fsync=False, min_free_bytes=0)
+    spool.ensure()
+    # a session as the listener makes it (from its template, with the session's reader)
+    proto, transport = Ingress(IngressHandler(spool=spool, config=config), config)._plain(), (
+        FlowTransport())
+    proto.connection_made(transport)
+    await replies_to(proto, transport, b"", b"220 ")
+    await replies_to(proto, transport, b"HELO client.test\r\n", b"250 ")
+    await replies_to(proto, transport, b"MAIL FROM:<a@example.com>\r\n", b"250 ")
+    await replies_to(proto, transport, b"RCPT TO:<b@example.net>\r\n", b"250 ")
+    await replies_to(proto, transport, b"DATA\r\n", b"354 ")
+    message = b"From: a@example.com\r\n\r\n" + b"x" * 76 + b"\r\n" * 1 + (
+        (b"y" * 78 + b"\r\n") * 250)
+    before = len(transport.writes)
+    proto.data_received(message + b".\r\n")
+    for _ in range(3000):  # bounded: the spool's publish runs in a thread
+        if len(transport.writes) > before:
+            break
+        await asyncio.sleep(0.01)
+    assert transport.writes[-1].startswith(b"250 2.0.0 Ok: queued as ")
+    assert transport.pauses == 0
+    # over the reader's limit aiosmtpd answers before it looks at the line (a longer limit
+    # would read the line and answer that its non-ASCII command is bad syntax)
+    writes = await replies_to(proto, transport, b"\xff" * 1200 + b"\r\n", b"500 ")
+    assert writes == [b"500 Command line too long\r\n"]
+    proto.connection_lost(None)

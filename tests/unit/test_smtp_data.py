@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from relay.ingress.data import NOMINAL, TOO_LONG, TOO_MUCH, read_data
+import pytest
+
+from relay.ingress.data import DATA_LIMIT, NOMINAL, TOO_LONG, TOO_MUCH, read_data
 
 LIMIT = 1001  # aiosmtpd's line_length_limit and StreamReader limit
 NEXT = b"QUIT\r\n"
@@ -72,8 +74,9 @@ def body(rng: random.Random) -> bytes:
     return b"".join(parts) + b"\r\n"
 
 
-async def run(reader_fn, stream: bytes, pieces: list[int], size_limit: int):
-    reader = asyncio.StreamReader(limit=LIMIT)
+async def run(reader_fn, stream: bytes, pieces: list[int], size_limit: int,
+              limit: int = LIMIT):
+    reader = asyncio.StreamReader(limit=limit)
     task = asyncio.ensure_future(reader_fn(reader, size_limit))
     pos = 0
     for n in pieces:
@@ -87,7 +90,9 @@ async def run(reader_fn, stream: bytes, pieces: list[int], size_limit: int):
     return result, rest
 
 
-def test_same_outcome_as_aiosmtpd_line_reader():
+@pytest.mark.parametrize("limit", [LIMIT, 4096, DATA_LIMIT])
+def test_same_outcome_as_aiosmtpd_line_reader(limit):
+    """Also when our reader has the session's larger DATA limit (SessionReader)."""
     rng = random.Random(20261123)
     outcomes = {NOMINAL: 0, TOO_LONG: 0, TOO_MUCH: 0}
 
@@ -97,7 +102,8 @@ def test_same_outcome_as_aiosmtpd_line_reader():
             stream = data + b".\r\n" + NEXT
             pieces = [rng.randrange(1, 700) for _ in range(rng.randrange(0, 12))]
             size_limit = rng.choice([0, 50, 2000, 100000])
-            ours = await run(lambda r, s: read_data(r, s, LIMIT), stream, pieces, size_limit)
+            ours = await run(lambda r, s: read_data(r, s, LIMIT), stream, pieces, size_limit,
+                             limit)
             ref = await run(reference, stream, pieces, size_limit)
             (got, got_state), got_rest = ours
             (want, want_state), want_rest = ref
