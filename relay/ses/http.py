@@ -218,6 +218,11 @@ class HttpPool:
         self._slots = asyncio.Semaphore(limit)
         self._open: set[_Connection] = set()
 
+    @property
+    def idle(self) -> int:
+        """Open connections waiting for a request."""
+        return sum(1 for conn in self._idle if not conn.closed)
+
     async def post(self, target: str, headers: Mapping[str, str], body: bytes) -> Response:
         head = "".join([f"POST {target} HTTP/1.1\r\n",
                         *(f"{k}: {v}\r\n" for k, v in headers.items()),
