@@ -11,8 +11,9 @@ as many changes as arrived during the previous one, and an idle relay pays no ad
 latency (the first waiter starts a flush at once). A flush syncs what its batch changed:
 each new file and each changed directory once, or one syncfs when the spool is a
 filesystem of its own (relay.spool.files.Durable.flush). A finished message's unlink
-is made in the batch too, just before its flush: on the event loop an unlink waits for the
-journal's commit of the directory block it changes (0.3 ms under load, the loop idle).
+is made in the batch too, with the renames into active/ (one fsync of active/ for both):
+on the event loop an unlink waits for the journal's commit of the directory block it
+changes (0.3 ms on average under load, the loop idle meanwhile).
 
 The flushes run on one thread of the group commit's own, fed by a queue: a hand-off costs a
 lock and a notify, half of what a thread pool's submit and future chaining cost; the
@@ -186,26 +187,23 @@ class GroupCommit:
 
     def _commit(self, batch: _Batch, loop: asyncio.AbstractEventLoop,
                 done: asyncio.Future[None]) -> None:
-        """In the commit thread: unlink, flush, publish, flush; answer everyone; then
-        clean up."""
+        """In the commit thread: flush, publish and unlink, flush (only the second when
+        nothing is published); answer everyone; then clean up."""
         spool = self.spool
         marks = [(fut, since) for _, fut, since in batch.publish] + batch.waiters
         futures = [fut for fut, _ in marks]
         outcome: dict[int, BaseException | None] = {}
         try:
+            published = 0
+            if batch.publish:
+                spool.flush()  # the new files, before their renames
+                self.flushes += 1
+                published = self._publish(batch, outcome)
+            # the unlinks of active/ ride on the same fsync of active/ as the renames
             self._bury(batch, outcome)
-            spool.flush()
-            published = []
-            for qid, fut, since in batch.publish:
-                try:
-                    spool.check(since)  # its file went with a flush that failed
-                    spool.publish(qid)
-                    published.append(qid)
-                except (OSError, SpoolError) as exc:
-                    outcome[id(fut)] = as_spool_error(exc)
-            if published:
+            if published or batch.buried or not batch.publish:
                 spool.flush()
-            self.flushes += 2 if published else 1
+                self.flushes += 1
             for fut, since in marks:
                 try:
                     spool.check(since)  # a flush another caller ran failed meanwhile
@@ -228,6 +226,18 @@ class GroupCommit:
                 pass  # the loop is closed: nobody is waiting any more
         for grave in batch.graves:
             shutil.rmtree(grave, ignore_errors=True)
+
+    def _publish(self, batch: _Batch, outcome: dict[int, BaseException | None]) -> int:
+        """The batch's renames into active/; how many were made."""
+        published = 0
+        for qid, fut, since in batch.publish:
+            try:
+                self.spool.check(since)  # its file went with a flush that failed
+                self.spool.publish(qid)
+                published += 1
+            except (OSError, SpoolError) as exc:
+                outcome[id(fut)] = as_spool_error(exc)
+        return published
 
     def _bury(self, batch: _Batch, outcome: dict[int, BaseException | None]) -> None:
         """The batch's unlinks, before its flush; a failed one is that caller's outcome
