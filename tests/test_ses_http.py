@@ -181,3 +181,42 @@ async def test_bytes_after_the_answer_retire_the_connection():
         assert (await post(p))[0] == 200
         await p.close()
     assert srv.connections == 2
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+async def test_send_raw_over_tls_checks_the_endpoints_certificate(tmp_path, trusted):
+    """SES is HTTPS: SesClient's pool speaks TLS to the endpoint it resolved, verifying
+    it against the session's ca_bundle (AWS_CA_BUNDLE); an endpoint it cannot verify is a
+    transient failure, and nothing is sent to it."""
+    import ssl
+
+    import aiobotocore.session
+
+    from relay.config import SesConfig
+    from relay.errors import TransientError
+    from relay.ses.client import SesClient
+    from tests.ingress_server import make_ca
+
+    ca, cert, key = make_ca(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    srv = Scripted([answer(b'{"MessageId":"tls-1"}')])
+    srv.server = await asyncio.start_server(srv.handle, "127.0.0.1", 0, ssl=server_ctx)
+    session = aiobotocore.session.get_session()
+    if trusted:
+        session.set_config_variable("ca_bundle", str(ca))
+    try:
+        async with SesClient(SesConfig(region="us-east-1"),
+                             endpoint_url=f"https://localhost:{srv.port}",
+                             static_credentials=("t", "t"), botocore_session=session) as ses:
+            send = ses.send_raw(sender="a@example.com", recipients=["b@example.net"],
+                                raw=b"Subject: t\r\n\r\nbody\r\n")
+            if trusted:
+                assert await send == "tls-1"
+                assert b'"ToAddresses":["b@example.net"]' in srv.bodies[0]
+            else:
+                with pytest.raises(TransientError):
+                    await send
+                assert srv.bodies == []
+    finally:
+        await srv.__aexit__()

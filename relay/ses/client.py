@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -44,7 +45,7 @@ DEPARTURE_HEADER = "X-Relay-Departed"
 #: SESv2 SendEmail (botocore's sesv2 model: POST, rest-json, signing name "ses")
 SEND_EMAIL_PATH = "/v2/email/outbound-emails"
 SIGNING_NAME = "ses"
-USER_AGENT = f"relay/{__version__} aiohttp/{aiohttp.__version__}"
+USER_AGENT = f"relay/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
 #: A request body above this goes to aiohttp as a stream, written in chunks with the loop
 #: free between them; as one bytes object aiohttp writes it in one piece and warns.
 LARGE_BODY = 2**20
