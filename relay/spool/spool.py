@@ -109,7 +109,7 @@ class Spool(Durable):
         On failure nothing is left behind and SpoolError is raised.
         """
         qid = qid or new_queue_id()
-        path = self.path(State.INCOMING, qid)
+        path = self.dirs[State.INCOMING] + qid
         record = Record(id=qid, envelope=envelope, size=len(data))
         fd = -1
         try:
@@ -133,7 +133,7 @@ class Spool(Durable):
 
     def publish(self, qid: str) -> None:
         """Make a prepared message visible: one rename from incoming/ into active/."""
-        os.rename(self.path(State.INCOMING, qid), self.path(State.ACTIVE, qid))
+        os.rename(self.dirs[State.INCOMING] + qid, self.dirs[State.ACTIVE] + qid)
         self._changed(State.ACTIVE)
 
     def abandon(self, qid: str) -> None:
