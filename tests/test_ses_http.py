@@ -1,7 +1,8 @@
 """relay.ses.http against a real loopback server that answers from a script.
 
 Each answer is raw bytes on the wire, so the framings SES and proxies in front of it may
-use are all exercised: Content-Length, chunked, read-until-close, Connection: close,
+use are all exercised: Content-Length, chunked, read-until-close, an interim 100 Continue
+before the answer, Connection: close,
 HTTP/1.0, an answer split into single bytes, an idle connection closed by the server,
 bytes nobody asked for, and answers that are not HTTP. The pool must hand back exactly
 the body sent, reuse a connection only when the answer allows it, and fail a request
@@ -96,7 +97,7 @@ async def test_keep_alive_answers_reuse_one_connection_and_bodies_arrive_whole()
     assert srv.bodies == [b"{}", big]
 
 
-@pytest.mark.parametrize("framing", ["chunked", "bytewise", "until-close"])
+@pytest.mark.parametrize("framing", ["chunked", "bytewise", "until-close", "interim"])
 async def test_every_framing_gives_the_same_body(framing):
     body = b'{"MessageId":"0100-chunked-id"}'
     if framing == "chunked":
@@ -106,6 +107,8 @@ async def test_every_framing_gives_the_same_body(framing):
         entry: bytes | tuple[bytes, str] = (wire, "")
     elif framing == "bytewise":
         entry = (answer(body), "bytewise")
+    elif framing == "interim":
+        entry = (b"HTTP/1.1 100 Continue\r\n\r\n" + answer(body), "")
     else:
         entry = (answer(body, length=False), "close")
     async with Scripted([entry, answer()]) as srv:

@@ -125,7 +125,7 @@ class _Connection(asyncio.Protocol):
     # -- parsing ---------------------------------------------------------------------
 
     def _parse(self) -> None:
-        if self._head is None:
+        while self._head is None:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buf) > MAX_HEAD:
@@ -133,8 +133,10 @@ class _Connection(asyncio.Protocol):
                 return
             self._head = _parse_head(bytes(self.buf[:end]))
             del self.buf[:end + 4]
+            if 100 <= self._head[0] < 200:
+                self._head = None  # an interim answer (100 Continue): the real one follows
         status, headers, _ = self._head
-        if status in (204, 304) or 100 <= status < 200:
+        if status in (204, 304):
             self._finish(b"", keep=True)
             return
         if "chunked" in (headers.get("transfer-encoding") or "").lower():
