@@ -70,3 +70,7 @@ def setup(level: str = "info") -> None:
                   "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime
+    # JsonFormatter reads none of the caller's file and line, thread or process: not
+    # computing them per line saves a stack walk and three lookups (~8 us a line)
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

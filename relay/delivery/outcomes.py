@@ -60,16 +60,19 @@ class Outcomes:
             except Exception:  # noqa: BLE001 - a listener must never stop delivery
                 log.exception("listener %r failed on %s", listener, kind)
 
-    async def _durably(self, record: Record, change: Callable[[], Path | None], *,
-                       inline: bool = False) -> None:
-        """Run a spool change in a thread (inline: on the loop, for one unlink, cheaper
-        than the hop), then wait for the shared flush. FileNotFoundError (moved or deleted
-        by an operator) passes; any other failure keeps the record in memory and raises
-        ResultNotSaved."""
+    async def _durably(self, record: Record, change: Callable[[], Path | None] | None
+                       ) -> None:
+        """Run a spool change in a thread, then wait for the shared flush (None: remove
+        the finished message, the unlink made with the flush by the group commit's
+        thread). FileNotFoundError (moved or deleted by an operator) passes; any other
+        failure keeps the record in memory and raises ResultNotSaved."""
         since = self.spool.since()
         try:
-            grave = change() if inline else await asyncio.to_thread(change)
-            await self.commit.barrier(grave, since=since)
+            if change is None:
+                await self.commit.bury(State.ACTIVE, record.id, since=since)
+            else:
+                grave = await asyncio.to_thread(change)
+                await self.commit.barrier(grave, since=since)
         except FileNotFoundError:
             raise
         except (OSError, SpoolError) as exc:
@@ -84,8 +87,7 @@ class Outcomes:
 
     async def discard(self, record: Record) -> None:
         """Remove a finished message from active/; durable on return (shared flush)."""
-        await self._durably(record, lambda: self.spool.bury(State.ACTIVE, record.id),
-                            inline=True)
+        await self._durably(record, None)
 
     async def finish(self, record: Record) -> None:
         """No recipient left: to failed/ if any failed (and on_failed told), else gone."""

@@ -257,6 +257,8 @@ class TimedSender:
     def __init__(self, inner: Sender, metrics: Metrics) -> None:
         self.inner = inner
         self.metrics = metrics
+        #: the counter's child per outcome, looked up once (labels() takes a lock)
+        self._calls: dict[str, Counter] = {}
 
     async def send_raw(self, *, sender: str, recipients: Sequence[str], raw: bytes,
                        options: SesOptions | None = None) -> str:
@@ -270,4 +272,8 @@ class TimedSender:
             raise
         finally:
             self.metrics.ses_latency.observe(time.perf_counter() - start)
-            self.metrics.ses_calls.labels(call_outcome(error)).inc()
+            outcome = call_outcome(error)
+            counter = self._calls.get(outcome)
+            if counter is None:
+                counter = self._calls[outcome] = self.metrics.ses_calls.labels(outcome)
+            counter.inc()

@@ -1,8 +1,9 @@
 """The SES adapter: the only module that talks to SES for sending.
 
-SendEmail (once per message) takes a lean path: one keep-alive aiohttp pool, the SESv2
-REST request built directly (raw MIME base64-encoded once), signed by relay.ses.signer with
-credentials from the botocore chain. GetAccount and ListSuppressedDestinations use an
+SendEmail (once per message) takes a lean path: the SESv2 REST request built directly (raw
+MIME base64-encoded once), signed by relay.ses.signer with credentials from the botocore
+chain, sent over relay.ses.http's keep-alive connections (through an HTTPS proxy, when
+HTTPS_PROXY names one, over aiohttp's). GetAccount and ListSuppressedDestinations use an
 aioboto3 client (SDK retries off: the relay owns retries). Both paths run inside
 relay.ses.errors.map_ses_errors, so every failure leaves as a relay.errors.DeliveryError.
 Built by relay.service; implements the Sender and AccountSource ports.
@@ -15,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -33,6 +35,7 @@ from relay.config import SesConfig
 from relay.delivery.ports import Account
 from relay.delivery.ratelimit import DEPARTURE
 from relay.ses.errors import ErrorResponse, map_ses_errors
+from relay.ses.http import HttpPool
 from relay.ses.signer import Signer, amz_date
 from relay.spool.record import SesOptions
 
@@ -42,7 +45,7 @@ DEPARTURE_HEADER = "X-Relay-Departed"
 #: SESv2 SendEmail (botocore's sesv2 model: POST, rest-json, signing name "ses")
 SEND_EMAIL_PATH = "/v2/email/outbound-emails"
 SIGNING_NAME = "ses"
-USER_AGENT = f"relay/{__version__} aiohttp/{aiohttp.__version__}"
+USER_AGENT = f"relay/{__version__} python/{sys.version_info[0]}.{sys.version_info[1]}"
 #: A request body above this goes to aiohttp as a stream, written in chunks with the loop
 #: free between them; as one bytes object aiohttp writes it in one piece and warns.
 LARGE_BODY = 2**20
@@ -99,9 +102,10 @@ class SesClient:
         self._cm: Any = None
         self._client: Any = None
         self._credentials: Any = None
-        self._http: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None  # through a proxy only
+        self._pool: HttpPool | None = None
         self._url = URL()
-        self._host = self._path = ""
+        self._host = self._path = self._target = ""
         self._proxy: str | None = None
 
     async def __aenter__(self) -> SesClient:
@@ -137,12 +141,22 @@ class SesClient:
             host = f"{host}:{parts.port}"
         self._host, self._url = host, URL(url, encoded=True)
         self._path = quote(normalize_url_path(parts.path), safe="/~")
+        self._target = parts.path or "/"
         ssl: Any = False
         if parts.scheme == "https":
             # as botocore: the session's ca_bundle, else REQUESTS_CA_BUNDLE, else its bundle
             verify: Any = ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE") or True
             ssl = create_urllib3_context()
             ssl.load_verify_locations(get_cert_path(verify))
+        # HTTPS_PROXY / NO_PROXY as botocore reads them, once (aiohttp's trust_env would
+        # look them and ~/.netrc up again in a thread on every request)
+        self._proxy = get_environ_proxies(url).get(parts.scheme)
+        if self._proxy is None:
+            self._pool = HttpPool(
+                host=parts.hostname or "", port=parts.port or (443 if ssl else 80),
+                ssl=ssl or None, limit=self.max_connections,
+                connect_timeout=self.cfg.connect_timeout, read_timeout=self.cfg.read_timeout)
+            return
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=ssl),
             timeout=aiohttp.ClientTimeout(sock_connect=self.cfg.connect_timeout,
@@ -150,9 +164,6 @@ class SesClient:
             skip_auto_headers=("Content-Type",), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        # HTTPS_PROXY / NO_PROXY as botocore reads them, once (aiohttp's trust_env would
-        # look them and ~/.netrc up again in a thread on every request)
-        self._proxy = get_environ_proxies(url).get(parts.scheme)
 
     @property
     def has_credentials(self) -> bool:
@@ -160,6 +171,9 @@ class SesClient:
         return self._credentials is not None
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -173,20 +187,26 @@ class SesClient:
         self, *, sender: str, recipients: Sequence[str], raw: bytes,
         options: SesOptions | None = None,
     ) -> str:
-        if self._http is None:
+        if self._pool is None and self._http is None:
             raise RuntimeError("SesClient used outside 'async with'")
         body = send_email_body(sender=sender, recipients=recipients, raw=raw,
                                configuration_set=self.cfg.configuration_set,
                                options=options)
         with map_ses_errors(endpoint=str(self._url), proxy=self._proxy):
             headers = await self._signed_headers(body)
+            if self._pool is not None:
+                resp = await self._pool.post(self._target, headers, body)
+                if resp.status >= 300:
+                    raise ErrorResponse(resp.status, resp.headers, resp.body)
+                return str(json.loads(resp.body)["MessageId"])
+            assert self._http is not None
             data: bytes | io.BytesIO = body if len(body) <= LARGE_BODY else io.BytesIO(body)
             async with self._http.post(self._url, data=data, headers=headers,
-                                       proxy=self._proxy, allow_redirects=False) as resp:
-                status, answer = resp.status, await resp.read()
+                                       proxy=self._proxy, allow_redirects=False) as answer:
+                status, got = answer.status, await answer.read()
                 if status >= 300:
-                    raise ErrorResponse(status, resp.headers, answer)
-            return str(json.loads(answer)["MessageId"])
+                    raise ErrorResponse(status, answer.headers, got)
+            return str(json.loads(got)["MessageId"])
 
     async def _signed_headers(self, body: bytes) -> dict[str, str]:
         if self._credentials is None:

@@ -55,7 +55,7 @@ def read_all(fd: int, size: int) -> bytes:
     return data
 
 
-def read_file(path: Path, *, whole: bool, limit: int = -1) -> bytes | None:
+def read_file(path: str | Path, *, whole: bool, limit: int = -1) -> bytes | None:
     """A spool file's bytes: all of them (one read; None when more than `limit`), or
     enough for its record line."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -179,6 +179,9 @@ class Durable:
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True,
                  min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        #: each state's directory as a string: the per-message calls (exists, read,
+        #: bury) join a name to it instead of building a Path (5 us each, measured)
+        self.dirs = {state: f"{self.root / state.value}/" for state in State}
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self._dirty_lock = threading.Lock()

@@ -67,7 +67,7 @@ class Spool(Durable):
         return self.root / state.value / qid
 
     def exists(self, state: State, qid: str) -> bool:
-        return os.path.lexists(self.path(state, qid))
+        return os.path.lexists(self.dirs[state] + qid)
 
     def locate(self, qid: str) -> State | None:
         """The state a queue id is in, or None when it is not in the spool."""
@@ -109,7 +109,7 @@ class Spool(Durable):
         On failure nothing is left behind and SpoolError is raised.
         """
         qid = qid or new_queue_id()
-        path = self.path(State.INCOMING, qid)
+        path = self.dirs[State.INCOMING] + qid
         record = Record(id=qid, envelope=envelope, size=len(data))
         fd = -1
         try:
@@ -133,7 +133,7 @@ class Spool(Durable):
 
     def publish(self, qid: str) -> None:
         """Make a prepared message visible: one rename from incoming/ into active/."""
-        os.rename(self.path(State.INCOMING, qid), self.path(State.ACTIVE, qid))
+        os.rename(self.dirs[State.INCOMING] + qid, self.dirs[State.ACTIVE] + qid)
         self._changed(State.ACTIVE)
 
     def abandon(self, qid: str) -> None:
@@ -213,7 +213,7 @@ class Spool(Durable):
     def read_small(self, state: State, qid: str, limit: int) -> tuple[Record, bytes] | None:
         """read(), or None when the file is over `limit` bytes (nothing read)."""
         try:
-            raw = read_file(self.path(state, qid), whole=True, limit=limit)
+            raw = read_file(self.dirs[state] + qid, whole=True, limit=limit)
         except IsADirectoryError:
             record, data = self._legacy(state, qid, body=True)
         else:
@@ -373,7 +373,7 @@ class Spool(Durable):
         message is gone for good. A directory of the older layout is renamed into
         incoming/ instead; that directory, garbage, is returned for the caller (or the
         next start-up) to delete."""
-        path = self.path(state, qid)
+        path = self.dirs[state] + qid
         try:
             os.unlink(path)
         except IsADirectoryError:

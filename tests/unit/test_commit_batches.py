@@ -1,0 +1,81 @@
+"""What one group commit batch does, in order, on a real spool: a delivery's unlink of a
+finished message shares the flush that makes the ingress's renames into active/ durable
+(one fsync of active/ for both), is never made before the flush of the new files, and a
+batch of unlinks alone costs one flush, made after them. An unlink of a message an
+operator moved meanwhile fails that caller alone with FileNotFoundError."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.spool.commit import GroupCommit
+from relay.spool.record import Envelope, State
+from relay.spool.spool import Spool
+
+ENV = Envelope("a@example.com", ("b@example.net",), time.time())
+DATA = b"Subject: t\r\n\r\nbody\r\n"
+
+
+class Watched(Spool):
+    """A real spool noting, at each flush, what active/ and incoming/ held."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=True)
+        self.seen: list[tuple[list[str], list[str]]] = []
+
+    def flush(self) -> None:
+        self.seen.append((sorted(self.scan(State.INCOMING)), sorted(self.scan(State.ACTIVE))))
+        super().flush()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Watched:
+    spool = Watched(tmp_path / "spool")
+    spool.ensure()
+    return spool
+
+
+def test_unlinks_ride_on_the_flush_of_the_renames_into_active(spool: Watched) -> None:
+    done = Spool(spool.root, fsync=False).accept(ENV, DATA)  # delivered, to be removed
+    commit = GroupCommit(spool)
+
+    async def run() -> None:
+        new = spool.prepare(ENV, DATA)
+        await asyncio.gather(commit.publish(new), commit.bury(State.ACTIVE, done))
+        assert spool.seen == [
+            ([new], [done]),  # the new file synced first; nothing renamed or removed yet
+            ([], [new]),      # then its rename and the unlink, synced together
+        ]
+
+    asyncio.run(run())
+    assert commit.flushes == 2
+
+
+def test_unlinks_alone_take_one_flush_made_after_them(spool: Watched) -> None:
+    qids = [Spool(spool.root, fsync=False).accept(ENV, DATA) for _ in range(3)]
+    commit = GroupCommit(spool)
+
+    async def run() -> None:
+        await asyncio.gather(*(commit.bury(State.ACTIVE, q) for q in qids))
+
+    asyncio.run(run())
+    assert spool.seen == [([], [])]
+    assert commit.flushes == 1
+
+
+def test_a_message_moved_meanwhile_fails_only_its_own_unlink(spool: Watched) -> None:
+    held, done = (Spool(spool.root, fsync=False).accept(ENV, DATA) for _ in range(2))
+    spool.move(held, State.ACTIVE, State.HOLD)
+    commit = GroupCommit(spool)
+
+    async def run() -> list[BaseException | None]:
+        return await asyncio.gather(commit.bury(State.ACTIVE, held),
+                                    commit.bury(State.ACTIVE, done), return_exceptions=True)
+
+    first, second = asyncio.run(run())
+    assert isinstance(first, FileNotFoundError) and second is None
+    assert list(spool.scan(State.HOLD)) == [held] and list(spool.scan(State.ACTIVE)) == []
