@@ -76,6 +76,8 @@ class SmtpConfig:
     reject_suppressed: bool = False
     #: 0 for "auto" (one per usable core): relay.config_cores.workers() gives the number
     workers: int = field(default=0, metadata={"auto": True})
+    #: with one worker per core of the affinity mask, worker i runs on the i-th core only
+    pin_workers: bool = True
 
     def check(self) -> None:
         _port("smtp.port", self.port)

@@ -131,21 +131,100 @@ def test_a_pass_stops_when_the_pool_stops(spool):
     assert list(spool.scan(State.DEFERRED)) == [qid]
 
 
-async def test_a_full_ready_queue_is_refilled_when_half_drained_not_in_a_loop(spool):
-    ids = {spool.accept(ENV, b"m") for _ in range(10)}
-    pool = pool_on(spool, Clock(150.0), ready_queue=4)
+class CountingSpool(Spool):
+    """A real spool that counts the reads of active/."""
+
+    scans = 0
+    #: called once a read of active/ has listed it (a message arriving just too late)
+    after_scan: Any = None
+
+    def scan(self, state: State):  # type: ignore[no-untyped-def]
+        if state is State.ACTIVE:
+            self.scans += 1
+        yield from super().scan(state)
+        if state is State.ACTIVE and self.after_scan is not None:
+            hook, self.after_scan = self.after_scan, None
+            hook()
+
+
+@pytest.fixture
+def counting(tmp_path):
+    s = CountingSpool(tmp_path / "spool", fsync=False)
+    s.ensure()
+    return s
+
+
+def drain(pool: Scheduler) -> list[str]:
+    """Take every ready message, one at a time, and finish it as workers would."""
+    taken: list[str] = []
+    while True:
+        qid = pool.pick(0.0)
+        if qid is None:
+            return taken
+        taken.append(qid)
+        pool.spool.remove(State.ACTIVE, qid)
+        pool.release(qid)
+
+
+async def test_a_full_ready_queue_is_refilled_from_memory_when_half_drained(counting):
+    ids = {counting.accept(ENV, b"m") for _ in range(10)}
+    pool = pool_on(counting, Clock(150.0), ready_queue=4)
     await pool.fill()
-    assert pool.ready.qsize() == 4
-    assert not pool.rescan.is_set()  # a full queue does not ask for another scan at once
+    assert pool.ready.qsize() == 4 and counting.scans == 1
+    assert not pool.rescan.is_set()  # a full queue does not ask for another scan
     taken = [pool.pick(0.0)]
-    assert not pool.rescan.is_set()
+    assert pool.ready.qsize() == 3
     taken.append(pool.pick(0.0))
-    assert pool.rescan.is_set()  # half drained: read active/ again
-    pool.rescan.clear()
+    assert pool.ready.qsize() == 4  # half drained: refilled from what the scan found
+    taken += drain(pool)
+    assert sorted(taken) == sorted(ids)  # each once, in arrival order
+    assert taken == sorted(taken)
+    assert counting.scans == 1 and not pool.rescan.is_set()
+
+
+async def test_arrivals_behind_a_full_ready_queue_cost_no_read_of_active(counting):
+    """The newsletter backlog: while a lane's ready queue is full, each new message is
+    remembered, not a new read of active/ (which holds the whole backlog)."""
+    pool = pool_on(counting, Clock(150.0), ready_queue=4)
+    backlog = [counting.accept(ENV, b"m") for _ in range(50)]
     await pool.fill()
-    queued = [pool.pick(0.0) for _ in range(pool.ready.qsize())]
-    assert len(queued) == 4 and not set(queued) & set(taken)  # claimed ones not queued twice
-    assert set(queued) | set(taken) <= ids
+    arrivals = []
+    for _ in range(30):
+        qid = counting.accept(ENV, b"m")
+        pool.notify(qid, ENV)
+        arrivals.append(qid)
+    assert not pool.rescan.is_set() and counting.scans == 1
+    taken = drain(pool)
+    assert taken == backlog + arrivals  # oldest first, each once
+    assert counting.scans == 1 and not pool.rescan.is_set()
+
+
+async def test_a_lane_with_more_than_memory_holds_is_read_again_in_order(counting):
+    """More mail in active/ than the ready queue and the waiting list hold: arrivals
+    meanwhile are left to the next read, and everything still goes oldest first."""
+    pool = pool_on(counting, Clock(150.0), ready_queue=4)
+    pool.waiting_max = 3
+    backlog = [counting.accept(ENV, b"m") for _ in range(20)]
+    await pool.fill()
+    assert pool.ready.qsize() == 4 and len(pool.waiting_ids) == 3
+    taken = [pool.pick(0.0), pool.pick(0.0)]  # two of the waiting refill the ready queue
+    for qid in taken:
+        counting.remove(State.ACTIVE, qid)
+        pool.release(qid)
+    assert len(pool.waiting_ids) == 1
+    arrivals = []
+    for _ in range(5):
+        qid = counting.accept(ENV, b"m")
+        pool.notify(qid, ENV)
+        arrivals.append(qid)
+    assert len(pool.waiting_ids) == 1  # partial lane: older mail in active/ goes first
+    while len(taken) < 25:
+        taken += drain(pool)
+        if pool.rescan.is_set():
+            pool.rescan.clear()
+            await pool.fill()
+    assert taken == backlog + arrivals
+    assert 1 < counting.scans <= 1 + 25 // 3  # read again per waiting list drained, not per message
 
 
 def test_next_attempts_and_activate(spool):
@@ -183,3 +262,35 @@ def test_a_restarted_relay_sends_active_and_due_mail_and_keeps_the_rest(
     wait_for(lambda: relay.queued("active") == [])
     assert relay.queued("deferred") == sorted(later)
     assert relay.stop() == 0
+
+
+async def test_an_arrival_a_read_of_active_missed_is_not_forgotten(counting):
+    """A message queued behind a full ready queue while a partial lane's read of active/
+    runs, after that read listed the directory: the lane stays partial, so a later read
+    finds it."""
+    pool = pool_on(counting, Clock(150.0), ready_queue=2)
+    pool.waiting_max = 2
+    backlog = [counting.accept(ENV, b"m") for _ in range(6)]
+    await pool.fill()  # 2 ready, 2 waiting, 2 left in active/: partial
+    taken = [pool.pick(0.0), pool.pick(0.0)]  # the waiting two refill the ready queue
+    for qid in taken:
+        counting.remove(State.ACTIVE, qid)
+        pool.release(qid)
+    assert pool.rescan.is_set() and pool.ready.qsize() == 2
+    pool.rescan.clear()
+    late: list[str] = []
+
+    def arrive() -> None:
+        late.append(counting.accept(ENV, b"m"))
+        pool.notify(late[-1], ENV)  # ready queue full, lane partial: left to a read
+
+    counting.after_scan = arrive
+    await pool.fill()  # finds the 2 left (all fit), not the late one
+    assert late and late[0] not in pool.waiting_ids
+    while True:
+        taken += drain(pool)
+        if not pool.rescan.is_set():
+            break
+        pool.rescan.clear()
+        await pool.fill()
+    assert taken == backlog + late

@@ -13,6 +13,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,54 @@ def test_a_killed_worker_is_restarted_and_its_mail_delivered_once(tmp_path):
     # the supervisor's SIGTERM stopped every worker
     for pid in pids[:1]:
         assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+
+
+def children(pid: int) -> list[int]:
+    task = Path(f"/proc/{pid}/task")
+    return [int(c) for tid in task.iterdir() for c in (tid / "children").read_text().split()]
+
+
+def thread_cores(pid: int) -> list[set[int]]:
+    """The CPU affinity of each thread of a process."""
+    return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_one_worker_per_core_pins_each_to_its_own_core_unless_told_not_to(tmp_path):
+    mask = sorted(os.sched_getaffinity(0))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with SandboxThread(SandboxState(keep_raw=False)) as sb:
+        relay = RelayProcess(tmp_path / "a", relay_sections(tmp_path / "a", sb.url,
+                                                            smtp={"workers": len(mask)}))
+        relay.start()
+        try:
+            wait_for(lambda: len(relay.events("listening")) == len(mask), 30)
+            pids = relay.find("workers")["pids"]
+            assert relay.find("workers")["cores"] == mask
+            for pid, core in zip(pids, mask, strict=True):
+                assert all(cores == {core} for cores in thread_cores(pid))
+            assert relay.proc is not None
+            assert os.sched_getaffinity(relay.proc.pid) == set(mask)  # not the supervisor
+            os.kill(pids[1], signal.SIGKILL)  # a restarted worker gets its core back
+            wait_for(lambda: relay.find("worker_restarted", worker=1), 20)
+            wait_for(lambda: len(relay.events("listening")) == len(mask) + 1, 30)
+            assert relay.proc is not None
+            new = set(children(relay.proc.pid)) - set(pids)
+            assert len(new) == 1
+            assert all(cores == {mask[1]} for cores in thread_cores(new.pop()))
+        finally:
+            assert relay.stop() == 0
+        relay = RelayProcess(tmp_path / "b", relay_sections(
+            tmp_path / "b", sb.url, smtp={"workers": len(mask), "pin_workers": False}))
+        relay.start()
+        try:
+            wait_for(lambda: len(relay.events("listening")) == len(mask), 30)
+            assert relay.find("workers")["cores"] is None
+            for pid in relay.find("workers")["pids"]:
+                assert all(cores == set(mask) for cores in thread_cores(pid))
+        finally:
+            assert relay.stop() == 0
 
 
 def test_workers_need_a_real_endpoint_and_a_sane_count(tmp_path):

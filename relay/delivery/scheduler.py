@@ -3,8 +3,12 @@
 Keeps a bounded ready queue per lane of queue ids read from active/ (each claimed once, so
 no two workers hold one message), oldest due first; a worker takes from the lane that
 relay.delivery.lanes.choose names (weighted fair share, rate caps, quota shares). Filled
-when the ingress tells of new mail, when due mail was promoted, when workers have
-drained a full lane to half, and every scan_interval. The
+when the ingress tells of new mail, when due mail was promoted, and every scan_interval.
+Mail known to be in active/ beyond a full ready queue waits in memory, per lane and
+oldest due first (at most WAITING_MAX), and refills the ready queue once workers have
+drained it to half: a backlog costs no read of active/ per arrival. Only a lane with more
+mail in active/ than that (a large spool at start, more than WAITING_MAX queued) is read
+again, once it has nothing waiting. The
 promoter moves due mail from deferred/ back to active/ (a rename; the next attempt is the
 mtime) in batches, reading deferred/ only when something there can be due. Reads active/
 and deferred/; renames deferred/ -> active/. Built and started by the delivery pool.
@@ -38,6 +42,8 @@ log = logging.getLogger("relay.delivery")
 DEFERRED_PASS_SHARE = 0.1
 #: Due deferred messages moved back to active/ per fsync of active/.
 ACTIVATE_BATCH = 256
+#: Per lane, queue ids kept in memory beyond the ready queue (about 200 bytes each).
+WAITING_MAX = 10_000
 #: A directory modified this recently may change again within the same timestamp tick,
 #: leaving its mtime as it was: such an mtime is not trusted to mean "unchanged".
 MTIME_SETTLE = 1.0
@@ -77,8 +83,16 @@ class Scheduler:
         #: workers waiting in take(), oldest first: a signal wakes one, not all of them
         #: (with every worker woken, each would build the lane views for one message)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        #: the ready queue was found full: refill once workers have drained half of it
-        self._want_room = False
+        #: per lane, mail in active/ beyond its ready queue, oldest due first (as in ready)
+        self.waiting: dict[str, list[tuple[float, str, int]]] = {
+            name: [] for name in self.book.names}
+        self.waiting_ids: set[str] = set()
+        self.waiting_max = WAITING_MAX
+        #: lanes whose mail in active/ is not all in the ready queue or waiting: read
+        #: active/ again once the lane has nothing waiting
+        self._partial: set[str] = set()
+        #: arrivals not remembered because their lane was partial (see fill())
+        self._skipped = 0
         #: the earliest next attempt the last pass over deferred/ left there (0: unknown)
         self.next_due = 0.0
         #: deferred/'s mtime when that pass began, if settled (see MTIME_SETTLE)
@@ -102,9 +116,21 @@ class Scheduler:
             return
         info = (self.book.lane(envelope.lane), arrival(qid), len(envelope.recipients))
         self.known[qid] = info
-        if not self._push(qid, info):
-            self._want_room = True
-            self.rescan.set()
+        self._queue(qid, info)
+
+    def _queue(self, qid: str, info: tuple[str, float, int]) -> None:
+        """Into the lane's ready queue, else into its waiting list; left for a later read
+        of active/ when the lane is partial (older mail there goes first) or waiting is
+        full."""
+        if self._push(qid, info):
+            return
+        lane, due, n = info
+        if lane in self._partial or len(self.waiting[lane]) >= self.waiting_max:
+            self._partial.add(lane)
+            self._skipped += 1
+            return
+        heapq.heappush(self.waiting[lane], (due, qid, n))
+        self.waiting_ids.add(qid)
 
     def _push(self, qid: str, info: tuple[str, float, int]) -> bool:
         lane, due, n = info
@@ -223,10 +249,17 @@ class Scheduler:
             self._signal()
 
     def taken(self, lane: str) -> None:
-        """A message left the ready queue: once a lane found full is down to half, the
-        scanner reads active/ again."""
-        if self._want_room and self.ready.room(lane) >= self.ready.capacity // 2:
-            self._want_room = False
+        """A message left the ready queue: once the lane is down to half, refill it from
+        the mail waiting in memory; a partial lane with none left has active/ read again."""
+        if self.ready.room(lane) < self.ready.capacity // 2:
+            return
+        heap = self.waiting[lane]
+        while heap and self.ready.room(lane) > 0:
+            due, qid, n = heapq.heappop(heap)
+            self.waiting_ids.discard(qid)
+            if qid not in self.claimed:
+                self._push(qid, (lane, due, n))
+        if not heap and lane in self._partial:
             self.rescan.set()
 
     # -- active/ --------------------------------------------------------------------
@@ -249,35 +282,45 @@ class Scheduler:
                 pass
 
     async def fill(self) -> None:
-        rooms = {name: self.ready.room(name) for name in self.book.names}
-        if any(rooms.values()):
-            found = await asyncio.to_thread(self.unclaimed, rooms, dict(self.known))
+        names = self.book.names
+        if any(self.ready.room(name) for name in names):
+            rooms = {name: self.ready.room(name) + self.waiting_max - len(self.waiting[name])
+                     for name in names}
+            skipped = self._skipped
+            found, more = await asyncio.to_thread(self.unclaimed, rooms, dict(self.known))
+            # a lane read whole is no longer partial, unless an arrival was left out
+            # meanwhile (the read may have missed it)
+            partial = more | (self._partial if self._skipped != skipped else set())
+            self._partial = set()  # what was found is the oldest: it all goes in
             for qid, info in found:
-                if qid not in self.claimed:
+                if qid not in self.claimed and qid not in self.waiting_ids:
                     self.known[qid] = info
-                    self._push(qid, info)
+                    self._queue(qid, info)
+            self._partial |= partial
         self._signal()
-        if self.ready.full():
-            # more may wait in active/: read it again once there is room, not in a loop
-            self._want_room = True
 
     def unclaimed(self, rooms: dict[str, int], known: dict[str, tuple[str, float, int]]
-                  ) -> list[tuple[str, tuple[str, float, int]]]:
+                  ) -> tuple[list[tuple[str, tuple[str, float, int]]], set[str]]:
         """(In a thread.) For each lane, up to its room of the queue ids in active/ that
-        no worker holds or waits for, earliest due first (arrival, or the next attempt
-        of mail back from deferred/)."""
+        no worker holds or waits for and that are not waiting in memory, earliest due
+        first (arrival, or the next attempt of mail back from deferred/); and the lanes
+        that had more than their room."""
         by_lane: dict[str, list[tuple[float, str, tuple[str, float, int]]]] = {}
         for qid in self.spool.scan(State.ACTIVE):
-            if qid in self.claimed or not self.owns(qid):
+            if qid in self.claimed or qid in self.waiting_ids or not self.owns(qid):
                 continue
             info = known.get(qid) or self._read(qid)
             if info is not None:
                 by_lane.setdefault(info[0], []).append((info[1], qid, info))
         out = []
+        more = set()
         for lane, items in by_lane.items():
-            for _, qid, info in heapq.nsmallest(rooms.get(lane, 0), items):
+            room = rooms.get(lane, 0)
+            if len(items) > room:
+                more.add(lane)
+            for _, qid, info in heapq.nsmallest(room, items):
                 out.append((qid, info))
-        return out
+        return out, more
 
     def _read(self, qid: str) -> tuple[str, float, int] | None:
         try:

@@ -9,6 +9,10 @@ for each worker with the same configuration, restarts a worker that dies (at mos
 MAX_RESTARTS within RESTART_WINDOW seconds, then stops everything and exits 1), and passes
 SIGTERM/SIGINT on so every worker finishes its in-flight calls.
 
+With smtp.pin_workers and one worker per core of the affinity mask, worker i is pinned to
+the i-th of those cores (its threads too, restarted or not): its loop and the threads it
+hands work to share one core's caches.
+
 Each worker listens on the same port with SO_REUSEPORT, writes into the same spool with
 queue ids in its own partition (relay.spool.record.partition), and delivers that partition at
 1/workers of the account's rate and quota. Worker 0 also runs the feedback ingester and
@@ -19,6 +23,7 @@ so worker 0's /metrics counts every worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -64,6 +69,28 @@ def _die_with_parent() -> None:
         pass
 
 
+def _in_child(core: int | None) -> None:
+    """In the child before exec: die with the supervisor, run on `core` if given."""
+    _die_with_parent()
+    if core is not None:
+        try:
+            os.sched_setaffinity(0, {core})
+        except OSError:
+            pass  # the mask changed meanwhile: left to the kernel
+
+
+def worker_cores(config: Config, count: int) -> list[int] | None:
+    """The core each worker runs on: with smtp.pin_workers and one worker per core of
+    the affinity mask, worker i on the i-th; None (the kernel places them) otherwise."""
+    if not config.smtp.pin_workers or count < 2:
+        return None
+    try:
+        mask = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return None
+    return mask if len(mask) == count else None
+
+
 def _reserve(host: str, port: int) -> socket.socket:
     """A bound (not listening) SO_REUSEPORT socket: holds an ephemeral port for the workers."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -92,8 +119,10 @@ class _Supervisor:
     """The worker processes: start them, restart the ones that die, pass signals on."""
 
     def __init__(self, *, env: dict[str, str], config_path: str | None, log_level: str,
-                 lock: SpoolLock) -> None:
+                 lock: SpoolLock, cores: list[int] | None = None) -> None:
         self.env = env
+        #: the core of each worker (None: not pinned), see worker_cores()
+        self.cores = cores
         #: the spool's lock, passed to every worker: held until the last one exits
         self.lock = lock
         self.config_path = config_path
@@ -108,7 +137,9 @@ class _Supervisor:
                 "--log-level", self.log_level]
         if self.config_path:
             args += ["-c", self.config_path]
-        self.procs[index] = subprocess.Popen(args, env=self.env, preexec_fn=_die_with_parent,
+        core = self.cores[index] if self.cores else None
+        self.procs[index] = subprocess.Popen(args, env=self.env,
+                                             preexec_fn=functools.partial(_in_child, core),
                                              pass_fds=(self.lock.fd,))
 
     def stop(self, signum: int, frame: object) -> None:
@@ -168,13 +199,15 @@ def supervise(config: Config, *, config_path: str | None, log_level: str) -> int
     shared = _metrics_dir(spool)
     # the count as resolved here ("auto" included), so every worker agrees on the partitions
     env = dict(os.environ) | ports | {MULTIPROC_ENV: str(shared), WORKERS_ENV: str(count)}
-    workers = _Supervisor(env=env,
-                          config_path=config_path, log_level=log_level, lock=lock)
+    cores = worker_cores(config, count)
+    workers = _Supervisor(env=env, config_path=config_path, log_level=log_level, lock=lock,
+                          cores=cores)
     signal.signal(signal.SIGTERM, workers.stop)
     signal.signal(signal.SIGINT, workers.stop)
     for index in range(count):
         workers.spawn(index)
-    event(log, "workers", count=count, pids=[p.pid for p in workers.procs.values()])
+    event(log, "workers", count=count, pids=[p.pid for p in workers.procs.values()],
+          cores=cores)
 
     status = workers.wait()
     for sock in held:
@@ -184,4 +217,4 @@ def supervise(config: Config, *, config_path: str | None, log_level: str) -> int
     return status
 
 
-__all__ = ["check", "supervise"]
+__all__ = ["check", "supervise", "worker_cores"]
