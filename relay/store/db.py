@@ -29,6 +29,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from relay.store.loop_read import LoopReader, sqlite_path
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
@@ -143,6 +145,9 @@ class Database:
         #: SQLite: seconds a write waits for another writer's lock (database.lock_timeout)
         self.lock_timeout = lock_timeout
         self.session = async_sessionmaker(engine, expire_on_commit=False)
+        #: SQLite in a file: point reads on the event loop (relay.store.loop_read)
+        path = sqlite_path(engine.url.render_as_string(hide_password=False))
+        self.loop_reader = LoopReader(path) if path is not None else None
 
     @classmethod
     async def open(cls, url: str, spool_dir: str | Path, *, migrate: bool = True,
@@ -175,6 +180,8 @@ class Database:
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     async def close(self) -> None:
+        if self.loop_reader is not None:
+            self.loop_reader.close()
         await self.engine.dispose()
 
 
