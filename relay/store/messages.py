@@ -200,15 +200,19 @@ def _apply(conn: Connection, batch: list[Write]) -> None:
     _early_feedback(conn, sent)
 
 
+#: The events of a batch's sent calls (built once: a statement per batch cost more to
+#: build and key for the cache than to run)
+_EARLY_EVENTS = select(FeedbackEvent.ses_message_id, FeedbackEvent.recipient, FeedbackEvent.kind,
+                       FeedbackEvent.detail).where(FeedbackEvent.ses_message_id.in_(
+                           bindparam("ids", expanding=True))).order_by(FeedbackEvent.id)
+
+
 def _early_feedback(s: Connection, sent: list[tuple[str, str, list[str]]]) -> None:
     """Feedback that arrived before a row knew its SES MessageId still counts."""
     if not sent:
         return
     qids = {(ses_id, rcpt): qid for qid, ses_id, rcpts in sent for rcpt in rcpts}
-    events = s.execute(select(FeedbackEvent.ses_message_id, FeedbackEvent.recipient,
-                              FeedbackEvent.kind, FeedbackEvent.detail).where(
-        FeedbackEvent.ses_message_id.in_({ses_id for _, ses_id, _ in sent}),
-    ).order_by(FeedbackEvent.id))
+    events = s.execute(_EARLY_EVENTS, {"ids": sorted({ses_id for _, ses_id, _ in sent})})
     # the latest event that changes the row wins, as it would have arriving later
     # (unless it may not replace what an earlier one set: KEEPS)
     latest: dict[tuple[str, str], dict[str, str]] = {}
