@@ -10,7 +10,6 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -310,30 +309,6 @@ async def test_a_locked_database_sends_the_check_to_the_engine_which_waits_for_t
         assert reader.fallbacks == 1  # no lock any more: read on the loop again
     finally:
         await db.close()
-
-
-def test_the_loop_reader_steps_aside_when_it_cannot_read_on_its_own(tmp_path):
-    """A file it cannot open, or a call from another thread: None (the async engine's
-    path), never an empty answer."""
-    from relay.store.loop_read import LoopReader
-
-    missing = LoopReader(tmp_path / "missing.db")
-    assert missing.suppressed(["a@example.net"]) is None and missing.broken
-    made = sqlite3.connect(tmp_path / "relay.db")
-    made.executescript("CREATE TABLE suppressions (address TEXT PRIMARY KEY);"
-                       "INSERT INTO suppressions VALUES ('a@example.net');")
-    made.close()
-    reader = LoopReader(tmp_path / "relay.db")
-    try:
-        assert reader.suppressed(["a@example.net", "b@example.net"]) == {"a@example.net"}
-        elsewhere: list[object] = []
-        thread = threading.Thread(target=lambda: elsewhere.append(
-            reader.suppressed(["a@example.net"])))
-        thread.start()
-        thread.join(30)
-        assert elsewhere == [None]
-    finally:
-        reader.close()
 
 def test_message_id_header():
     head = b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -42,18 +41,13 @@ class LoopReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
-        #: the thread that opened the connection (the relay's loop): the only one using it
-        self._thread = 0
         #: the connection could not be opened: every read goes to the async path
         self.broken = False
         #: reads that fell back to the async path (busy, or an error); for tests
         self.fallbacks = 0
 
     def _open(self) -> sqlite3.Connection | None:
-        if self._conn is not None:
-            # another thread's loop (not the relay's) takes the async path
-            return self._conn if self._thread == threading.get_ident() else None
-        if not self.broken:
+        if self._conn is None and not self.broken:
             try:
                 # mode=ro: this connection can never write (or hold a write lock);
                 # timeout=0: a lock is reported at once, never waited for on the loop
@@ -66,7 +60,7 @@ class LoopReader:
                 event(log, "loop_read_unavailable", level=logging.WARNING,
                       path=str(self.path), error=str(exc))
                 return None
-            self._conn, self._thread = conn, threading.get_ident()
+            self._conn = conn
         return self._conn
 
     def suppressed(self, addresses: Sequence[str]) -> set[str] | None:
