@@ -22,10 +22,8 @@ from relay.log import event
 
 log = logging.getLogger("relay.tracking")
 
-#: How long the writer gathers writes before one commit. A transaction costs about 0.4 ms
-#: of CPU however few rows it carries (bench/store.py): at 300 messages/s a 0.1 s window
-#: commits 30 messages at a time (0.05 s: 15) and rows reach the log 0.1 s after the fact.
-BATCH_WINDOW = 0.1
+#: How long the writer gathers writes before one commit.
+BATCH_WINDOW = 0.05
 #: Writes per transaction at most.
 BATCH_WRITES = 500
 #: Rows waiting for the database at most (about 300 bytes each: ~30 MB).
