@@ -69,6 +69,8 @@ def writes_to_messages(db: Database) -> list[tuple[str, int]]:
                                len(parameters) if executemany else 1))
 
     sa_event.listen(db.engine.sync_engine, "before_cursor_execute", before)
+    if db.thread_engine is not None:  # SQLite: the message log writes in its thread
+        sa_event.listen(db.thread_engine.engine, "before_cursor_execute", before)
     return statements
 
 

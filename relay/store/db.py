@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -29,7 +30,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from relay.store.thread_engine import ThreadEngine, sqlite_path, sqlite_pragmas
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
@@ -143,6 +147,10 @@ class Database:
         #: SQLite: seconds a write waits for another writer's lock (database.lock_timeout)
         self.lock_timeout = lock_timeout
         self.session = async_sessionmaker(engine, expire_on_commit=False)
+        #: SQLite in a file: whole transactions in a thread of their own (transaction())
+        path = sqlite_path(engine.url.render_as_string(hide_password=False))
+        self.thread_engine = (ThreadEngine(path, lock_timeout=lock_timeout)
+                              if path is not None else None)
 
     @classmethod
     async def open(cls, url: str, spool_dir: str | Path, *, migrate: bool = True,
@@ -156,7 +164,7 @@ class Database:
         engine = create_async_engine(full, **kwargs)
         if full.startswith("sqlite"):
             event.listen(engine.sync_engine, "connect", functools.partial(
-                _sqlite_pragmas, busy_ms=int(lock_timeout * 1000)))
+                sqlite_pragmas, busy_ms=int(lock_timeout * 1000)))
         db = cls(engine, lock_timeout=lock_timeout)
         if migrate:
             await db.migrate()
@@ -174,15 +182,18 @@ class Database:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))
 
+    async def transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(connection, *args) in one transaction, committed on return: on SQLite in the
+        thread engine (one hand-off for all of it), otherwise through run_sync."""
+        if self.thread_engine is not None:
+            return await self.thread_engine.transaction(fn, *args)
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(fn, *args)
+
     async def close(self) -> None:
+        if self.thread_engine is not None:
+            await self.thread_engine.close()
         await self.engine.dispose()
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, busy_ms: int) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute(f"PRAGMA busy_timeout={busy_ms}")
-    cur.close()
 
 
 def _upgrade(connection: Any) -> None:
@@ -207,6 +218,13 @@ LOCK_RATE_BUDGET = 7002
 LOCK_MIGRATE = 7003
 
 
+def xact_lock_sync(conn: Any, space: int, key: str) -> None:
+    """xact_lock() for a synchronous connection (Database.transaction)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
+                     {"space": space, "key": key})
+
+
 async def xact_lock(conn: Any, space: int, key: str) -> None:
     """Hold a lock named (space, key) until the transaction ends, on PostgreSQL.
 
@@ -225,4 +243,4 @@ async def open_database(url: str, spool_dir: str | Path) -> Database:
 
 
 __all__ = ["Base", "BounceCount", "Database", "FeedbackEvent", "MessageRow", "RateSlot", "StateRow",
-           "Suppression", "database_url", "open_database", "xact_lock"]
+           "Suppression", "database_url", "open_database", "xact_lock", "xact_lock_sync"]

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, literal_column, select, update
+from sqlalchemy import Connection, bindparam, delete, func, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.spool.record import Envelope, Record
 from relay.spool.spool import Spool
@@ -33,6 +33,7 @@ from relay.store.db import (
     MessageRow,
     Suppression,
     xact_lock,
+    xact_lock_sync,
 )
 from relay.store.log_writer import BatchWriter, retryable
 from relay.store.suppression import normalize
@@ -168,6 +169,65 @@ async def record_feedback_many(session: AsyncSession,
         ).values({**{c: bindparam(c) for c in columns}, "updated_at": now}), params)
 
 
+def _apply(conn: Connection, batch: list[Write]) -> None:
+    """The writes in order, "queued" rows first; runs of the same statement as one
+    executemany each; then the early feedback of the calls sent.
+
+    A queued row leaves a row already there alone and an outcome inserts a missing one,
+    so moving the queued rows ahead changes no row; it keeps a busy relay's batch, where
+    messages are queued and sent in turn, at two statements instead of one per write.
+    """
+    queued = [op for op in batch if op.statement[0] == "queued"]
+    if queued and len(queued) < len(batch):
+        batch = queued + [op for op in batch if op.statement[0] != "queued"]
+    dialect = conn.dialect.name
+    sent: list[tuple[str, str, list[str]]] = []
+    run: list[dict[str, Any]] = []
+    last: Write | None = None
+    for op in batch:
+        if last is not None and op.statement != last.statement:
+            # executemany applies its rows in order, as the writes came
+            conn.execute(last.compiled(dialect), run)
+            run = []
+        if op.ses_message_id:  # ordered with feedback for the same SES message
+            xact_lock_sync(conn, LOCK_SES_MESSAGE, op.ses_message_id)
+        run += op.rows
+        if op.sent is not None:
+            sent.append(op.sent)
+        last = op
+    if last is not None and run:
+        conn.execute(last.compiled(dialect), run)
+    _early_feedback(conn, sent)
+
+
+#: The events of a batch's sent calls (built once: a statement per batch cost more to
+#: build and key for the cache than to run)
+_EARLY_EVENTS = select(FeedbackEvent.ses_message_id, FeedbackEvent.recipient, FeedbackEvent.kind,
+                       FeedbackEvent.detail).where(FeedbackEvent.ses_message_id.in_(
+                           bindparam("ids", expanding=True))).order_by(FeedbackEvent.id)
+
+
+def _early_feedback(s: Connection, sent: list[tuple[str, str, list[str]]]) -> None:
+    """Feedback that arrived before a row knew its SES MessageId still counts."""
+    if not sent:
+        return
+    qids = {(ses_id, rcpt): qid for qid, ses_id, rcpts in sent for rcpt in rcpts}
+    events = s.execute(_EARLY_EVENTS, {"ids": sorted({ses_id for _, ses_id, _ in sent})})
+    # the latest event that changes the row wins, as it would have arriving later
+    # (unless it may not replace what an earlier one set: KEEPS)
+    latest: dict[tuple[str, str], dict[str, str]] = {}
+    for i, r, k, d in events:
+        change = after_feedback(k, d)
+        if change is None or (i, r) not in qids:
+            continue
+        if latest.get((i, r), {}).get("status") not in KEEPS.get(k, ()):
+            latest[i, r] = change
+    for (ses_id, rcpt), change in latest.items():
+        s.execute(update(MessageRow).where(
+            MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,
+        ).values(**change))
+
+
 @dataclass(frozen=True)
 class LogLine:
     """One line of `relay log ADDRESS`: a message row or a feedback event."""
@@ -238,51 +298,21 @@ class MessageLog:
         self._logged(batch)
 
     async def _commit_batch(self, batch: list[Write]) -> None:
+        """The batch in one transaction (on SQLite one hand-off to the database's thread
+        for all of it: relay.store.thread_engine)."""
         try:
-            async with self.db.engine.begin() as conn:
-                await self._apply(conn, batch)
+            await self.db.transaction(_apply, batch)
             return
         except IntegrityError:
             pass  # another writer (a second relay, a race) added a row: one at a time
         for op in batch:
             for attempt in range(3):
                 try:
-                    async with self.db.engine.begin() as conn:
-                        await self._apply(conn, [op])
+                    await self.db.transaction(_apply, [op])
                     break
                 except IntegrityError:
                     if attempt == 2:
                         raise
-
-    async def _apply(self, conn: AsyncConnection, batch: list[Write]) -> None:
-        """The writes in order, "queued" rows first; runs of the same statement as one
-        executemany each.
-
-        A queued row leaves a row already there alone and an outcome inserts a missing one,
-        so moving the queued rows ahead changes no row; it keeps a busy relay's batch, where
-        messages are queued and sent in turn, at two statements instead of one per write.
-        """
-        queued = [op for op in batch if op.statement[0] == "queued"]
-        if queued and len(queued) < len(batch):
-            batch = queued + [op for op in batch if op.statement[0] != "queued"]
-        dialect = conn.dialect.name
-        sent: list[tuple[str, str, list[str]]] = []
-        run: list[dict[str, Any]] = []
-        last: Write | None = None
-        for op in batch:
-            if last is not None and op.statement != last.statement:
-                # executemany applies its rows in order, as the writes came
-                await conn.execute(last.compiled(dialect), run)
-                run = []
-            if op.ses_message_id:  # ordered with feedback for the same SES message
-                await xact_lock(conn, LOCK_SES_MESSAGE, op.ses_message_id)
-            run += op.rows
-            if op.sent is not None:
-                sent.append(op.sent)
-            last = op
-        if last is not None and run:
-            await conn.execute(last.compiled(dialect), run)
-        await self._early_feedback(conn, sent)
 
     # -- writes ---------------------------------------------------------------------
 
@@ -348,30 +378,6 @@ class MessageLog:
         await self._submit(Write(
             ("outcome", attempts, *values), rows, ses_message_id,
             (qid, ses_message_id, rcpts) if ses_message_id else None, lane))
-
-    @staticmethod
-    async def _early_feedback(s: AsyncConnection, sent: list[tuple[str, str, list[str]]]) -> None:
-        """Feedback that arrived before a row knew its SES MessageId still counts."""
-        if not sent:
-            return
-        qids = {(ses_id, rcpt): qid for qid, ses_id, rcpts in sent for rcpt in rcpts}
-        events = await s.execute(select(FeedbackEvent.ses_message_id, FeedbackEvent.recipient,
-                                        FeedbackEvent.kind, FeedbackEvent.detail).where(
-            FeedbackEvent.ses_message_id.in_({ses_id for _, ses_id, _ in sent}),
-        ).order_by(FeedbackEvent.id))
-        # the latest event that changes the row wins, as it would have arriving later
-        # (unless it may not replace what an earlier one set: KEEPS)
-        latest: dict[tuple[str, str], dict[str, str]] = {}
-        for i, r, k, d in events:
-            change = after_feedback(k, d)
-            if change is None or (i, r) not in qids:
-                continue
-            if latest.get((i, r), {}).get("status") not in KEEPS.get(k, ()):
-                latest[i, r] = change
-        for (ses_id, rcpt), change in latest.items():
-            await s.execute(update(MessageRow).where(
-                MessageRow.queue_id == qids[ses_id, rcpt], MessageRow.recipient == rcpt,
-            ).values(**change))
 
     async def prune(self, retention: float, *, now: float | None = None) -> int:
         """Delete message rows and events older than `retention` seconds."""
