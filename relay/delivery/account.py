@@ -131,6 +131,7 @@ class AccountWatch:
         """Read the account; set the rate and quota; pause or resume on SendingEnabled."""
         share = self.settings.partition.share
         max_rate = self.settings.max_rate
+        mark = self.quota.mark()
         try:
             account = await self.accounts.get_account()
         except DeliveryError as exc:
@@ -151,7 +152,8 @@ class AccountWatch:
         if max_rate:
             rate = min(rate, max_rate)
         self.limiter.set_rate(max(rate * share, 0.01))
-        self.quota.update(account.max_24hour_send * share, account.sent_last_24hours * share)
+        self.quota.update(account.max_24hour_send * share, account.sent_last_24hours * share,
+                          mark=mark)
         if not account.sending_enabled:
             self.pause(f"{SES_PAUSE} sending is disabled for the account "
                        "(GetAccount SendingEnabled=false)")
@@ -162,6 +164,7 @@ class AccountWatch:
         """Re-read the account every account_refresh; while SES paused, probe more often."""
         while True:
             if BY_SES in self.gate.pauses or self.account is None:
+                self._changed.clear()  # the pause that set it is what this probe is for
                 await asyncio.sleep(self.settings.pause_probe_interval)
             elif await self._paused_meanwhile():
                 continue  # just paused: wait one probe interval before asking

@@ -214,6 +214,7 @@ class Attempt:
                     self.quota.give_back(len(chunk))
                     return await handler(record, chunk, pending, exc)
             raise
+        self.quota.sent(len(chunk))
         self.latency = 0.9 * self.latency + 0.1 * (time.monotonic() - started)
         return await self._sent(record, chunk, pending, message_id)
 

@@ -152,26 +152,52 @@ class RateLimiter:
 
 
 class Quota:
-    """The 24-hour sending allowance: Max24HourSend minus SentLast24Hours, less our sends."""
+    """The 24-hour sending allowance: Max24HourSend minus SentLast24Hours, less our sends.
+
+    GetAccount's SentLast24Hours is a snapshot taken while the request is in flight, and
+    sends go on meanwhile: a send in flight when it was asked, or made since, may be
+    missing from it. So update() takes the mark() read when the account was asked and
+    counts every recipient taken and not yet confirmed by SES at that moment as still to
+    be added, never letting a late answer hand back allowance the relay already used.
+    """
 
     def __init__(self) -> None:
         self.max_24h: float = -1.0
         self.remaining: float = math.inf
+        #: recipients taken and not given back, and those of them SES confirmed (sent)
+        self.taken = 0
+        self.confirmed = 0
 
-    def update(self, max_24h: float, sent_24h: float) -> None:
+    def mark(self) -> int:
+        """Read just before asking the account; pass it to update() with the answer."""
+        return self.confirmed
+
+    def update(self, max_24h: float, sent_24h: float, *, mark: int | None = None) -> None:
         self.max_24h = max_24h
-        self.remaining = math.inf if max_24h < 0 else max(0.0, max_24h - sent_24h)
+        if max_24h < 0:
+            self.remaining = math.inf
+            return
+        # sent by this relay but perhaps not counted in sent_24h yet (none if unmarked)
+        uncounted = max(0, self.taken - mark) if mark is not None else 0
+        self.remaining = max(0.0, max_24h - sent_24h - uncounted)
 
     def take(self, n: int) -> int:
         """Take up to n recipients from the allowance; returns how many were granted."""
         granted = int(min(n, self.remaining))
         self.remaining -= granted
+        self.taken += granted
         return granted
+
+    def sent(self, n: int) -> None:
+        """SES accepted a call of n recipients taken from the allowance."""
+        self.confirmed += n
 
     def exhaust(self) -> None:
         """SES said the daily quota is used up, whatever GetAccount last said."""
         self.remaining = 0.0
 
     def give_back(self, n: int) -> None:
+        """n recipients taken were not sent after all (paused meanwhile, or refused)."""
+        self.taken -= n
         if self.remaining != math.inf:
             self.remaining += n

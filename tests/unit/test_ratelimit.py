@@ -108,3 +108,64 @@ def test_sandbox_counts_every_window_even_out_of_order():
     assert st._admit(1, 11.1) is not None  # ... and would hold a 4th
     assert st._admit(1, 11.6) is None  # [10.9, 11.9) holds 10.9, 11.0, 11.6
     assert st.throttles == 2
+
+
+def test_a_late_account_answer_does_not_hand_back_what_was_sent_meanwhile():
+    q = Quota()
+    q.update(20, 0)
+    assert q.take(3) == 3
+    q.sent(3)  # SES confirmed these before the account was asked: in its count
+    assert q.take(4) == 4  # in flight when the account is asked
+    mark = q.mark()
+    assert q.take(2) == 2  # taken while GetAccount was on its way
+    q.give_back(1)  # ...one of them not sent after all
+    # the answer counts only the 3 confirmed: 4 + 1 more are ours and not in it yet
+    q.update(20, 3, mark=mark)
+    assert q.remaining == 20 - 3 - 5
+    q.sent(5)
+    # once nothing is in flight, the next answer counts them all and is taken whole
+    mark = q.mark()
+    q.update(20, 8, mark=mark)
+    assert q.remaining == 12
+
+
+async def test_account_refresh_keeps_the_sends_made_while_it_waited_for_the_answer():
+    import asyncio
+
+    from relay.delivery.account import AccountWatch, Gate
+    from relay.delivery.ports import Account
+    from relay.delivery.settings import PoolSettings
+
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    class SlowAccount:
+        """GetAccount whose snapshot is taken when asked and arrives when released."""
+
+        def __init__(self) -> None:
+            self.sent = 0
+
+        async def get_account(self) -> Account:
+            snapshot = self.sent
+            asked.set()
+            await answer.wait()
+            return Account(max_send_rate=10, max_24hour_send=20,
+                           sent_last_24hours=snapshot, sending_enabled=True)
+
+    source = SlowAccount()
+    quota = Quota()
+    watch = AccountWatch(accounts=source, limiter=RateLimiter(10), quota=quota, gate=Gate(),
+                         settings=PoolSettings(), on_resume=lambda: None)
+    answer.set()
+    await watch.refresh()
+    assert quota.remaining == 20
+    answer.clear()
+    asked.clear()
+    refreshing = asyncio.ensure_future(watch.refresh())
+    await asked.wait()
+    for _ in range(6):  # sent while the answer is on its way: SES counts them after
+        assert quota.take(1) == 1
+        source.sent += 1
+        quota.sent(1)
+    answer.set()
+    await refreshing
+    assert quota.remaining == 14
