@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,7 +20,7 @@ from relay.spool.record import Envelope, Record
 from relay.store.db import Database
 from relay.store.messages import MessageLog, message_id_header
 from relay.store.suppression import SuppressionList, normalize, parse_csv
-from tests.conftest import database_for, relay_sections, wait_for, write_config
+from tests.conftest import PG_SERVER, database_for, relay_sections, wait_for, write_config
 from tests.feedback_helpers import cli, send, statuses, suppressed
 
 
@@ -143,7 +145,11 @@ async def test_log_rows_and_retention(tmp_path):
 
 def count_suppression_selects(db: Database) -> list[list[str]]:
     """The address lists of every delivery-time check (SELECT ... FROM suppressions WHERE
-    address IN (...)) as the database received them."""
+    address IN (...)) as the database received them through the async engine.
+
+    The checks are sent down the engine's path (PostgreSQL's, and SQLite's when the
+    database is busy) by leaving the loop reader out."""
+    db.loop_reader = None
     seen: list[list[str]] = []
 
     def before(conn, cursor, statement, parameters, context, executemany):
@@ -208,6 +214,7 @@ async def test_a_suppression_committed_while_a_check_is_in_flight_stops_the_next
 async def test_a_failed_check_fails_every_caller_and_the_next_check_works(tmp_path):
     db = await Database.open(database_for(tmp_path), tmp_path)
     try:
+        db.loop_reader = None  # the async engine's path
         sl = SuppressionList(db)
         await sl.add("gone@example.net", reason="bounce")
         fail = [True]
@@ -226,6 +233,107 @@ async def test_a_failed_check_fails_every_caller_and_the_next_check_works(tmp_pa
     finally:
         await db.close()
 
+
+
+def engine_selects_of_suppressions(db: Database) -> list[str]:
+    """Every SELECT of the suppressions table that went through the async engine."""
+    seen: list[str] = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if "FROM suppressions" in statement:
+            seen.append(statement)
+
+    sa_event.listen(db.engine.sync_engine, "before_cursor_execute", before)
+    return seen
+
+
+@pytest.mark.skipif(bool(PG_SERVER), reason="the loop reader is SQLite's")
+async def test_on_sqlite_each_check_is_read_on_the_loop_and_sees_every_commit_before_it(tmp_path):
+    """Invariant 5 on the loop reader: no read keeps a snapshot past its check, nothing
+    is cached; another connection's commit (the CLI, the feedback applier) counts at once."""
+    db = await Database.open("", tmp_path)
+    other = await Database.open("", tmp_path)
+    try:
+        sl, writer = SuppressionList(db), SuppressionList(other)
+        via_engine = engine_selects_of_suppressions(db)
+        assert await sl.suppressed(["Late@Example.net", "x@example.net"]) == set()
+        await writer.add("late@example.net", reason="complaint")
+        assert await sl.suppressed(["Late@Example.net", "x@example.net"]) == {"Late@Example.net"}
+        await writer.remove("late@example.net")
+        assert await sl.suppressed(["Late@Example.net"]) == set()
+        await writer.add("late@example.net", reason="bounce")
+        assert await sl.is_suppressed("late@example.net")
+        many = [f"r{i}@example.net" for i in range(40)]  # more than one statement's worth
+        await writer.add("r33@example.net", reason="bounce")
+        await writer.add("r2@example.net", reason="bounce")
+        assert await sl.suppressed(many) == {"r2@example.net", "r33@example.net"}
+        assert db.loop_reader is not None and db.loop_reader.fallbacks == 0
+        assert via_engine == []
+    finally:
+        await other.close()
+        await db.close()
+
+
+@pytest.mark.skipif(bool(PG_SERVER), reason="SQLite's file locks")
+async def test_a_locked_database_sends_the_check_to_the_engine_which_waits_for_the_lock(tmp_path):
+    """The loop never waits for a lock: busy, the check goes to the engine's thread, which
+    waits (database.lock_timeout) and answers exactly; the loop keeps running meanwhile."""
+    db = await Database.open("", tmp_path)
+    try:
+        sl = SuppressionList(db)
+        reader = db.loop_reader
+        assert reader is not None
+        assert await sl.suppressed(["held@example.net"]) == set()
+        reader.close()  # every connection closed, so another can lock the file alone
+        await db.engine.dispose()
+        holder = sqlite3.connect(tmp_path / "relay.db", isolation_level=None, timeout=0)
+        try:
+            holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+            holder.execute("BEGIN EXCLUSIVE")
+            holder.execute("INSERT INTO suppressions (address, reason, source, detail, "
+                           "created_at, updated_at) VALUES "
+                           "('held@example.net', 'complaint', 'test', '', 0, 0)")
+            holder.execute("COMMIT")  # committed; the file stays locked while it is open
+            check = asyncio.create_task(sl.suppressed(["held@example.net", "ok@example.net"]))
+            for _ in range(3000):
+                if reader.fallbacks:
+                    break
+                await asyncio.sleep(0.01)
+            assert reader.fallbacks == 1
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert not check.done()  # the engine waits for the lock
+        finally:
+            holder.close()
+        assert await check == {"held@example.net"}
+        assert await sl.suppressed(["held@example.net"]) == {"held@example.net"}
+        assert reader.fallbacks == 1  # no lock any more: read on the loop again
+    finally:
+        await db.close()
+
+
+def test_the_loop_reader_steps_aside_when_it_cannot_read_on_its_own(tmp_path):
+    """A file it cannot open, or a call from another thread: None (the async engine's
+    path), never an empty answer."""
+    from relay.store.loop_read import LoopReader
+
+    missing = LoopReader(tmp_path / "missing.db")
+    assert missing.suppressed(["a@example.net"]) is None and missing.broken
+    made = sqlite3.connect(tmp_path / "relay.db")
+    made.executescript("CREATE TABLE suppressions (address TEXT PRIMARY KEY);"
+                       "INSERT INTO suppressions VALUES ('a@example.net');")
+    made.close()
+    reader = LoopReader(tmp_path / "relay.db")
+    try:
+        assert reader.suppressed(["a@example.net", "b@example.net"]) == {"a@example.net"}
+        elsewhere: list[object] = []
+        thread = threading.Thread(target=lambda: elsewhere.append(
+            reader.suppressed(["a@example.net"])))
+        thread.start()
+        thread.join(30)
+        assert elsewhere == [None]
+    finally:
+        reader.close()
 
 def test_message_id_header():
     head = b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nMessage-ID: <no>\r\n"

@@ -30,7 +30,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from relay.store.thread_engine import ThreadEngine, sqlite_path, sqlite_pragmas
+from relay.store.loop_read import LoopReader, sqlite_path
+from relay.store.thread_engine import ThreadEngine, sqlite_pragmas
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 T = TypeVar("T")
@@ -147,8 +148,10 @@ class Database:
         #: SQLite: seconds a write waits for another writer's lock (database.lock_timeout)
         self.lock_timeout = lock_timeout
         self.session = async_sessionmaker(engine, expire_on_commit=False)
-        #: SQLite in a file: whole transactions in a thread of their own (transaction())
+        #: SQLite in a file: point reads on the event loop (relay.store.loop_read)
         path = sqlite_path(engine.url.render_as_string(hide_password=False))
+        self.loop_reader = LoopReader(path) if path is not None else None
+        #: SQLite in a file: whole transactions in a thread of their own (transaction())
         self.thread_engine = (ThreadEngine(path, lock_timeout=lock_timeout)
                               if path is not None else None)
 
@@ -191,6 +194,8 @@ class Database:
             return await conn.run_sync(fn, *args)
 
     async def close(self) -> None:
+        if self.loop_reader is not None:
+            self.loop_reader.close()
         if self.thread_engine is not None:
             await self.thread_engine.close()
         await self.engine.dispose()

@@ -189,14 +189,21 @@ class SuppressionList:
         """The recipients (as given) whose normalized address is on the list.
 
         Exact at the time of the call: the answer comes from a SELECT that starts after
-        the call does, so a suppression committed before it is seen. Calls arriving in
-        the same loop iteration, or while a SELECT is in flight, share the next SELECT.
+        the call does, so a suppression committed before it is seen. On SQLite that is a
+        read on the loop (relay.store.loop_read), answered at once; when it cannot be
+        (busy, or PostgreSQL), calls arriving in the same loop iteration, or while a
+        SELECT is in flight, share the next SELECT of the async engine.
         """
         by_norm: dict[str, list[str]] = {}
         for rcpt in recipients:
             by_norm.setdefault(normalize(rcpt), []).append(rcpt)
         if not by_norm:
             return set()
+        reader = self.db.loop_reader
+        if reader is not None:
+            found = reader.suppressed(list(by_norm))
+            if found is not None:
+                return {orig for norm in found for orig in by_norm[norm]}
         check = self._next
         if check is None:
             check = self._next = _Check(set(), asyncio.get_running_loop().create_future())

@@ -31,18 +31,6 @@ def sqlite_pragmas(dbapi_conn: Any, _record: Any, *, busy_ms: int) -> None:
     cur.close()
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The file of an `sqlite+aiosqlite:///PATH` URL; None for other databases and for
-    in-memory SQLite (a second connection would see another database)."""
-    prefix = "sqlite+aiosqlite:///"
-    if not url.startswith(prefix):
-        return None
-    path = url[len(prefix):].split("?", 1)[0]
-    if not path or path == ":memory:" or path.startswith("file:"):
-        return None
-    return Path(path)
-
-
 class ThreadEngine:
     """Runs fn(connection, *args) in one transaction in its own thread, one at a time."""
 
@@ -72,4 +60,4 @@ class ThreadEngine:
         self.engine.dispose()
 
 
-__all__ = ["ThreadEngine", "sqlite_path", "sqlite_pragmas"]
+__all__ = ["ThreadEngine", "sqlite_pragmas"]
