@@ -55,6 +55,7 @@ from relay.store.budget import shared_budget
 from relay.store.db import Database
 from relay.store.messages import MessageLog
 from relay.store.suppression import SuppressionList
+from relay.threads import background
 
 log = logging.getLogger("relay.service")
 
@@ -100,7 +101,8 @@ def _prepare_loop(stop: asyncio.Event) -> None:
     sys.setswitchinterval(0.001)
     loop = asyncio.get_running_loop()
     # spool writes wait on fsync, not CPU: enough threads that they overlap
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="spool"))
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="spool",
+                                                 initializer=background))
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)

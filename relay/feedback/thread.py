@@ -20,6 +20,7 @@ from relay.feedback.applier import AppliedBatch, FeedbackApplier
 from relay.feedback.sns import Verifier
 from relay.feedback.sqs import SqsIngester
 from relay.store.db import Database
+from relay.threads import background
 
 #: builds the ingester inside the thread, given the thread's database and batch hook
 Make = Callable[[Database, Callable[[AppliedBatch], None]], SqsIngester]
@@ -60,6 +61,7 @@ class IngesterThread:
             raise self._error
 
     def _run(self, hand_over: Callable[[AppliedBatch], None]) -> None:
+        background()  # feedback gives way to the SMTP loop's thread when both want a core
         try:
             asyncio.run(self._serve(hand_over))
         except BaseException as exc:  # noqa: BLE001 - told to start() or logged by stop()

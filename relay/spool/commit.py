@@ -47,6 +47,7 @@ from relay.errors import SpoolError
 from relay.spool.files import as_spool_error
 from relay.spool.record import State
 from relay.spool.spool import Spool
+from relay.threads import background
 
 log = logging.getLogger("relay.commit")
 
@@ -83,6 +84,7 @@ class CommitThread:
         threading.Thread(target=self._main, name=self.name, daemon=True).start()
 
     def _main(self) -> None:
+        background()
         while True:
             with self._cv:
                 if not self._jobs:

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, create_engine, event
 
+from relay.threads import background
+
 T = TypeVar("T")
 
 
@@ -42,7 +44,8 @@ class ThreadEngine:
 
     async def transaction(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-db")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-db",
+                                                initializer=background)
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self._run, fn, args)
 
