@@ -247,7 +247,8 @@ class Durable:
         directory changed, so that other programs' writes stay out of it (measured by
         bench/spool.py: each fdatasync costs a device flush of its own, so a batch of 20
         waited 2-6 times longer than one syncfs; CPU alike). A failure does not stop the
-        rest from being synced.
+        rest from being synced, and the directories it changed are synced again by the
+        next flush.
 
         One flush at a time: a second caller waits for the one running, so a change
         noted before a call is always synced (or counted as failed) before that call
@@ -264,6 +265,11 @@ class Durable:
             except OSError as exc:
                 self.failures += 1
                 self.failure = exc
+                with self._dirty_lock:
+                    # a rename or unlink it carried is durable only once a later fsync of
+                    # its directory succeeds: the next flush syncs these again (a result
+                    # retried in memory finds its file gone and relies on that flush)
+                    self._dirs |= dirs
                 raise
 
     def _sync(self, files: list[int], dirs: set[State]) -> None:

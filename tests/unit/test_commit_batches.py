@@ -2,16 +2,20 @@
 finished message shares the flush that makes the ingress's renames into active/ durable
 (one fsync of active/ for both), is never made before the flush of the new files, and a
 batch of unlinks alone costs one flush, made after them. An unlink of a message an
-operator moved meanwhile fails that caller alone with FileNotFoundError."""
+operator moved meanwhile fails that caller alone with FileNotFoundError. An unlink a
+failed flush carried is synced again by the next one."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import time
 from pathlib import Path
 
 import pytest
 
+from relay.errors import SpoolError
 from relay.spool.commit import GroupCommit
 from relay.spool.record import Envelope, State
 from relay.spool.spool import Spool
@@ -79,3 +83,39 @@ def test_a_message_moved_meanwhile_fails_only_its_own_unlink(spool: Watched) -> 
     first, second = asyncio.run(run())
     assert isinstance(first, FileNotFoundError) and second is None
     assert list(spool.scan(State.HOLD)) == [held] and list(spool.scan(State.ACTIVE)) == []
+
+
+class FailsOnce(Spool):
+    """A real spool whose next directory sync fails once, like an I/O error would."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=True)
+        self.fail_next = False
+        self.synced_dirs: list[set[State]] = []
+
+    def _sync(self, files: list[int], dirs: set[State]) -> None:
+        self.synced_dirs.append(set(dirs))
+        if self.fail_next and dirs:
+            self.fail_next = False
+            for fd in files:
+                os.close(fd)
+            raise OSError(errno.EIO, "write-back failed")
+        super()._sync(files, dirs)
+
+
+async def test_an_unlink_a_failed_flush_carried_is_synced_again_by_the_next_flush(
+        tmp_path: Path) -> None:
+    spool = FailsOnce(tmp_path / "spool")
+    spool.ensure()
+    commit = GroupCommit(spool)
+    qid = spool.prepare(ENV, DATA)
+    await commit.publish(qid)
+    spool.fail_next = True
+    with pytest.raises(SpoolError):
+        await commit.bury(State.ACTIVE, qid)  # SES took it; its removal is not durable
+    assert not (spool.root / "active" / qid).exists()
+    # the unsaved-results retry finds the file gone and waits for a flush: that flush
+    # syncs active/ again, so the unlink is durable when it reports the result saved
+    since = spool.since()
+    await commit.barrier(since=since)
+    assert State.ACTIVE in spool.synced_dirs[-1]
