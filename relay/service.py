@@ -11,6 +11,7 @@ delivery.shutdown_timeout, leave the rest queued. Called by `relay serve`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -89,6 +90,10 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
                             sqs=_feedback_queue(config, endpoint, creds),
                             verifier=_verifier(config, sandbox))
         await relay.start()
+        # what start-up built (modules, config, the session template, the clients) lives
+        # as long as the process: the collector stops walking it, a full collection of
+        # ~100,000 objects (50 ms of the loop's time on a busy 2-core machine) no more
+        gc.freeze()
         await stop.wait()
         event(log, "stopping")
         await relay.stop()
