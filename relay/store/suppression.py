@@ -37,6 +37,8 @@ def normalize(address: str) -> str:
     local, at, domain = addr.rpartition("@")
     if not at:
         return addr.lower()
+    if domain.isascii():
+        return addr.lower()  # the idna codec leaves an ASCII domain as it is
     try:
         domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
