@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 
 from relay.config import SANDBOX, Config, FeedbackConfig
@@ -90,10 +90,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
                             sqs=_feedback_queue(config, endpoint, creds),
                             verifier=_verifier(config, sandbox))
         await relay.start()
-        # what start-up built (modules, config, the session template, the clients) lives
-        # as long as the process: the collector stops walking it, a full collection of
-        # ~100,000 objects (50 ms of the loop's time on a busy 2-core machine) no more
-        gc.freeze()
+        gc.freeze()  # start-up's ~100,000 objects live on: no full collection walks them
         await stop.wait()
         event(log, "stopping")
         await relay.stop()
@@ -101,18 +98,14 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
 
 
 def _prepare_loop(stop: asyncio.Event) -> None:
-    # Spool work runs in threads; a short GIL switch interval keeps the event loop from
-    # waiting up to 5 ms for one of them right after a call left the rate limiter.
+    # a short GIL switch interval: the loop never waits 5 ms for a thread's spool work
     sys.setswitchinterval(0.001)
     loop = asyncio.get_running_loop()
     # spool writes wait on fsync, not CPU: enough threads that they overlap
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="spool",
-                                                 initializer=background))
+    loop.set_default_executor(ThreadPoolExecutor(64, "spool", background))
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
 
 
 async def _open_spool(config: Config, part: Partition) -> tuple[Spool, SpoolLock]:
