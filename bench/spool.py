@@ -78,8 +78,13 @@ def run_spool(root: Path, batches: list[list[str]], body: bytes, *,
         for q in qids:
             rec = spool.load(State.ACTIVE, q)
             spool.read_message(State.ACTIVE, q, rec)
-        graves = [spool.bury(State.ACTIVE, q) for q in qids]
+        # as the group commit does: retire (a tree without it: bury), flush, recycle
+        retire = getattr(spool, "retire", spool.bury)
+        graves = [retire(State.ACTIVE, q) for q in qids]
         spool.flush()
+        if hasattr(spool, "recycle"):
+            spool.recycle([g for g in graves if g is not None], reuse=True)
+            continue
         for grave in graves:
             if grave is not None:
                 shutil.rmtree(grave, ignore_errors=True)

@@ -33,8 +33,9 @@ from relay.errors import (
     TransientError,
 )
 from relay.log import event
+from relay.spool.reading import CorruptMessage
 from relay.spool.record import FAILED, SENT, SUPPRESSED, Record, State
-from relay.spool.spool import CorruptMessage, Spool
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.delivery")
 

@@ -32,8 +32,9 @@ from relay.delivery.ratelimit import Quota
 from relay.delivery.settings import PoolSettings
 from relay.errors import SpoolError
 from relay.log import event
+from relay.spool.reading import CorruptMessage
 from relay.spool.record import Envelope, State
-from relay.spool.spool import CorruptMessage, Spool
+from relay.spool.spool import Spool
 
 log = logging.getLogger("relay.delivery")
 

@@ -195,6 +195,7 @@ class GroupCommit:
         marks = [(fut, since) for _, fut, since in batch.publish] + batch.waiters
         futures = [fut for fut, _ in marks]
         outcome: dict[int, BaseException | None] = {}
+        durable = False  #: this batch's flushes succeeded: its retired files may be reused
         try:
             published = 0
             if batch.publish:
@@ -206,6 +207,7 @@ class GroupCommit:
             if published or batch.buried or not batch.publish:
                 spool.flush()
                 self.flushes += 1
+            durable = True
             for fut, since in marks:
                 try:
                     spool.check(since)  # a flush another caller ran failed meanwhile
@@ -226,8 +228,8 @@ class GroupCommit:
                 loop.call_soon_threadsafe(_resolve, [*futures, done], outcome)
             except RuntimeError:
                 pass  # the loop is closed: nobody is waiting any more
-        for grave in batch.graves:
-            shutil.rmtree(grave, ignore_errors=True)
+        # spares go back to the spool for the next messages once their flush is done
+        spool.recycle(batch.graves, reuse=durable)
 
     def _publish(self, batch: _Batch, outcome: dict[int, BaseException | None]) -> int:
         """The batch's renames into active/; how many were made."""
@@ -246,7 +248,7 @@ class GroupCommit:
         (FileNotFoundError as it is: moved or deleted by an operator meanwhile)."""
         for state, qid, fut in batch.buried:
             try:
-                grave = self.spool.bury(state, qid)
+                grave = self.spool.retire(state, qid)
             except FileNotFoundError as exc:
                 outcome[id(fut)] = exc
             except OSError as exc:

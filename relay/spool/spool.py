@@ -4,10 +4,12 @@ A message is one file, <state>/<queue id>: its relay.spool.record.Record as one 
 JSON, then the raw MIME exactly as received (`head -1` shows the envelope and delivery
 state, `tail -n +2` the message byte for byte). It is written in incoming/ and becomes
 visible by one rename into active/; every state change is one rename; a new record
-replaces the file by write-temporary, sync, rename; a finished message is one unlink. A
-deferred file's mtime is its next attempt, so a scan needs no parsing. Directories in the
-older layout (message.eml + envelope.json) are converted at start-up (relay.spool.legacy).
-Used by ingress, delivery, the queue commands and the console (never by path).
+replaces the file by write-temporary, sync, rename; a finished message is one unlink
+(or, through the group commit, a rename into incoming/ as a spare file that a later
+message is written into: see retire). A deferred file's mtime is its next attempt, so a
+scan needs no parsing. Directories in the older layout (message.eml + envelope.json) are
+converted at start-up (relay.spool.legacy). Used by ingress, delivery, the queue
+commands and the console (never by path).
 
 Why one file (bench/spool.py: per message accepted, read and finished, in group commits
 of 20): the directory of two files took 42.5 system calls and 750-780 us of CPU, two flat
@@ -36,38 +38,31 @@ from relay.errors import SpoolError, SpoolFullError
 from relay.spool import legacy
 from relay.spool.files import (
     HEAD_BLOCK,
-    Durable,
     as_spool_error,
     copy,
     fsync_dir,
-    mime_head,
-    read_file,
     rename_unlocked,
     write_all,
     writev_all,
 )
+from relay.spool.reading import Reading
 from relay.spool.record import Envelope, Record, State, new_queue_id
+from relay.spool.spares import PREFIX as SPARE
+from relay.spool.spares import Spares
 
 
-class CorruptMessage(SpoolError):
-    """A message whose files cannot be read; it has been moved to corrupt/."""
+class Spool(Reading):
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True,
+                 min_free_bytes: int = 0) -> None:
+        super().__init__(root, fsync=fsync, min_free_bytes=min_free_bytes)
+        #: finished messages' files, emptied, for the next messages (relay.spool.spares)
+        self.spares = Spares(self.dirs[State.INCOMING])
 
-
-class Spool(Durable):
     # -- layout ---------------------------------------------------------------------
 
     def ensure(self) -> None:
         for state in State:
             (self.root / state.value).mkdir(parents=True, exist_ok=True)
-
-    def dir(self, state: State) -> Path:
-        return self.root / state.value
-
-    def path(self, state: State, qid: str) -> Path:
-        return self.root / state.value / qid
-
-    def exists(self, state: State, qid: str) -> bool:
-        return os.path.lexists(self.dirs[state] + qid)
 
     def locate(self, qid: str) -> State | None:
         """The state a queue id is in, or None when it is not in the spool."""
@@ -114,7 +109,7 @@ class Spool(Durable):
         fd = -1
         try:
             self._check_room(len(data))
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            fd = self.spares.create(path)
             writev_all(fd, record.to_head(), data)
             synced = not inline and self.crowded()
             if synced:
@@ -154,122 +149,6 @@ class Spool(Durable):
             raise SpoolFullError(
                 f"spool has {free} bytes free, below spool.min_free_bytes={self.min_free_bytes}"
             )
-
-    # -- reading --------------------------------------------------------------------
-
-    def _legacy(self, state: State, qid: str, *, body: bool) -> tuple[Record, bytes]:
-        """A message directory of the older layout; unreadable ones to corrupt/."""
-        path = self.path(state, qid)
-        try:
-            record = legacy.read_record(path)
-        except FileNotFoundError:
-            if not path.exists():
-                raise
-            raise self.to_corrupt(state, qid, f"{legacy.ENVELOPE} missing") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise self.to_corrupt(state, qid, f"{legacy.ENVELOPE} unreadable: {exc}") from exc
-        if not body:
-            return record, b""
-        try:
-            data = legacy.read_message(path)
-        except FileNotFoundError:
-            if not path.is_dir():
-                raise
-            raise self.to_corrupt(state, qid, f"{legacy.MESSAGE} missing") from None
-        return record, data
-
-    def _parse(self, state: State, qid: str, raw: bytes) -> tuple[Record, int]:
-        try:
-            return Record.from_head(raw)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise self.to_corrupt(state, qid, f"record line unreadable: {exc}") from exc
-
-    def load(self, state: State, qid: str) -> Record:
-        """The record of a message; an unreadable one is moved to corrupt/."""
-        try:
-            raw = read_file(self.path(state, qid), whole=False) or b""
-        except IsADirectoryError:
-            return self._legacy(state, qid, body=False)[0]
-        return self._parse(state, qid, raw)[0]
-
-    def peek(self, state: State, qid: str) -> Record | None:
-        """The record, or None when unreadable; never moves anything (unlike load)."""
-        path = self.path(state, qid)
-        try:
-            if legacy.is_legacy(path):
-                return legacy.read_record(path)
-            return Record.from_head(read_file(self.path(state, qid), whole=False) or b"")[0]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def read(self, state: State, qid: str) -> tuple[Record, bytes]:
-        """A message's record and raw MIME, in one read of its file. One shorter or
-        longer than the size recorded at acceptance is moved to corrupt/
-        (CorruptMessage), never forwarded."""
-        got = self.read_small(state, qid, -1)
-        assert got is not None
-        return got
-
-    def read_small(self, state: State, qid: str, limit: int) -> tuple[Record, bytes] | None:
-        """read(), or None when the file is over `limit` bytes (nothing read)."""
-        try:
-            raw = read_file(self.dirs[state] + qid, whole=True, limit=limit)
-        except IsADirectoryError:
-            record, data = self._legacy(state, qid, body=True)
-        else:
-            if raw is None:
-                return None
-            record, start = self._parse(state, qid, raw)
-            data = raw[start:]
-        if len(data) != record.size:
-            raise self.to_corrupt(state, qid, f"message is {len(data)} bytes, "
-                                              f"its record says {record.size}")
-        return record, data
-
-    def read_message(self, state: State, qid: str, record: Record | None = None) -> bytes:
-        """The raw MIME. With its record, checked as by read (one that does not match is
-        moved to corrupt/); without, as it is, never moving anything (OSError when it
-        cannot be read)."""
-        if record is not None:
-            return self.read(state, qid)[1]
-        path = self.path(state, qid)
-        if legacy.is_legacy(path):
-            return legacy.read_message(path)
-        raw = read_file(path, whole=True) or b""
-        start = raw.find(b"\n")
-        if start < 0:
-            raise OSError(errno.EBADMSG, "no record line: not a spool file", str(path))
-        return raw[start + 1:]
-
-    def read_head(self, state: State, qid: str, size: int = 65536) -> bytes:
-        """Up to `size` bytes from the start of the raw MIME, for its headers; never
-        moves anything."""
-        path = self.path(state, qid)
-        if legacy.is_legacy(path):
-            with open(path / legacy.MESSAGE, "rb") as fh:
-                return fh.read(size)
-        return mime_head(path, size)
-
-    def to_corrupt(self, state: State, qid: str, reason: str) -> CorruptMessage:
-        """Move an entry that is not a complete message to corrupt/<name>/ with a
-        reason.txt (a file goes inside a directory of its own name); the error to raise.
-        Never deletes anything. If the move fails the entry stays where it was."""
-        src, dst = self.path(state, qid), self.path(State.CORRUPT, qid)
-        try:
-            if dst.exists():
-                dst = self.path(State.CORRUPT, f"{qid}.{new_queue_id()}")
-            if src.is_dir() and not src.is_symlink():
-                os.rename(src, dst)
-            else:
-                dst.mkdir()
-                os.rename(src, dst / qid)
-            (dst / "reason.txt").write_text(f"{state.value}/{qid}: {reason}\n")
-            if self.fsync:
-                fsync_dir(self.dir(state))
-                fsync_dir(self.dir(State.CORRUPT))
-        except OSError as exc:
-            return CorruptMessage(f"{qid}: {reason} (not moved to corrupt/: {exc})")
-        return CorruptMessage(f"{qid}: {reason}")
 
     # -- state changes --------------------------------------------------------------
 
@@ -384,6 +263,27 @@ class Spool(Durable):
         self._changed(state)
         return None
 
+    def retire(self, state: State, qid: str) -> Path | None:
+        """bury() for the group commit, which flushes right after: the file is moved into
+        incoming/ as a spare (relay.spool.spares) instead of unlinked; active/ loses the
+        entry either way, made final by the same fsync of active/. Returns the spare (or a
+        grave of the older layout) for recycle(); unlinks as bury() when enough wait."""
+        spare = self.spares.name() if self.fsync else None
+        if spare is None:
+            return self.bury(state, qid)
+        os.rename(self.dirs[state] + qid, spare)  # FileNotFoundError: moved meanwhile
+        self._changed(state)
+        return Path(spare)
+
+    def recycle(self, retired: Iterable[Path], *, reuse: bool) -> None:
+        """After the flush that made their removal durable (`reuse`), the spares retire()
+        returned are kept for later messages; the rest (and all after a failed flush) go."""
+        self.spares.recycle(retired, reuse=reuse)
+
+    def close(self) -> None:
+        self.spares.close()
+        super().close()
+
     def remove(self, state: State, qid: str) -> None:
         """An operator's delete: under the lock, so no result in flight lands after it."""
         with self.locked(state, qid):
@@ -438,13 +338,15 @@ class Spool(Durable):
         messages of the older layout (relay.spool.legacy). Returns the count deleted."""
         self.ensure()
         n = 0
+        self.spares.forget()
         with os.scandir(self.dir(State.INCOMING)) as it:
             for entry in it:
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
                     os.unlink(entry.path)
-                n += 1
+                # a spare file held no message: not counted as one removed
+                n += not entry.name.startswith(SPARE)
         for state in (State.ACTIVE, State.DEFERRED, State.HOLD, State.FAILED):
             self.converted += legacy.upgrade(self.dir(state), sync=self.fsync)
         return n

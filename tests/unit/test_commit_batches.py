@@ -11,6 +11,7 @@ import asyncio
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,15 @@ def test_a_message_moved_meanwhile_fails_only_its_own_unlink(spool: Watched) -> 
     assert list(spool.scan(State.HOLD)) == [held] and list(spool.scan(State.ACTIVE)) == []
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded: 10 s) for what the commit thread does after answering."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the commit thread did not get there in 10 s")
+
+
 class FailsOnce(Spool):
     """A real spool whose next directory sync fails once, like an I/O error would."""
 
@@ -119,3 +129,58 @@ async def test_an_unlink_a_failed_flush_carried_is_synced_again_by_the_next_flus
     since = spool.since()
     await commit.barrier(since=since)
     assert State.ACTIVE in spool.synced_dirs[-1]
+
+
+async def test_a_finished_message_file_takes_a_later_message_once_its_removal_is_durable(
+        spool: Watched) -> None:
+    commit = GroupCommit(spool)
+    big = b"Subject: big\r\n\r\n" + b"x" * 50_000 + b"\r\n"
+    first = spool.prepare(ENV, big)
+    await commit.publish(first)
+    inode = os.stat(spool.path(State.ACTIVE, first)).st_ino
+    await commit.bury(State.ACTIVE, first)
+    assert list(spool.scan(State.ACTIVE)) == [] and list(spool.scan(State.INCOMING)) == []
+    await until(lambda: len(spool.spares) == 1)  # emptied by the commit thread, after the flush
+    # the next message is written into the same inode, emptied first: nothing of the
+    # finished one is left in it, and its queue id is its own
+    second = spool.prepare(ENV, DATA)
+    assert os.stat(spool.path(State.INCOMING, second)).st_ino == inode
+    await commit.publish(second)
+    record = spool.load(State.ACTIVE, second)
+    assert record.id == second
+    assert spool.read_message(State.ACTIVE, second, record) == DATA
+    assert os.path.getsize(spool.path(State.ACTIVE, second)) < len(big)
+
+
+async def test_a_file_whose_removal_a_failed_flush_carried_never_takes_another_message(
+        tmp_path: Path) -> None:
+    spool = FailsOnce(tmp_path / "spool")
+    spool.ensure()
+    commit = GroupCommit(spool)
+    qid = spool.prepare(ENV, DATA)
+    await commit.publish(qid)
+    spool.fail_next = True
+    with pytest.raises(SpoolError):
+        await commit.bury(State.ACTIVE, qid)
+    # its entry in active/ may still be on disk: a crash would bring the message back,
+    # so its inode must not hold another message meanwhile: it is deleted, not kept
+    await until(lambda: not os.listdir(spool.dir(State.INCOMING)))
+    assert len(spool.spares) == 0
+    other = spool.prepare(ENV, DATA)
+    await commit.publish(other)
+    assert spool.read_message(State.ACTIVE, other, spool.load(State.ACTIVE, other)) == DATA
+
+
+async def test_spare_files_are_removed_at_start_and_not_counted_as_messages(
+        spool: Watched) -> None:
+    commit = GroupCommit(spool)
+    qids = [spool.prepare(ENV, DATA) for _ in range(3)]
+    await asyncio.gather(*(commit.publish(q) for q in qids))
+    await asyncio.gather(*(commit.bury(State.ACTIVE, q) for q in qids))
+    await until(lambda: len(spool.spares) == 3)
+    spares = [e.name for e in os.scandir(spool.dir(State.INCOMING))]
+    assert len(spares) == 3 and all(n.startswith(".spare-") for n in spares)
+    spool.prepare(ENV, DATA)  # never published: garbage at the next start
+    assert spool.recover() == 1
+    assert os.listdir(spool.dir(State.INCOMING)) == []
+    assert spool.prepare(ENV, DATA)  # with no spare left, a new file

@@ -10,8 +10,9 @@ import pytest
 
 from relay.errors import SpoolFullError
 from relay.spool.files import whole_filesystem
+from relay.spool.reading import CorruptMessage
 from relay.spool.record import Envelope, Record, State, new_queue_id
-from relay.spool.spool import CorruptMessage, Spool
+from relay.spool.spool import Spool
 
 ENV = Envelope(sender="a@example.com",
                recipients=("b@example.net", "c@example.net", "b@example.net"),
