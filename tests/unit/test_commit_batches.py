@@ -113,8 +113,8 @@ class FailsOnce(Spool):
         super()._sync(files, dirs)
 
 
-async def test_an_unlink_a_failed_flush_carried_is_synced_again_by_the_next_flush(
-        tmp_path: Path) -> None:
+async def failed_bury(tmp_path: Path) -> tuple[FailsOnce, GroupCommit, str]:
+    """A message published, then delivered: the flush carrying its unlink fails."""
     spool = FailsOnce(tmp_path / "spool")
     spool.ensure()
     commit = GroupCommit(spool)
@@ -123,6 +123,12 @@ async def test_an_unlink_a_failed_flush_carried_is_synced_again_by_the_next_flus
     spool.fail_next = True
     with pytest.raises(SpoolError):
         await commit.bury(State.ACTIVE, qid)  # SES took it; its removal is not durable
+    return spool, commit, qid
+
+
+async def test_an_unlink_a_failed_flush_carried_is_synced_again_by_the_next_flush(
+        tmp_path: Path) -> None:
+    spool, commit, qid = await failed_bury(tmp_path)
     assert not (spool.root / "active" / qid).exists()
     # the unsaved-results retry finds the file gone and waits for a flush: that flush
     # syncs active/ again, so the unlink is durable when it reports the result saved
@@ -154,14 +160,7 @@ async def test_a_finished_message_file_takes_a_later_message_once_its_removal_is
 
 async def test_a_file_whose_removal_a_failed_flush_carried_never_takes_another_message(
         tmp_path: Path) -> None:
-    spool = FailsOnce(tmp_path / "spool")
-    spool.ensure()
-    commit = GroupCommit(spool)
-    qid = spool.prepare(ENV, DATA)
-    await commit.publish(qid)
-    spool.fail_next = True
-    with pytest.raises(SpoolError):
-        await commit.bury(State.ACTIVE, qid)
+    spool, commit, _ = await failed_bury(tmp_path)
     # its entry in active/ may still be on disk: a crash would bring the message back,
     # so its inode must not hold another message meanwhile: it is deleted, not kept
     await until(lambda: not os.listdir(spool.dir(State.INCOMING)))
